@@ -1,0 +1,249 @@
+"""Hugging Face checkpoints in and out: `load_pretrained` and `save_pretrained`.
+
+The converter lives next to the model it converts. One table (`_tensor_specs`) says, for every
+parameter, which Hugging Face tensor it is and whether the layout is transposed; loading and saving both
+read it, so the two directions cannot drift apart.
+
+Loading never holds the model twice: every parameter is built with `jax.make_array_from_callback`, so
+each device (or the one default device) receives only its own slice, read from memory-mapped
+safetensors one layer at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from jaxtrain.config import MistralConfig
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class _TensorSpec:
+    path: tuple[str, ...]        # where the parameter sits in our tree
+    hf_name: str                 # Hugging Face name; "{i}" is the layer index for stacked parameters
+    hf_shape: tuple[int, ...]    # shape of one Hugging Face tensor (one layer's, for stacked ones)
+    transposed: bool             # HF stores nn.Linear weights as [out, in]; we store [in, out...]
+
+    @property
+    def stacked(self) -> bool:
+        return "{i}" in self.hf_name
+
+
+def _tensor_specs(config: MistralConfig) -> list[_TensorSpec]:
+    d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    layer = "model.layers.{i}."
+    specs = [
+        _TensorSpec(("embed",), "model.embed_tokens.weight", (v, d), False),
+        _TensorSpec(("final_norm", "weight"), "model.norm.weight", (d,), False),
+        _TensorSpec(("layers", "attn_norm", "weight"), layer + "input_layernorm.weight", (d,), False),
+        _TensorSpec(("layers", "mlp_norm", "weight"), layer + "post_attention_layernorm.weight", (d,), False),
+        _TensorSpec(("layers", "attn", "wq"), layer + "self_attn.q_proj.weight", (q, d), True),
+        _TensorSpec(("layers", "attn", "wk"), layer + "self_attn.k_proj.weight", (kv, d), True),
+        _TensorSpec(("layers", "attn", "wv"), layer + "self_attn.v_proj.weight", (kv, d), True),
+        _TensorSpec(("layers", "attn", "wo"), layer + "self_attn.o_proj.weight", (d, q), True),
+        _TensorSpec(("layers", "mlp", "gate"), layer + "mlp.gate_proj.weight", (f, d), True),
+        _TensorSpec(("layers", "mlp", "up"), layer + "mlp.up_proj.weight", (f, d), True),
+        _TensorSpec(("layers", "mlp", "down"), layer + "mlp.down_proj.weight", (d, f), True),
+    ]
+    if not config.tie_word_embeddings:
+        specs.append(_TensorSpec(("lm_head",), "lm_head.weight", (v, d), True))
+    return specs
+
+
+def _get(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set(tree, path, value):
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+# --- Loading -----------------------------------------------------------------------------------------
+
+class _SafetensorsFolder:
+    """Tensor name → file for a folder of (possibly sharded) safetensors, with errors that name both."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self._handles: dict[Path, Any] = {}
+        index = folder / INDEX_FILE
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ValueError(f"{index}: not a valid safetensors index ({e})") from None
+            self.files = {name: folder / file for name, file in weight_map.items()}
+        else:
+            files = sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith("consolidated"))
+            if not files:
+                raise FileNotFoundError(f"{folder}: no *.safetensors files and no {INDEX_FILE}")
+            self.files = {}
+            for file in files:
+                for name in self._open(file).keys():
+                    self.files[name] = file
+
+    def _open(self, file: Path):
+        if file not in self._handles:
+            try:
+                self._handles[file] = safe_open(str(file), framework="numpy")
+            except FileNotFoundError:
+                raise FileNotFoundError(f"{file}: listed in {INDEX_FILE} but missing") from None
+            except (SafetensorError, OSError) as e:
+                raise ValueError(f"{file}: unreadable or truncated safetensors file ({e})") from None
+        return self._handles[file]
+
+    def read(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if name not in self.files:
+            raise KeyError(f"{self.folder}: tensor {name!r} is missing from the checkpoint")
+        file = self.files[name]
+        handle = self._open(file)
+        try:
+            tensor = handle.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{file}: cannot read tensor {name!r} ({e}); is the file truncated?") from None
+        if tensor.shape != shape:
+            raise ValueError(f"{file}: tensor {name!r} has shape {tensor.shape}, expected {shape} "
+                             f"from config.json")
+        return tensor
+
+
+def _to_ours(tensor: np.ndarray, spec: _TensorSpec, layer_shape: tuple[int, ...]) -> np.ndarray:
+    return (tensor.T if spec.transposed else tensor).reshape(layer_shape)
+
+
+def load_pretrained(path: str | Path, *, shardings=None, dtype: str | None = None,
+                    config_overrides: dict | None = None) -> tuple[MistralConfig, dict]:
+    """Read a Hugging Face Mistral folder (`config.json` + safetensors) into our parameter tree.
+
+    `shardings`: an optional tree of `jax.sharding.Sharding` matching the parameters; each device then
+    receives only its slice. `dtype` defaults to the config's `param_dtype` (fp32 master weights).
+    """
+    from jaxtrain import model  # local: model imports nothing from here, keep the dependency one-way
+
+    folder = Path(path)
+    config = MistralConfig.from_pretrained(folder, **(config_overrides or {}))
+    dtype = jnp.dtype(dtype or config.param_dtype)
+    source = _SafetensorsFolder(folder)
+    shapes = model.param_shapes(config)
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    params: dict = {}
+    for spec in _tensor_specs(config):
+        shape = _get(shapes, spec.path).shape
+        sharding = _get(shardings, spec.path) if shardings is not None else default
+        layer_shape = shape[1:] if spec.stacked else shape
+
+        @functools.lru_cache(maxsize=1)
+        def layer(i, spec=spec, layer_shape=layer_shape):
+            name = spec.hf_name.format(i=i)
+            return _to_ours(source.read(name, spec.hf_shape), spec, layer_shape).astype(dtype)
+
+        def callback(index, spec=spec, layer=layer, shape=shape):
+            if not spec.stacked:
+                return layer(None)[index]
+            layers = range(*index[0].indices(shape[0]))
+            return np.stack([layer(i)[index[1:]] for i in layers])
+
+        _set(params, spec.path, jax.make_array_from_callback(shape, sharding, callback))
+    return config, params
+
+
+# --- Saving ------------------------------------------------------------------------------------------
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", size, re.IGNORECASE)
+    if not match:
+        raise ValueError(f"cannot parse shard size {size!r}; use bytes or e.g. '5GB', '500MB'")
+    units = {None: 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+    return int(float(match.group(1)) * units[match.group(2) and match.group(2).lower()])
+
+
+def _host(array) -> np.ndarray:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        array = multihost_utils.process_allgather(array, tiled=True)
+    return np.asarray(jax.device_get(array))
+
+
+def _hf_tensors(config: MistralConfig, params, dtype):
+    """Yield (HF name, tensor) one at a time, converted to the HF layout and dtype."""
+    for spec in _tensor_specs(config):
+        value = _host(_get(params, spec.path))
+        for i, layer in (enumerate(value) if spec.stacked else [(None, value)]):
+            out_in = spec.hf_shape[::-1] if spec.transposed else spec.hf_shape
+            tensor = layer.reshape(out_in)
+            yield spec.hf_name.format(i=i), np.ascontiguousarray(tensor.T if spec.transposed else tensor,
+                                                                  dtype=dtype)
+
+
+def save_pretrained(path: str | Path, config: MistralConfig, params, *, dtype: str = "bfloat16",
+                    max_shard_size: int | str = "5GB", tokenizer: bool = True) -> None:
+    """Write a folder that `transformers.AutoModelForCausalLM.from_pretrained` loads.
+
+    Tensors are converted and written one shard at a time; only process 0 writes on a multi-host pod.
+    """
+    limit = _parse_size(max_shard_size)
+    np_dtype = jnp.dtype(dtype)
+    out = Path(path)
+    writer = jax.process_index() == 0
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    sizes = [0]
+    total_size = 0
+    pending = []
+    for name, tensor in _hf_tensors(config, params, np_dtype):
+        if sizes[-1] and sizes[-1] + tensor.nbytes > limit:
+            pending.append(_flush(out, shards[-1], len(pending), writer))
+            shards.append({})
+            sizes.append(0)
+        shards[-1][name] = tensor
+        sizes[-1] += tensor.nbytes
+        total_size += tensor.nbytes
+    pending.append(_flush(out, shards[-1], len(pending), writer))
+    if not writer:
+        return
+    count = len(pending)
+    weight_map = {}
+    for i, (tmp, names) in enumerate(pending):
+        final = out / (f"model-{i + 1:05d}-of-{count:05d}.safetensors" if count > 1 else "model.safetensors")
+        tmp.rename(final)
+        weight_map.update({name: final.name for name in names})
+    if count > 1:
+        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(config.to_hf_dict(str(np_dtype)), indent=2) + "\n")
+    generation = {"bos_token_id": 1, "eos_token_id": 2}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    if tokenizer:
+        from data_gen.tokenizer import write_hf_tokenizer
+        write_hf_tokenizer(out)
+
+
+def _flush(out: Path, tensors: dict[str, np.ndarray], number: int, writer: bool):
+    """Write one shard under a temporary name (renamed once the shard count is known)."""
+    tmp = out / f".shard-{number:05d}.safetensors.tmp"
+    if writer:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    names = list(tensors)
+    tensors.clear()
+    return tmp, names

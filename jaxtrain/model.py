@@ -1,0 +1,289 @@
+"""Mistral in Flax, readable top to bottom: embedding → N × (attention + SwiGLU MLP) → norm → LM head.
+
+Three things keep it faithful to the released checkpoints, as `transformers`' PyTorch Mistral (our
+reference in the parity tests) computes them: RoPE theta and the sliding window come from the config,
+RMSNorm normalises in float32, and attention masks by positions (`jaxtrain.attention`).
+
+Mechanisms for scale, MaxText-style: every parameter carries logical axis names (mapped to mesh axes by
+the one rules table in `jaxtrain.sharding`), key activations are constrained by logical names too, the
+layers run under `nn.scan` (compile time independent of depth) with a named remat policy, and parameters
+are stored in `param_dtype` (fp32 master weights) while matmuls run in `dtype` (bf16).
+
+The same module serves training (no cache) and decoding (a per-layer KV ring buffer, see `init_cache`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from jaxtrain.attention import attention
+from jaxtrain.config import MistralConfig
+
+Params = Any
+init_normal = nn.initializers.normal(stddev=0.02)
+
+# Names of the activations a remat policy may keep (see `remat_policy`).
+QKV, ATTN_OUT, MLP_HIDDEN = "qkv_proj", "attn_out", "mlp_hidden"
+
+
+def remat_policy(name: str):
+    """Named rematerialisation policies: what the backward pass may reuse instead of recomputing."""
+    policies = jax.checkpoint_policies
+    return {
+        "full": policies.nothing_saveable,
+        "save_dots": policies.dots_with_no_batch_dims_saveable,
+        "save_qkv_proj": policies.save_only_these_names(QKV),
+        "save_out_proj": policies.save_only_these_names(QKV, ATTN_OUT),
+        "offload_dots": policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=[], names_which_can_be_offloaded=[QKV, ATTN_OUT, MLP_HIDDEN],
+            offload_src="device", offload_dst="pinned_host"),
+    }[name]
+
+
+def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], init=init_normal):
+    cfg = module.config
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.dtype(cfg.param_dtype))
+
+
+def _compute(x, cfg: MistralConfig):
+    return x.astype(jnp.dtype(cfg.dtype))
+
+
+class RMSNorm(nn.Module):
+    config: MistralConfig
+
+    @nn.compact
+    def __call__(self, x):
+        weight = _param(self, "weight", (x.shape[-1],), ("embed",), nn.initializers.ones)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.config.rms_norm_eps)
+        return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def rotary(x, positions, theta: float):
+    """Rotary embedding of x [B, T, H, D] at integer positions [B, T] (the rotate-half layout of HF)."""
+    head_dim = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+class Attention(nn.Module):
+    config: MistralConfig
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids, cache=None, cache_positions=None):
+        cfg = self.config
+        d, h, kvh, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        wq = _param(self, "wq", (d, h, hd), ("embed", "heads", "head_dim"))
+        wk = _param(self, "wk", (d, kvh, hd), ("embed", "kv_heads", "head_dim"))
+        wv = _param(self, "wv", (d, kvh, hd), ("embed", "kv_heads", "head_dim"))
+        wo = _param(self, "wo", (h, hd, d), ("heads", "head_dim", "embed"))
+
+        q = jnp.einsum("btd,dhk->bthk", x, _compute(wq, cfg))
+        k = jnp.einsum("btd,dhk->bthk", x, _compute(wk, cfg))
+        v = jnp.einsum("btd,dhk->bthk", x, _compute(wv, cfg))
+        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
+        k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
+        v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
+        q, k, v = (checkpoint_name(t, QKV) for t in (q, k, v))
+        q = rotary(q, positions, cfg.rope_theta)
+        k = rotary(k, positions, cfg.rope_theta)
+
+        kv_positions, kv_segments, keys, values = positions, segment_ids, k, v
+        new_cache = None
+        if cache is not None:
+            # Attend over what the cache held before this step plus this step's own keys; the window
+            # mask drops whatever the ring buffer has already moved past.
+            old_pos = cache_positions
+            keys = jnp.concatenate([cache["k"], k.astype(cache["k"].dtype)], axis=1)
+            values = jnp.concatenate([cache["v"], v.astype(cache["v"].dtype)], axis=1)
+            kv_positions = jnp.concatenate([old_pos, positions], axis=1)
+            kv_segments = jnp.concatenate([(old_pos >= 0).astype(jnp.int32), segment_ids], axis=1)
+            new_cache = write_cache(cache, k, v, positions, segment_ids)
+        out = attention(q, keys.astype(q.dtype), values.astype(q.dtype), q_positions=positions,
+                        kv_positions=kv_positions, q_segment_ids=segment_ids, kv_segment_ids=kv_segments,
+                        sliding_window=cfg.sliding_window, impl=cfg.attention_impl)
+        out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
+        out = jnp.einsum("bthk,hkd->btd", out, _compute(wo, cfg))
+        return checkpoint_name(out, ATTN_OUT), new_cache
+
+
+class MLP(nn.Module):
+    config: MistralConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        gate = _param(self, "gate", (d, f), ("embed", "mlp"))
+        up = _param(self, "up", (d, f), ("embed", "mlp"))
+        down = _param(self, "down", (f, d), ("mlp", "embed"))
+        hidden = nn.silu(x @ _compute(gate, cfg)) * (x @ _compute(up, cfg))
+        hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
+        hidden = checkpoint_name(hidden, MLP_HIDDEN)
+        return hidden @ _compute(down, cfg)
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm block; shaped `(carry, scanned) -> (carry, scanned)` for `nn.scan`."""
+
+    config: MistralConfig
+
+    @nn.compact
+    def __call__(self, x, cache, positions, segment_ids, cache_positions):
+        attn_out, new_cache = Attention(self.config, name="attn")(
+            RMSNorm(self.config, name="attn_norm")(x), positions, segment_ids, cache, cache_positions)
+        x = x + attn_out
+        x = x + MLP(self.config, name="mlp")(RMSNorm(self.config, name="mlp_norm")(x))
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return x, new_cache
+
+
+class Mistral(nn.Module):
+    config: MistralConfig
+
+    def setup(self):
+        cfg = self.config
+        layer = DecoderLayer
+        if cfg.remat != "none":
+            layer = nn.remat(layer, policy=remat_policy(cfg.remat), prevent_cse=False)
+        self.layers = nn.scan(
+            layer, variable_axes={"params": 0}, split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
+        self.embed = self.param("embed", nn.with_logical_partitioning(init_normal, ("vocab", "embed")),
+                                (cfg.vocab_size, cfg.hidden_size), jnp.dtype(cfg.param_dtype))
+        self.final_norm = RMSNorm(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head_kernel = self.param(
+                "lm_head", nn.with_logical_partitioning(init_normal, ("embed", "vocab")),
+                (cfg.hidden_size, cfg.vocab_size), jnp.dtype(cfg.param_dtype))
+
+    def hidden_states(self, input_ids, positions, segment_ids, cache=None):
+        """Final-norm hidden states [B, T, D] (and the updated cache when decoding)."""
+        cfg = self.config
+        x = _compute(jnp.take(self.embed, input_ids, axis=0), cfg)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        layer_cache, cache_positions = None, None
+        if cache is not None:
+            layer_cache = {"k": cache["k"], "v": cache["v"]}
+            cache_positions = cache["positions"]
+        x, new_layer_cache = self.layers(x, layer_cache, positions, segment_ids, cache_positions)
+        x = self.final_norm(x)
+        if cache is None:
+            return x, None
+        return x, {**new_layer_cache,
+                   "positions": write_positions(cache["positions"], positions, segment_ids)}
+
+    def logits(self, hidden):
+        """Vocabulary logits in float32 for any [..., D] slice of hidden states (answer-only losses)."""
+        kernel = self.embed.T if self.config.tie_word_embeddings else self.lm_head_kernel
+        logits = jnp.einsum("...d,dv->...v", hidden, _compute(kernel, self.config),
+                            preferred_element_type=jnp.float32)
+        return logits
+
+    def __call__(self, input_ids, positions, segment_ids, cache=None):
+        hidden, new_cache = self.hidden_states(input_ids, positions, segment_ids, cache)
+        logits = nn.with_logical_constraint(self.logits(hidden), ("batch", "length", "vocab"))
+        return logits, new_cache
+
+
+# --- KV cache: a ring buffer per layer, shared slot positions ----------------------------------------
+
+def init_cache(config: MistralConfig, batch: int, max_len: int, dtype=None) -> dict:
+    """An empty cache holding up to `max_len` tokens, or only the sliding window when that is shorter.
+
+    `positions[b, s]` is the absolute position stored in slot s (-1 when empty); a token at position p
+    lives in slot p % size, which is what makes a window-sized buffer enough for any length.
+    """
+    size = max_len if config.sliding_window is None else min(max_len, config.sliding_window)
+    dtype = jnp.dtype(dtype or config.dtype)
+    shape = (config.num_layers, batch, size, config.num_kv_heads, config.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "positions": jnp.full((batch, size), -1, jnp.int32)}
+
+
+def _cache_slots(size: int, positions, segment_ids):
+    """Slot of each new token, or `size` (dropped by the scatter) for padding and for tokens that a later
+    token of the same step overwrites, so no slot is written twice in one scatter."""
+    last = jnp.max(jnp.where(segment_ids != 0, positions, -1), axis=1, keepdims=True)
+    keep = (segment_ids != 0) & (positions > last - size)
+    return jnp.where(keep, positions % size, size)
+
+
+def write_positions(cache_positions, positions, segment_ids):
+    size = cache_positions.shape[1]
+    slots = _cache_slots(size, positions, segment_ids)
+    rows = jnp.arange(positions.shape[0])[:, None]
+    return cache_positions.at[rows, slots].set(positions, mode="drop")
+
+
+def write_cache(cache, k, v, positions, segment_ids):
+    size = cache["k"].shape[1]
+    slots = _cache_slots(size, positions, segment_ids)
+    rows = jnp.arange(positions.shape[0])[:, None]
+    return {"k": cache["k"].at[rows, slots].set(k.astype(cache["k"].dtype), mode="drop"),
+            "v": cache["v"].at[rows, slots].set(v.astype(cache["v"].dtype), mode="drop")}
+
+
+# --- Functional API -----------------------------------------------------------------------------------
+
+def _default_inputs(input_ids, positions, segment_ids):
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+    if segment_ids is None:
+        segment_ids = jnp.ones(input_ids.shape, jnp.int32)
+    return positions, segment_ids
+
+
+def init_params(config: MistralConfig, rng) -> Params:
+    """Random parameters (unboxed arrays); use `param_logical_axes` for their logical sharding names."""
+    return nn.meta.unbox(_init_boxed(config, rng))
+
+
+def _init_boxed(config, rng):
+    ids = jnp.zeros((1, 1), jnp.int32)
+    return Mistral(config).init(rng, ids, *_default_inputs(ids, None, None))["params"]
+
+
+def param_logical_axes(config: MistralConfig) -> Params:
+    """The logical axis names of every parameter, as `PartitionSpec`s of names."""
+    boxed = jax.eval_shape(functools.partial(_init_boxed, config), jax.random.key(0))
+    return nn.get_partition_spec(boxed)
+
+
+def param_shapes(config: MistralConfig) -> Params:
+    return nn.meta.unbox(jax.eval_shape(functools.partial(_init_boxed, config), jax.random.key(0)))
+
+
+def forward(config: MistralConfig, params: Params, input_ids, *, positions=None, segment_ids=None):
+    """Logits [B, T, vocab] in float32. Padding: give it segment id 0 (its logits are meaningless)."""
+    positions, segment_ids = _default_inputs(input_ids, positions, segment_ids)
+    logits, _ = Mistral(config).apply({"params": params}, input_ids, positions, segment_ids)
+    return logits
+
+
+def hidden_states(config: MistralConfig, params: Params, input_ids, *, positions=None, segment_ids=None):
+    positions, segment_ids = _default_inputs(input_ids, positions, segment_ids)
+    hidden, _ = Mistral(config).apply({"params": params}, input_ids, positions, segment_ids,
+                                      method=Mistral.hidden_states)
+    return hidden
+
+
+def logits_from_hidden(config: MistralConfig, params: Params, hidden):
+    return Mistral(config).apply({"params": params}, hidden, method=Mistral.logits)
+
+
+def forward_with_cache(config: MistralConfig, params: Params, input_ids, positions, segment_ids, cache):
+    """Append tokens to the KV cache and return (logits, new cache). Used for prefill and decode steps."""
+    return Mistral(config).apply({"params": params}, input_ids, positions, segment_ids, cache)

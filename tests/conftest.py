@@ -1,0 +1,20 @@
+"""Test-wide settings: CPU only (libtpu is installed for AOT compiles, not to run on), shared data path."""
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TPU_ACCELERATOR_TYPE", "")  # keep libtpu quiet when it is imported for AOT
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"shared evaluation data not found at {SHARED_DATA} (expected beside the project root)")
+    return SHARED_DATA
