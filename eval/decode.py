@@ -1,0 +1,221 @@
+"""Batched generation and log-likelihood scoring with a KV cache, in JAX.
+
+Shapes are fixed per (batch size, prompt bucket, max new tokens) so each combination compiles once:
+prompts are left-padded to a power-of-two bucket (padding gets segment id 0 and never enters the cache),
+the prompt is prefilled in one pass, then single-token steps run inside `lax.while_loop` in chunks. Between
+chunks the host checks stop strings, so rows stop on `</s>` (on device) or on any stop string (on the
+host) without decoding text on every step. The cache is a ring buffer of the sliding window
+(`jaxtrain.model.init_cache`), so prompts longer than the window decode exactly like `transformers`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from data_gen.tokenizer import EOS_ID, decode
+from jaxtrain import model
+from jaxtrain.config import MistralConfig
+
+MIN_BUCKET = 32
+CHUNK_STEPS = 16
+
+
+@dataclasses.dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+
+
+def bucket_length(n: int, minimum: int = MIN_BUCKET) -> int:
+    """Smallest power of two >= n (at least `minimum`): few shapes, so few compilations."""
+    return max(minimum, 1 << max(0, n - 1).bit_length())
+
+
+def left_pad(rows: Sequence[Sequence[int]], length: int, batch: int):
+    """ids, positions, segment ids [batch, length]; rows beyond len(rows) are empty padding rows."""
+    ids = np.zeros((batch, length), np.int32)
+    segments = np.zeros((batch, length), np.int32)
+    positions = np.zeros((batch, length), np.int32)
+    for i, row in enumerate(rows):
+        pad = length - len(row)
+        ids[i, pad:] = row
+        segments[i, pad:] = 1
+        positions[i] = np.arange(length) - pad
+    return ids, positions, segments
+
+
+def _sample(logits, rng, temperature, top_p, greedy: bool):
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / jnp.maximum(temperature, 1e-6)
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly before each candidate
+    sorted_logits = jnp.where(before < top_p, sorted_logits, -jnp.inf)  # the top candidate always stays
+    choice = jax.random.categorical(rng, sorted_logits, axis=-1)
+    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def _step_logits(config, params, ids, positions, segments, cache):
+    """Append tokens to the cache; return logits of each row's last token and the new cache."""
+    net = model.Mistral(config)
+    hidden, cache = net.apply({"params": params}, ids, positions, segments, cache,
+                              method=model.Mistral.hidden_states)
+    return net.apply({"params": params}, hidden[:, -1], method=model.Mistral.logits), cache
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "greedy"))
+def _prefill(params, ids, positions, segments, rng, temperature, top_p, *, config, max_new_tokens, greedy):
+    batch, length = ids.shape
+    cache = model.init_cache(config, batch, length + max_new_tokens)
+    logits, cache = _step_logits(config, params, ids, positions, segments, cache)
+    rng, sub = jax.random.split(rng)
+    first = _sample(logits, sub, temperature, top_p, greedy)
+    tokens = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(first)
+    has_prompt = segments.any(axis=1)
+    return {"tokens": tokens, "count": jnp.ones((batch,), jnp.int32), "step": jnp.int32(1),
+            "next_position": positions[:, -1] + 1, "done": (first == EOS_ID) | ~has_prompt,
+            "cache": cache, "rng": rng}
+
+
+@functools.partial(jax.jit, static_argnames=("config", "greedy"), donate_argnames=("state",))
+def _decode_chunk(params, state, temperature, top_p, *, config, greedy):
+    """Up to CHUNK_STEPS single-token steps; stops early once every row is done."""
+    max_new = state["tokens"].shape[1]
+    stop_at = jnp.minimum(state["step"] + CHUNK_STEPS, max_new)
+
+    def cond(s):
+        return (s["step"] < stop_at) & ~jnp.all(s["done"])
+
+    def body(s):
+        last = jnp.take_along_axis(s["tokens"], (s["count"] - 1)[:, None], axis=1)
+        live = (~s["done"]).astype(jnp.int32)[:, None]
+        logits, cache = _step_logits(config, params, last, s["next_position"][:, None], live, s["cache"])
+        rng, sub = jax.random.split(s["rng"])
+        token = _sample(logits, sub, temperature, top_p, greedy)
+        tokens = jnp.where(s["done"][:, None], s["tokens"],
+                           s["tokens"].at[jnp.arange(token.shape[0]), s["count"]].set(token))
+        advance = (~s["done"]).astype(jnp.int32)
+        return {"tokens": tokens, "count": s["count"] + advance, "step": s["step"] + 1,
+                "next_position": s["next_position"] + advance, "done": s["done"] | (token == EOS_ID),
+                "cache": cache, "rng": rng}
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "span"))
+def _continuation_scores(params, ids, positions, segments, targets, *, config, span):
+    """Log-probabilities and greedy flags of the last `span` tokens of left-padded rows."""
+    net = model.Mistral(config)
+    hidden, _ = net.apply({"params": params}, ids, positions, segments, method=model.Mistral.hidden_states)
+    logits = net.apply({"params": params}, hidden[:, -span - 1:-1], method=model.Mistral.logits)
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    chosen = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
+    return chosen, jnp.argmax(logits, axis=-1) == targets
+
+
+def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
+    cut = min((i for i in (text.find(s) for s in stop_strings if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+class Generator:
+    """Greedy / sampled generation and continuation scoring for one model, batch by batch."""
+
+    def __init__(self, config: MistralConfig, params, *, batch_size: int = 8, mesh=None,
+                 max_length: int | None = None):
+        self.config, self.params, self.batch_size, self.mesh = config, params, batch_size, mesh
+        self.max_length = max_length or config.max_position_embeddings
+
+    def _batches(self, lengths: Sequence[int], desc: str, progress: bool):
+        """Indices grouped into batches of similar length (longest first), with a progress bar."""
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        bar = tqdm(total=len(order), desc=desc, unit="ex", disable=not progress)
+        start = time.perf_counter()
+        for i in range(0, len(order), self.batch_size):
+            chunk = order[i:i + self.batch_size]
+            yield chunk
+            bar.update(len(chunk))
+            bar.set_postfix(ex_per_s=f"{bar.n / (time.perf_counter() - start):.2f}")
+        bar.close()
+
+    def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                 stop_strings: Sequence[str] = (), temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int = 0, progress: bool = True) -> list[Generation]:
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} is empty")
+            if len(p) + max_new_tokens > self.max_length:
+                raise ValueError(f"prompt {i} has {len(p)} tokens; with {max_new_tokens} new tokens it exceeds "
+                                 f"the model's {self.max_length} positions")
+        greedy = temperature == 0.0
+        results: list[Generation | None] = [None] * len(prompts)
+        rng = jax.random.key(seed)
+        for chunk in self._batches([len(p) for p in prompts], "generate", progress):
+            rows = [prompts[i] for i in chunk]
+            length = min(bucket_length(max(map(len, rows))), self.max_length - max_new_tokens)
+            ids, positions, segments = left_pad(rows, length, self.batch_size)
+            rng, sub = jax.random.split(rng)
+            kwargs = dict(config=self.config, greedy=greedy)
+            state = _prefill(self.params, ids, positions, segments, sub, temperature, top_p,
+                             max_new_tokens=max_new_tokens, **kwargs)
+            stopped = [False] * len(rows)
+            while True:
+                done = np.asarray(state["done"])
+                if stop_strings:
+                    tokens, counts = np.asarray(state["tokens"]), np.asarray(state["count"])
+                    for r in range(len(rows)):
+                        if not done[r] and _cut_at_stop(decode(tokens[r, :counts[r]].tolist()), stop_strings)[1]:
+                            stopped[r] = True
+                    if any(stopped):
+                        state["done"] = jnp.asarray(done | np.pad(stopped, (0, len(done) - len(rows))))
+                if bool(np.asarray(state["done"]).all()) or int(state["step"]) >= max_new_tokens:
+                    break
+                state = _decode_chunk(self.params, state, temperature, top_p, **kwargs)
+            tokens, counts = np.asarray(state["tokens"]), np.asarray(state["count"])
+            for r, i in enumerate(chunk):
+                ids_out = tokens[r, :counts[r]].tolist()
+                if EOS_ID in ids_out:
+                    ids_out = ids_out[:ids_out.index(EOS_ID)]
+                text, _ = _cut_at_stop(decode(ids_out), stop_strings)
+                results[i] = Generation(text=text, token_ids=ids_out)
+        return results  # type: ignore[return-value]
+
+    def loglikelihood(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+                      progress: bool = True) -> list[tuple[float, bool]]:
+        """(sum of log p(continuation | context), whether greedy decoding would produce it) per request.
+
+        A context too long for the model is cut from the left, as lm-evaluation-harness does.
+        """
+        rows, spans = [], []
+        for i, (context, continuation) in enumerate(requests):
+            if not continuation:
+                raise ValueError(f"request {i} has an empty continuation")
+            full = list(context) + list(continuation)
+            rows.append(full[-self.max_length:])
+            spans.append(len(continuation))
+        results: list[tuple[float, bool] | None] = [None] * len(rows)
+        for chunk in self._batches([len(r) for r in rows], "loglikelihood", progress):
+            batch_rows = [rows[i] for i in chunk]
+            length = min(bucket_length(max(map(len, batch_rows))), self.max_length)
+            span = min(bucket_length(max(spans[i] for i in chunk), minimum=1), length - 1)
+            ids, positions, segments = left_pad(batch_rows, length, self.batch_size)
+            targets = ids[:, -span:]
+            logprobs, greedy = _continuation_scores(self.params, ids, positions, segments, targets,
+                                                    config=self.config, span=span)
+            logprobs, greedy = np.asarray(logprobs), np.asarray(greedy)
+            for r, i in enumerate(chunk):
+                n = spans[i]
+                results[i] = (float(logprobs[r, -n:].sum()), bool(greedy[r, -n:].all()))
+        return results  # type: ignore[return-value]

@@ -1,0 +1,98 @@
+"""KV-cache decoding against `transformers.generate(do_sample=False)` and full-forward scoring."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from data_gen.tokenizer import EOS_ID
+from eval.decode import Generator, bucket_length
+from hf_reference import hf_model, tiny_config
+from jaxtrain import model
+from jaxtrain.hf_io import load_pretrained
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A tiny random model with a short sliding window (8), in both frameworks."""
+    folder = tmp_path_factory.mktemp("hf")
+    config = tiny_config(sliding_window=8, vocab_size=32000, num_kv_heads=1)
+    reference = hf_model(config, seed=3)
+    with torch.no_grad():  # sharpen the output layer so greedy choices are far from ties
+        reference.lm_head.weight.mul_(20.0)
+    reference.save_pretrained(folder)
+    ours_config, params = load_pretrained(folder, config_overrides=dict(dtype="float32"))
+    return reference, ours_config, params
+
+
+def _hf_greedy(reference, prompt, max_new_tokens):
+    with torch.no_grad():
+        out = reference.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=EOS_ID, pad_token_id=0)
+    ids = out[0, len(prompt):].tolist()
+    return ids[:ids.index(EOS_ID)] if EOS_ID in ids else ids
+
+
+def test_greedy_matches_transformers_including_prompts_longer_than_the_window(models):
+    reference, config, params = models
+    rng = np.random.default_rng(0)
+    prompts = [[1] + rng.integers(3, 32000, size=n).tolist() for n in (3, 20, 11, 5, 30)]
+    gen = Generator(config, params, batch_size=4)
+    ours = gen.generate(prompts, max_new_tokens=12, progress=False)
+    for prompt, got in zip(prompts, ours):
+        assert len(got.token_ids) == 12, "the test needs rows that run to the token limit"
+        assert got.token_ids == _hf_greedy(reference, prompt, 12), f"prompt of {len(prompt)} tokens"
+
+
+def test_stop_strings_cut_each_row(models):
+    _, config, params = models
+    gen = Generator(config, params, batch_size=2)
+    prompts = [[1, 100, 200], [1, 300, 400, 500]]
+    full = gen.generate(prompts, max_new_tokens=10, progress=False)
+    stop = full[0].text[2:4] or full[0].text[:1]
+    cut = gen.generate(prompts, max_new_tokens=10, stop_strings=[stop], progress=False)
+    assert cut[0].text == full[0].text[: full[0].text.find(stop)]
+    if stop not in full[1].text:
+        assert cut[1].text == full[1].text
+
+
+def test_loglikelihood_equals_full_forward(models):
+    _, config, params = models
+    rng = np.random.default_rng(1)
+    requests = [([1] + rng.integers(3, 32000, size=n).tolist(), rng.integers(3, 32000, size=m).tolist())
+                for n, m in ((5, 1), (12, 4), (30, 2))]
+    scores = Generator(config, params, batch_size=2).loglikelihood(requests, progress=False)
+    for (context, continuation), (logprob, greedy) in zip(requests, scores):
+        ids = jnp.asarray([context + continuation], jnp.int32)
+        logp = jax.nn.log_softmax(model.forward(config, params, ids)[0], axis=-1)
+        rows = np.arange(len(context) - 1, len(context) + len(continuation) - 1)
+        expected = float(logp[rows, np.asarray(continuation)].sum())
+        assert logprob == pytest.approx(expected, abs=1e-4)
+        assert greedy == bool((np.argmax(logp[rows], -1) == np.asarray(continuation)).all())
+    # a continuation that *is* the greedy one is reported as greedy
+    context = requests[0][0]
+    first = int(np.argmax(model.forward(config, params, jnp.asarray([context], jnp.int32))[0, -1]))
+    assert Generator(config, params).loglikelihood([(context, [first])], progress=False)[0][1]
+
+
+def test_sampling_is_reproducible_and_top_p_tiny_is_greedy(models):
+    _, config, params = models
+    gen = Generator(config, params, batch_size=2)
+    prompts = [[1, 5, 6, 7]]
+    a = gen.generate(prompts, max_new_tokens=6, temperature=1.0, seed=7, progress=False)
+    b = gen.generate(prompts, max_new_tokens=6, temperature=1.0, seed=7, progress=False)
+    assert a[0].token_ids == b[0].token_ids
+    nucleus = gen.generate(prompts, max_new_tokens=6, temperature=1.0, top_p=1e-9, progress=False)
+    greedy = gen.generate(prompts, max_new_tokens=6, progress=False)
+    assert nucleus[0].token_ids == greedy[0].token_ids
+
+
+def test_bad_requests_are_refused(models):
+    _, config, params = models
+    gen = Generator(config, params, max_length=64)
+    with pytest.raises(ValueError, match="prompt 1 has 70 tokens"):
+        gen.generate([[1, 2], [1] * 70], max_new_tokens=4, progress=False)
+    with pytest.raises(ValueError, match="empty continuation"):
+        gen.loglikelihood([([1, 2], [])], progress=False)
+    assert bucket_length(33) == 64 and bucket_length(1) == 32
