@@ -1,0 +1,155 @@
+"""Command line: `python -m data_gen generate ...` and `python -m data_gen shards ...` (see --help of each)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import pathlib
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Annotated, Literal
+
+import tyro
+
+from data_gen.shards import DEFAULT_BUCKETS, ShardError, examples_from_jsonl, format_padding_report, write_shards
+from data_gen.tasks import PRESETS, TaskConfig, generate
+
+PresetName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateCommand:
+    """Generate a synthetic retrieval dataset: OUT/train.jsonl, OUT/eval.jsonl (chat JSONL with per-sample
+    metadata) and OUT/generation.json. `--preset` picks the defaults of every other option; same options and
+    seed give byte-identical files. Presets: paper-simple (the paper's Mistral setting), paper-multisubkey,
+    demo-simple (tiny, for the CPU demo)."""
+
+    out: pathlib.Path
+    """output directory"""
+    preset: PresetName = "paper-simple"
+    """named configuration whose values are the defaults of the options below"""
+    seed: int = 0
+    """random seed (the paper uses 0, 1, 2)"""
+    overwrite: bool = False
+    """replace existing train.jsonl / eval.jsonl in OUT"""
+    progress: bool = True
+    """show progress bars"""
+    config: Annotated[TaskConfig, tyro.conf.arg(name="")] = PRESETS["paper-simple"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardsCommand:
+    """Tokenize chat JSONL files ({"messages": [...], "meta": {...}} a line; ours or any other dataset) with the
+    Mistral-Instruct format into length-bucketed ArrayRecord shards plus OUT/manifest.json (checksums, counts,
+    padding efficiency). A generation.json next to an input file is recorded in the manifest."""
+
+    input: tuple[pathlib.Path, ...]
+    """one or more chat JSONL files, written in this order"""
+    out: pathlib.Path
+    """output directory (must not hold shards yet)"""
+    buckets: tuple[int, ...] = DEFAULT_BUCKETS
+    """sequence-length bucket boundaries; each example goes to the smallest bucket that holds it"""
+    overflow: Literal["reject", "truncate"] = "reject"
+    """examples longer than the largest bucket: reject them (listed in the manifest) or cut prompt tokens from the left"""
+    records_per_shard: int = 1000
+    """records per ArrayRecord file"""
+    progress: bool = True
+    """show progress bars"""
+
+
+def _file_sha256(path: pathlib.Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class _Counted:
+    """An iterator with a length hint, so the progress bar shows a total."""
+
+    def __init__(self, it: Iterator, n: int):
+        self._it, self._n = it, n
+
+    def __iter__(self):
+        return self._it
+
+    def __len__(self) -> int:
+        return self._n
+
+
+def run_generate(cmd: GenerateCommand) -> None:
+    existing = [p for p in (cmd.out / "train.jsonl", cmd.out / "eval.jsonl") if p.exists()]
+    if existing and not cmd.overwrite:
+        raise SystemExit(f"error: {existing[0]} exists; pass --overwrite to replace it")
+    info = generate(cmd.config, cmd.seed, cmd.out, preset=cmd.preset, progress=cmd.progress)
+    for split in info["splits"].values():
+        print(f"{cmd.out / split['file']}: {split['num_samples']} samples, "
+              f"{split['min_tokens']}-{split['max_tokens']} tokens (mean {split['mean_tokens']})")
+
+
+def run_shards(cmd: ShardsCommand) -> None:
+    if not cmd.input:
+        raise SystemExit("error: --input needs at least one JSONL file")
+    inputs = []
+    for path in cmd.input:
+        if not path.is_file():
+            raise SystemExit(f"error: input file {path} not found")
+        gen = path.parent / "generation.json"
+        with open(path, encoding="utf-8") as f:
+            lines = sum(1 for line in f if line.strip())
+        inputs.append({"path": str(path), "sha256": _file_sha256(path), "num_lines": lines,
+                       "generation": json.loads(gen.read_text()) if gen.is_file() else None})
+
+    def examples():
+        for path in cmd.input:
+            yield from examples_from_jsonl(path)
+
+    manifest = write_shards(
+        _Counted(examples(), sum(i["num_lines"] for i in inputs)), cmd.out, buckets=cmd.buckets,
+        overflow=cmd.overflow, records_per_shard=cmd.records_per_shard, metadata={"inputs": inputs},
+        progress=cmd.progress)
+    for b in manifest["buckets"]:
+        print(f"bucket {b['max_len']:>6}: {b['num_examples']} examples, {b['num_tokens']} tokens, "
+              f"{len(b['shards'])} file(s)")
+    if manifest["num_rejected"]:
+        ids = ", ".join(r["id"] for r in manifest["rejected"][:5])
+        print(f"rejected {manifest['num_rejected']} examples longer than {max(cmd.buckets)} tokens "
+              f"(e.g. {ids}); see 'rejected' in the manifest or use --overflow truncate")
+    if manifest["num_truncated"]:
+        print(f"truncated {manifest['num_truncated']} examples to {max(cmd.buckets)} tokens")
+    print(format_padding_report(manifest))
+    print(f"wrote {manifest['num_examples']} examples to {cmd.out}")
+
+
+USAGE = """usage: python -m data_gen {generate,shards} [OPTIONS]
+
+  generate   generate the synthetic key-value retrieval datasets (train.jsonl, eval.jsonl)
+  shards     tokenize chat JSONL into length-bucketed ArrayRecord shards with a manifest
+
+Run `python -m data_gen <command> --help` for the options of a command."""
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        return
+    command, rest = args[0], args[1:]
+    try:
+        if command == "generate":
+            pre = argparse.ArgumentParser(add_help=False)
+            pre.add_argument("--preset", default="paper-simple")
+            name = pre.parse_known_args(rest)[0].preset
+            if name not in PRESETS:
+                raise SystemExit(f"error: unknown --preset {name!r}; choose from {', '.join(PRESETS)}")
+            default = GenerateCommand(out=tyro.MISSING, preset=name, config=PRESETS[name])
+            run_generate(tyro.cli(GenerateCommand, default=default, args=rest, prog="python -m data_gen generate"))
+        elif command == "shards":
+            run_shards(tyro.cli(ShardsCommand, args=rest, prog="python -m data_gen shards"))
+        else:
+            raise SystemExit(f"error: unknown command {command!r}\n\n{USAGE}")
+    except (ValueError, ShardError) as e:  # config, budget and data errors: the message says what to fix
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

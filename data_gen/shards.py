@@ -1,0 +1,418 @@
+"""Pre-tokenized, length-bucketed ArrayRecord shards with a checksummed manifest.
+
+Layout of a shard directory:
+
+    OUT/manifest.json
+    OUT/bucket_<max_len:05d>/shard_<i:05d>.array_record
+
+Each record is msgpack of {"id": str, "input_ids": int32 little-endian bytes, "loss_mask": uint8 bytes}.
+Every example lands in the smallest bucket that holds it, so a trainer pads each batch only up to its
+bucket's length. `open_shards` refuses files whose sha256 or record count disagrees with the manifest:
+silently training on stale or corrupted data is worse than stopping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Literal
+
+import msgpack
+import numpy as np
+import tqdm
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+
+from data_gen.chat import ChatFormatError, encode_chat
+from data_gen.tokenizer import BOS_ID, load_tokenizer, tokenizer_file, tokenizer_sha256
+
+DEFAULT_BUCKETS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+MANIFEST = "manifest.json"
+FORMAT = "needles-shards"
+FORMAT_VERSION = 1
+# group_size:1 keeps every record independently addressable: training reads in random order.
+_WRITER_OPTIONS = "group_size:1"
+
+
+class ShardError(ValueError):
+    """Shards or their input that cannot be trusted; the message names the file (and line/record)."""
+
+
+@dataclasses.dataclass
+class TokenizedExample:
+    """One training sequence: `input_ids` int32 [n], `loss_mask` bool [n] (True where the loss applies)."""
+
+    id: str
+    input_ids: np.ndarray
+    loss_mask: np.ndarray
+
+
+# ---------------------------------------------------------------------------------------------- records
+
+
+def encode_record(example: TokenizedExample) -> bytes:
+    return msgpack.packb(
+        {
+            "id": example.id,
+            "input_ids": np.asarray(example.input_ids).astype("<i4", copy=False).tobytes(),
+            "loss_mask": np.asarray(example.loss_mask).astype(np.uint8, copy=False).tobytes(),
+        },
+        use_bin_type=True,
+    )
+
+
+def decode_record(data: bytes) -> dict:
+    rec = msgpack.unpackb(data, raw=False)
+    ids = np.frombuffer(rec["input_ids"], dtype="<i4").astype(np.int32, copy=False)
+    mask = np.frombuffer(rec["loss_mask"], dtype=np.uint8).astype(bool)
+    if ids.shape != mask.shape:
+        raise ValueError(f"input_ids has {ids.size} tokens but loss_mask has {mask.size}")
+    return {"id": rec["id"], "input_ids": ids, "loss_mask": mask}
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def _sha256(path: pathlib.Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_example(ex: TokenizedExample, vocab_size: int) -> TokenizedExample:
+    ids, mask = np.asarray(ex.input_ids), np.asarray(ex.loss_mask)
+    where = f"example {ex.id!r}"
+    if not isinstance(ex.id, str) or not ex.id:
+        raise ShardError(f"{where}: id must be a non-empty string")
+    if ids.ndim != 1 or mask.shape != ids.shape:
+        raise ShardError(f"{where}: input_ids {ids.shape} and loss_mask {mask.shape} must be 1-D of equal length")
+    if ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise ShardError(f"{where}: input_ids must be a non-empty integer array, got dtype {ids.dtype}")
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        raise ShardError(f"{where}: token ids must lie in [0, {vocab_size}), got [{ids.min()}, {ids.max()}]")
+    if not mask.any():
+        raise ShardError(f"{where}: loss_mask is all False, so the example teaches nothing")
+    return TokenizedExample(ex.id, ids.astype(np.int32), mask.astype(bool))
+
+
+def _truncate_left(ex: TokenizedExample, max_len: int) -> TokenizedExample | None:
+    """Drop prompt tokens from the left (keeping BOS) so the example fits; None if even the final assistant
+    answer does not fit."""
+    mask = ex.loss_mask
+    not_loss = np.flatnonzero(~mask)
+    answer_start = int(not_loss[-1]) + 1 if not_loss.size else 0
+    keep_bos = ex.input_ids[0] == BOS_ID
+    if ex.input_ids.size - answer_start + keep_bos > max_len:
+        return None
+    tail = slice(ex.input_ids.size - (max_len - keep_bos), None)
+    head = slice(0, 1 if keep_bos else 0)
+    return TokenizedExample(
+        ex.id,
+        np.concatenate([ex.input_ids[head], ex.input_ids[tail]]),
+        np.concatenate([mask[head], mask[tail]]),
+    )
+
+
+def padding_report(lengths: Sequence[int], buckets: Sequence[int]) -> dict:
+    """Real tokens / padded tokens when every example is padded to its bucket, versus to the longest one."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if lengths.size == 0:
+        return {"real_tokens": 0, "bucketed_tokens": 0, "bucketed_efficiency": None,
+                "longest": 0, "pad_to_longest_tokens": 0, "pad_to_longest_efficiency": None}
+    bounds = np.asarray(sorted(buckets), dtype=np.int64)
+    padded = bounds[np.searchsorted(bounds, lengths, side="left")]
+    real, longest = int(lengths.sum()), int(lengths.max())
+    return {
+        "real_tokens": real,
+        "bucketed_tokens": int(padded.sum()),
+        "bucketed_efficiency": real / int(padded.sum()),
+        "longest": longest,
+        "pad_to_longest_tokens": longest * int(lengths.size),
+        "pad_to_longest_efficiency": real / (longest * int(lengths.size)),
+    }
+
+
+def format_padding_report(manifest: dict) -> str:
+    p = manifest["padding"]
+    if p["bucketed_efficiency"] is None:
+        return "padding efficiency: no examples"
+    return (
+        f"padding efficiency: {p['bucketed_efficiency']:.1%} with buckets "
+        f"({p['real_tokens']} real / {p['bucketed_tokens']} padded tokens) vs "
+        f"{p['pad_to_longest_efficiency']:.1%} padding all to the longest example "
+        f"({p['longest']} tokens: {p['pad_to_longest_tokens']} padded tokens)"
+    )
+
+
+class _BucketWriter:
+    """Streams one bucket's records into shard files of `records_per_shard` records each."""
+
+    def __init__(self, out: pathlib.Path, max_len: int, records_per_shard: int):
+        self.out, self.max_len, self.records_per_shard = out, max_len, records_per_shard
+        self.dir = out / f"bucket_{max_len:05d}"
+        self.shards: list[dict] = []
+        self.num_examples = self.num_tokens = self.num_loss_tokens = 0
+        self._writer: ArrayRecordWriter | None = None
+        self._count = 0
+
+    def add(self, ex: TokenizedExample) -> None:
+        if self._writer is None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._path = self.dir / f"shard_{len(self.shards):05d}.array_record"
+            self._writer = ArrayRecordWriter(str(self._path), _WRITER_OPTIONS)
+        self._writer.write(encode_record(ex))
+        self._count += 1
+        self.num_examples += 1
+        self.num_tokens += int(ex.input_ids.size)
+        self.num_loss_tokens += int(ex.loss_mask.sum())
+        if self._count == self.records_per_shard:
+            self.close()
+
+    def close(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()
+        self.shards.append({"file": self._path.relative_to(self.out).as_posix(), "num_records": self._count,
+                            "sha256": _sha256(self._path)})
+        self._writer, self._count = None, 0
+
+    def manifest_entry(self) -> dict:
+        return {"max_len": self.max_len, "num_examples": self.num_examples, "num_tokens": self.num_tokens,
+                "num_loss_tokens": self.num_loss_tokens, "padded_tokens": self.num_examples * self.max_len,
+                "shards": self.shards}
+
+
+def write_shards(
+    examples: Iterable[TokenizedExample],
+    out_dir: str | os.PathLike,
+    *,
+    buckets: Sequence[int] = DEFAULT_BUCKETS,
+    overflow: Literal["reject", "truncate"] = "reject",
+    records_per_shard: int = 1000,
+    metadata: dict | None = None,
+    progress: bool = True,
+) -> dict:
+    """Write `examples` (in order, streamed) into length buckets under `out_dir`; returns the manifest.
+
+    Examples longer than the largest bucket are rejected (default) or, with overflow="truncate", lose prompt
+    tokens from the left (BOS kept) down to the largest bucket; either way they are listed in the manifest.
+    `metadata` (e.g. the generator config and seed) is stored verbatim in the manifest.
+    """
+    bounds = sorted({int(b) for b in buckets})
+    if not bounds or bounds[0] < 2:
+        raise ShardError(f"buckets must be a non-empty list of lengths >= 2, got {list(buckets)}")
+    if overflow not in ("reject", "truncate"):
+        raise ShardError(f"overflow must be 'reject' or 'truncate', got {overflow!r}")
+    if records_per_shard < 1:
+        raise ShardError(f"records_per_shard must be >= 1, got {records_per_shard}")
+    out = pathlib.Path(out_dir)
+    if (out / MANIFEST).exists() or any(out.glob("bucket_*")):
+        raise ShardError(f"{out} already holds shards; choose an empty output directory")
+    out.mkdir(parents=True, exist_ok=True)
+
+    vocab_size = load_tokenizer().get_piece_size()
+    writers = {b: _BucketWriter(out, b, records_per_shard) for b in bounds}
+    lengths, rejected, truncated, seen = [], [], [], set()
+    for ex in tqdm.tqdm(examples, desc=f"writing shards to {out}", unit="ex", disable=not progress):
+        ex = _check_example(ex, vocab_size)
+        if ex.id in seen:
+            raise ShardError(f"example id {ex.id!r} occurs twice; ids must be unique")
+        seen.add(ex.id)
+        n = int(ex.input_ids.size)
+        if n > bounds[-1]:
+            cut = _truncate_left(ex, bounds[-1]) if overflow == "truncate" else None
+            if cut is None:
+                rejected.append({"id": ex.id, "num_tokens": n})
+                continue
+            truncated.append({"id": ex.id, "num_tokens": n})
+            ex, n = cut, bounds[-1]
+        writers[bounds[int(np.searchsorted(bounds, n))]].add(ex)
+        lengths.append(n)
+    for w in writers.values():
+        w.close()
+
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "record_format": {"encoding": "msgpack", "input_ids": "int32 little-endian bytes",
+                          "loss_mask": "uint8 bytes (1 = loss on this token)"},
+        "tokenizer": {"file": tokenizer_file().name, "sha256": tokenizer_sha256()},
+        "metadata": metadata or {},
+        "bucket_boundaries": bounds,
+        "overflow": overflow,
+        "num_examples": len(lengths),
+        "num_tokens": int(sum(lengths)),
+        "num_rejected": len(rejected),
+        "rejected": rejected,
+        "num_truncated": len(truncated),
+        "truncated": truncated,
+        "padding": padding_report(lengths, bounds),
+        "buckets": [w.manifest_entry() for w in writers.values() if w.num_examples],
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------- JSONL input
+
+
+def examples_from_jsonl(path: str | os.PathLike) -> Iterator[TokenizedExample]:
+    """Tokenize a chat JSONL file: one `{"messages": [...], "meta": {...}}` object a line.
+
+    The example id is `meta["id"]` when present, else `<file name>:<line>`. Any malformed line raises a
+    `ShardError` naming the file and line number (never silently skipped).
+    """
+    path = pathlib.Path(path)
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ShardError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict) or "messages" not in obj:
+                raise ShardError(f"{where}: expected an object with a 'messages' list (and optional 'meta')")
+            meta = obj.get("meta", {})
+            if not isinstance(meta, dict):
+                raise ShardError(f"{where}: 'meta' must be an object, got {type(meta).__name__}")
+            ex_id = meta.get("id", f"{path.name}:{lineno}")
+            if not isinstance(ex_id, str) or not ex_id:
+                raise ShardError(f"{where}: meta.id must be a non-empty string, got {ex_id!r}")
+            try:
+                enc = encode_chat(obj["messages"])
+            except ChatFormatError as e:
+                raise ShardError(f"{where}: {e}") from None
+            yield TokenizedExample(ex_id, enc.input_ids, enc.loss_mask)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+class ShardSource:
+    """A grain `RandomAccessDataSource` (len/getitem, picklable for worker processes) over one bucket's files:
+    item i is {"id": str, "input_ids": int32[n], "loss_mask": bool[n]}."""
+
+    def __init__(self, root: pathlib.Path, shards: list[dict], max_len: int):
+        self._files = [root / s["file"] for s in shards]
+        self._ends = np.cumsum([s["num_records"] for s in shards])
+        self._max_len = max_len
+        from grain.sources import ArrayRecordDataSource  # imported here: grain takes seconds to import
+
+        try:
+            self._source = ArrayRecordDataSource([str(f) for f in self._files])
+        except Exception as e:  # noqa: BLE001 - the C++ reader reports corruption as various errors
+            raise ShardError(f"{root}: cannot open the shard files of bucket {max_len} ({e}); "
+                             "open_shards(verify=True) names the bad file") from e
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def _where(self, index: int) -> str:
+        shard = int(np.searchsorted(self._ends, index, side="right"))
+        start = int(self._ends[shard - 1]) if shard else 0
+        return f"{self._files[shard]}: record {index - start}"
+
+    def _decode(self, index: int, data: bytes) -> dict:
+        try:
+            rec = decode_record(data)
+            if rec["input_ids"].size > self._max_len:
+                raise ValueError(f"{rec['input_ids'].size} tokens exceed the bucket length {self._max_len}")
+        except Exception as e:  # noqa: BLE001 - any decoding failure means a bad file
+            raise ShardError(f"{self._where(index)} is unreadable: {e}") from e
+        return rec
+
+    def _read(self, read, index):
+        try:
+            return read()
+        except Exception as e:  # noqa: BLE001
+            raise ShardError(f"{self._where(index)} cannot be read: {e}") from e
+
+    def __getitem__(self, index) -> dict:
+        index = int(index)
+        return self._decode(index, self._read(lambda: self._source[index], index))
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict]:
+        indices = [int(i) for i in indices]
+        data = self._read(lambda: self._source.__getitems__(indices), indices[0] if indices else 0)
+        return [self._decode(i, d) for i, d in zip(indices, data, strict=True)]
+
+    def __repr__(self) -> str:
+        return f"ShardSource({self._files[0].parent}, {len(self._files)} files, {len(self)} records)"
+
+
+@dataclasses.dataclass
+class Bucket:
+    max_len: int
+    num_examples: int
+    source: ShardSource
+
+
+@dataclasses.dataclass
+class ShardSet:
+    path: pathlib.Path
+    manifest: dict
+    buckets: list[Bucket]
+
+
+def _read_manifest(root: pathlib.Path) -> dict:
+    path = root / MANIFEST
+    if not path.is_file():
+        raise ShardError(f"{path} not found: {root} is not a shard directory (create one with `python -m data_gen shards`)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ShardError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ShardError(f"{path}: not a {FORMAT} manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ShardError(f"{path}: format_version {manifest.get('format_version')!r}, this code reads {FORMAT_VERSION}")
+    if manifest["tokenizer"]["sha256"] != tokenizer_sha256():
+        raise ShardError(f"{path}: shards were tokenized with a tokenizer of sha256 {manifest['tokenizer']['sha256']}, "
+                         f"but {tokenizer_file()} has sha256 {tokenizer_sha256()}; re-run `python -m data_gen shards`")
+    return manifest
+
+
+def _verify_bucket(root: pathlib.Path, bucket: dict) -> None:
+    listed = {s["file"] for s in bucket["shards"]}
+    on_disk = {p.relative_to(root).as_posix() for p in (root / f"bucket_{bucket['max_len']:05d}").glob("*.array_record")}
+    if extra := sorted(on_disk - listed):
+        raise ShardError(f"{root / extra[0]}: shard file not listed in {root / MANIFEST}")
+    if sum(s["num_records"] for s in bucket["shards"]) != bucket["num_examples"]:
+        raise ShardError(f"{root / MANIFEST}: bucket {bucket['max_len']} record counts do not add up to num_examples")
+    for shard in tqdm.tqdm(bucket["shards"], desc=f"verifying bucket {bucket['max_len']}", unit="file",
+                           disable=len(bucket["shards"]) < 20):
+        path = root / shard["file"]
+        digest = _sha256(path)
+        if digest != shard["sha256"]:
+            raise ShardError(f"{path}: sha256 {digest} does not match the manifest's {shard['sha256']} "
+                             "(file corrupted or replaced); regenerate the shards")
+        reader = ArrayRecordReader(str(path))
+        try:
+            count = reader.num_records()
+        finally:
+            reader.close()
+        if count != shard["num_records"]:
+            raise ShardError(f"{path}: holds {count} records but the manifest says {shard['num_records']}")
+
+
+def open_shards(path: str | os.PathLike, *, verify: bool = True) -> ShardSet:
+    """Open a shard directory. With verify=True (default) every file's sha256 and record count is checked
+    against the manifest first (reads every byte once); any mismatch raises `ShardError` naming the file."""
+    root = pathlib.Path(path)
+    manifest = _read_manifest(root)
+    buckets = []
+    for b in manifest["buckets"]:
+        for shard in b["shards"]:
+            if not (root / shard["file"]).is_file():
+                raise ShardError(f"{root / shard['file']}: listed in {root / MANIFEST} but missing")
+        if verify:
+            _verify_bucket(root, b)
+        buckets.append(Bucket(b["max_len"], b["num_examples"], ShardSource(root, b["shards"], b["max_len"])))
+    return ShardSet(root, manifest, buckets)

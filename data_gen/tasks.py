@@ -1,0 +1,369 @@
+"""The paper's synthetic retrieval tasks (Xiong et al., ICLR 2025, §2 and App. A).
+
+*Simple* dictionary key-value retrieval: `num_dicts` dictionaries of random integer keys/values, one a line;
+the model must report the value of one key and the dictionary it is in. *Multi-subkey* retrieval: keys are
+tuples of integers, some distractor keys share subkeys with the gold key, and the question lists the gold
+key's subkeys in shuffled order.
+
+Everything is drawn from `random.Random` seeded with a string (hashed with SHA-512 by Python), so a config and
+a seed give byte-identical JSONL on any machine. Token counts come from the real Mistral tokenizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import random
+import statistics
+from collections.abc import Callable, Iterator
+from typing import Literal
+
+import tqdm
+
+from data_gen.chat import encode_chat
+
+INTRO = "Do a task using the list of dictionaries below."
+MAX_TRIES = 1000  # per sample, as in the reference generator
+
+
+class BudgetError(ValueError):
+    """A config whose prompts do not fit `max_tokens`; the message says what to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """Generator settings. Every field is a command-line flag of `python -m data_gen generate`."""
+
+    task: Literal["simple", "multisubkey"] = "simple"
+    """which task: simple (integer keys) or multisubkey (tuple-of-integer keys)"""
+    num_train: int = 350
+    """number of training samples (train.jsonl)"""
+    num_eval: int = 150
+    """number of evaluation samples (eval.jsonl)"""
+    num_dicts: int = 85
+    """dictionaries per prompt (the gold one included)"""
+    gold_dict_size: int = 3
+    """entries in the dictionary that holds the gold key"""
+    dict_size_range: tuple[int, int] = (3, 4)
+    """inclusive range of the number of entries of every other dictionary"""
+    key_digits: tuple[int, int] = (3, 4)
+    """inclusive range of digit counts of keys (of each subkey for multisubkey)"""
+    value_digits: tuple[int, int] = (3, 4)
+    """inclusive range of digit counts of values"""
+    template: bool = False
+    """append the answer template to the prompt ('with answer template' variant)"""
+    max_tokens: int = 4096
+    """every example (prompt, answer and </s>) has fewer tokens than this; longer draws are redrawn"""
+    first_fraction: float = 0.05
+    """fraction of samples (floored) whose gold dictionary is put first"""
+    early_fraction: float = 0.03
+    """fraction of further samples (floored) whose gold dictionary is among the first `early_positions`"""
+    early_positions: int | None = None
+    """positions used by early_fraction; None = floor(first_fraction * samples), as the reference does"""
+    subkeys_range: tuple[int, int] = (3, 4)
+    """multisubkey: inclusive range of the number of subkeys per key"""
+    share_prob: float = 0.15
+    """multisubkey: probability that a distractor key reuses some (never all) of the gold key's subkeys"""
+    min_sharing_keys: int = 2
+    """multisubkey: at least this many distractor keys share subkeys with the gold key"""
+
+    def replace(self, **kw) -> TaskConfig:
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in dataclasses.fields(self)}
+
+    def validate(self) -> None:
+        """Reject impossible settings with a message naming the field."""
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(msg)
+
+        for name in ("dict_size_range", "key_digits", "value_digits", "subkeys_range"):
+            lo, hi = getattr(self, name)
+            need(1 <= lo <= hi, f"{name} must be (low, high) with 1 <= low <= high, got {(lo, hi)}")
+        need(self.task in ("simple", "multisubkey"), f"task must be 'simple' or 'multisubkey', got {self.task!r}")
+        need(self.num_train >= 0 and self.num_eval >= 0, "num_train and num_eval must be >= 0")
+        need(self.num_dicts >= 1, f"num_dicts must be >= 1, got {self.num_dicts}")
+        need(self.gold_dict_size >= 1, f"gold_dict_size must be >= 1, got {self.gold_dict_size}")
+        need(0 <= self.first_fraction and 0 <= self.early_fraction and self.first_fraction + self.early_fraction <= 1,
+             "first_fraction and early_fraction must be >= 0 and sum to at most 1")
+        need(self.early_positions is None or self.early_positions >= 1, "early_positions must be >= 1 (or None)")
+        need(0 <= self.share_prob <= 1, f"share_prob must lie in [0, 1], got {self.share_prob}")
+        need(self.min_sharing_keys >= 0, f"min_sharing_keys must be >= 0, got {self.min_sharing_keys}")
+        entries = self.gold_dict_size + (self.num_dicts - 1) * self.dict_size_range[1]
+        if self.task == "simple":
+            keys = 10 ** self.key_digits[1] - 10 ** (self.key_digits[0] - 1)
+            need(keys >= 2 * entries + 2, f"key_digits {self.key_digits} give {keys} distinct keys, too few for up to "
+                 f"{entries} unique keys: widen key_digits or use fewer/smaller dictionaries")
+        else:
+            subkeys = 10 ** self.key_digits[1] - 10 ** (self.key_digits[0] - 1)
+            need(self.subkeys_range[0] >= 2, "subkeys_range must start at 2 or more for multisubkey, so that a key "
+                 "can share some but not all of the gold key's subkeys")
+            need(subkeys >= 2 * self.subkeys_range[1] + 4, f"key_digits {self.key_digits} give too few subkeys")
+            need(self.min_sharing_keys <= entries - 1, f"min_sharing_keys {self.min_sharing_keys} exceeds the "
+                 f"{entries - 1} distractor keys available")
+
+
+PRESETS: dict[str, TaskConfig] = {
+    # The paper's Mistral 7B setting (§2, App. A.1).
+    "paper-simple": TaskConfig(),
+    # Multi-subkey task (Fig. 2, used for GPT-3.5 Turbo): 49 dictionaries of 2-4 entries, keys of 3-4
+    # three-digit subkeys, four-digit values, as in the paper's figure.
+    "paper-multisubkey": TaskConfig(task="multisubkey", num_dicts=49, dict_size_range=(2, 4), key_digits=(3, 3),
+                                    value_digits=(4, 4), subkeys_range=(3, 4), max_tokens=4096),
+    # Tiny prompts for the CPU demo and tests.
+    "demo-simple": TaskConfig(num_train=64, num_eval=32, num_dicts=5, gold_dict_size=2, dict_size_range=(2, 3),
+                              key_digits=(2, 2), value_digits=(2, 2), max_tokens=256),
+}
+
+
+# ---------------------------------------------------------------------------------------------- drawing
+
+
+def _number(rng: random.Random, digits: tuple[int, int]) -> int:
+    n = rng.randint(*digits)
+    return rng.randint(10 ** (n - 1) if n > 1 else 0, 10**n - 1)
+
+
+def _fresh(rng: random.Random, digits: tuple[int, int], taken: set[int]) -> int:
+    while (x := _number(rng, digits)) in taken:
+        pass
+    return x
+
+
+def _dict_sizes(cfg: TaskConfig, rng: random.Random) -> list[int]:
+    """Entry counts of the gold dictionary (first) and the num_dicts - 1 others."""
+    return [cfg.gold_dict_size] + [rng.randint(*cfg.dict_size_range) for _ in range(cfg.num_dicts - 1)]
+
+
+def _key_str(key) -> str:
+    return str(key) if isinstance(key, int) else "(" + ", ".join(map(str, key)) + ")"
+
+
+def _render_dicts(dicts: list[list[tuple]]) -> str:
+    return "\n".join(
+        f"Dictionary [{i}] {{" + ", ".join(f"{_key_str(k)}: {v}" for k, v in d) + "}"
+        for i, d in enumerate(dicts, start=1)
+    )
+
+
+@dataclasses.dataclass
+class _Draw:
+    """One drawn prompt before placement: dicts[0] is the gold dictionary."""
+
+    dicts: list[list[tuple]]
+    gold_key: object
+    gold_value: int
+    gold_key_index: int
+    question: str
+    template: str
+    answer: str
+    extra_meta: dict
+
+
+def _draw_simple(cfg: TaskConfig, rng: random.Random) -> _Draw:
+    gold_key = _number(rng, cfg.key_digits)
+    gold_value = _fresh(rng, cfg.value_digits, {gold_key})
+    keys = {gold_key, gold_value}  # a key never repeats, and never equals the gold value
+    sizes = _dict_sizes(cfg, rng)
+    gold_index = rng.randrange(cfg.gold_dict_size)
+    dicts = []
+    for d, size in enumerate(sizes):
+        entries = []
+        for j in range(size):
+            if d == 0 and j == gold_index:
+                entries.append((gold_key, gold_value))
+                continue
+            key = _fresh(rng, cfg.key_digits, keys)
+            keys.add(key)
+            entries.append((key, _fresh(rng, cfg.value_digits, {gold_value, gold_key})))
+        dicts.append(entries)
+    return _Draw(
+        dicts, gold_key, gold_value, gold_index,
+        question=("Above is a list of dictionaries such that each key and value is an integer. "
+                  f"Report the value of key {gold_key} and the dictionary it is in."),
+        template=f"The value of key {gold_key} is <fill-in-value> and it is in Dictionary [<fill-in-dictionary-name>].",
+        answer=f"The value of key {gold_key} is {gold_value} and it is in Dictionary [{{dict}}].",
+        extra_meta={},
+    )
+
+
+def _draw_multisubkey(cfg: TaskConfig, rng: random.Random) -> _Draw:
+    gold_len = rng.randint(*cfg.subkeys_range)
+    gold_subkeys: list[int] = []
+    for _ in range(gold_len):
+        gold_subkeys.append(_fresh(rng, cfg.key_digits, set(gold_subkeys)))
+    gold_key = tuple(gold_subkeys)
+    gold_value = _fresh(rng, cfg.value_digits, set(gold_subkeys))
+    reserved = set(gold_subkeys) | {gold_value}  # fresh subkeys avoid the gold subkeys and the gold value
+    sizes = _dict_sizes(cfg, rng)
+    gold_index = rng.randrange(cfg.gold_dict_size)
+    num_distractors = sum(sizes) - 1
+    forced = set(rng.sample(range(num_distractors), min(cfg.min_sharing_keys, num_distractors)))
+    seen = {frozenset(gold_key)}
+    dicts, slot, sharing = [], 0, 0
+    for d, size in enumerate(sizes):
+        entries = []
+        for j in range(size):
+            if d == 0 and j == gold_index:
+                entries.append((gold_key, gold_value))
+                continue
+            share = slot in forced or rng.random() < cfg.share_prob
+            slot += 1
+            while True:
+                n = rng.randint(*cfg.subkeys_range)
+                shared = rng.sample(gold_subkeys, rng.randint(1, min(gold_len - 1, n))) if share else []
+                key = list(shared)
+                while len(key) < n:
+                    key.append(_fresh(rng, cfg.key_digits, reserved | set(key)))
+                rng.shuffle(key)
+                if frozenset(key) not in seen:  # keys are unique even as unordered sets
+                    break
+            seen.add(frozenset(key))
+            sharing += bool(shared)
+            entries.append((tuple(key), _fresh(rng, cfg.value_digits, {gold_value})))
+        dicts.append(entries)
+    asked = list(gold_subkeys)
+    while len(asked) > 1 and tuple(asked) == gold_key:
+        rng.shuffle(asked)
+    asked_str = ", ".join(map(str, asked))
+    lead = f"The key that contains exactly the integers {asked_str} is"
+    return _Draw(
+        dicts, gold_key, gold_value, gold_index,
+        question=("Above is a list of dictionaries such that each key is a tuple of integers and each value is an "
+                  f"integer. Report the key that contains exactly the integers {asked_str} (in any order), its value, "
+                  "and the dictionary it is in."),
+        template=(f"{lead} <fill-in-key>, its value is <fill-in-value> and it is in "
+                  "Dictionary [<fill-in-dictionary-name>]."),
+        answer=f"{lead} {_key_str(gold_key)}, its value is {gold_value} and it is in Dictionary [{{dict}}].",
+        extra_meta={"asked_subkeys": asked, "num_sharing_keys": sharing},
+    )
+
+
+_DRAW: dict[str, Callable[[TaskConfig, random.Random], _Draw]] = {
+    "simple": _draw_simple, "multisubkey": _draw_multisubkey}
+
+
+def _place(cfg: TaskConfig, draw: _Draw, position: int) -> tuple[str, str]:
+    """(prompt, answer) with the gold dictionary at 1-based `position`."""
+    dicts = draw.dicts[1:]
+    dicts.insert(position - 1, draw.dicts[0])
+    prompt = f"{INTRO}\n\n{_render_dicts(dicts)}\n\n{draw.question}"
+    if cfg.template:
+        prompt += f" Answer in the following template:\n{draw.template}"
+    return prompt, draw.answer.format(dict=position)
+
+
+def _num_tokens(prompt: str, answer: str) -> int:
+    return int(encode_chat([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]).input_ids.size)
+
+
+# ---------------------------------------------------------------------------------------------- budget
+
+
+def check_budget(cfg: TaskConfig, probes: int = 48) -> dict:
+    """Refuse, before generating anything, a config whose prompts (almost) never fit `max_tokens`.
+
+    The token count of a prompt does not depend on where the gold dictionary is, and in this tokenizer every
+    digit is one token, so the smallest prompt a config can produce is measured exactly; the typical size is
+    estimated from `probes` draws (own RNG, so the dataset itself is unaffected). Returns the statistics.
+    """
+    cfg.validate()
+    smallest = cfg.replace(dict_size_range=(cfg.dict_size_range[0],) * 2, key_digits=(cfg.key_digits[0],) * 2,
+                           value_digits=(cfg.value_digits[0],) * 2, subkeys_range=(cfg.subkeys_range[0],) * 2)
+    min_tokens = _num_tokens(*_place(smallest, _DRAW[cfg.task](smallest, random.Random("budget-min")), 1))
+    rng = random.Random("budget-probe")
+    counts = [_num_tokens(*_place(cfg, _DRAW[cfg.task](cfg, rng), 1)) for _ in range(probes)]
+    mean, std = statistics.fmean(counts), statistics.pstdev(counts) or 1.0
+    accept = 0.5 * math.erfc((mean - (cfg.max_tokens - 0.5)) / (std * math.sqrt(2)))
+    stats = {"min_tokens": min_tokens, "mean_tokens": round(mean, 1), "std_tokens": round(std, 1),
+             "estimated_acceptance": round(accept, 4)}
+    if min_tokens < cfg.max_tokens and accept >= 0.01:
+        return stats
+    per_dict = (mean - 60) / cfg.num_dicts  # ~60 tokens of instructions, question and answer
+    fit = max(1, int((cfg.max_tokens - 60 - 2 * std) / per_dict))
+    why = (f"even the smallest possible example has {min_tokens} tokens" if min_tokens >= cfg.max_tokens
+           else f"examples have {mean:.0f} ± {std:.0f} tokens, so only ~{accept:.2%} would fit")
+    raise BudgetError(
+        f"config does not fit max_tokens={cfg.max_tokens}: {why}. Lower --num-dicts to about {fit} (now "
+        f"{cfg.num_dicts}), or shrink --dict-size-range / --key-digits / --value-digits, or raise --max-tokens.")
+
+
+# ---------------------------------------------------------------------------------------------- datasets
+
+
+def gold_positions(cfg: TaskConfig, n: int, rng: random.Random) -> list[int]:
+    """1-based gold dictionary positions for n samples: uniform over 1..num_dicts, except that
+    floor(first_fraction * n) random samples get position 1 and floor(early_fraction * n) others get a
+    uniform position among the first `early_positions` (reference default: floor(first_fraction * n))."""
+    positions = [rng.randint(1, cfg.num_dicts) for _ in range(n)]
+    first = rng.sample(range(n), int(n * cfg.first_fraction))
+    early = rng.sample(sorted(set(range(n)) - set(first)), int(n * cfg.early_fraction))
+    top = cfg.early_positions if cfg.early_positions is not None else max(1, int(n * cfg.first_fraction))
+    for i in first:
+        positions[i] = 1
+    for i in early:
+        positions[i] = rng.randint(1, min(top, cfg.num_dicts))
+    return positions
+
+
+def generate_split(cfg: TaskConfig, seed: int, split: str, n: int, *, progress: bool = True) -> Iterator[dict]:
+    """Yield n JSONL records {"messages": [...], "meta": {...}} for one split, deterministically."""
+    rng = random.Random(f"needles/{cfg.task}/seed={seed}/{split}")
+    positions = gold_positions(cfg, n, rng)
+    draw_fn = _DRAW[cfg.task]
+    prefix = f"{cfg.task}{'-template' if cfg.template else ''}-seed{seed}-{split}"
+    for i in tqdm.trange(n, desc=f"generating {split}", unit="sample", disable=not progress):
+        for _ in range(MAX_TRIES):
+            draw = draw_fn(cfg, rng)
+            prompt, answer = _place(cfg, draw, positions[i])
+            tokens = _num_tokens(prompt, answer)
+            if tokens < cfg.max_tokens:
+                break
+        else:
+            raise BudgetError(f"{split} sample {i}: no draw fitted max_tokens={cfg.max_tokens} in {MAX_TRIES} tries; "
+                              "lower --num-dicts or raise --max-tokens")
+        meta = {
+            "id": f"{prefix}-{i:05d}", "task": cfg.task, "split": split, "index": i, "seed": seed,
+            "template": cfg.template, "gold_key": list(draw.gold_key) if isinstance(draw.gold_key, tuple) else draw.gold_key,
+            "gold_value": draw.gold_value, "gold_dict": positions[i], "gold_position": positions[i],
+            "gold_key_index": draw.gold_key_index, "num_dicts": cfg.num_dicts, "num_tokens": tokens,
+            **draw.extra_meta,
+        }
+        yield {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
+               "meta": meta}
+
+
+def dumps_record(record: dict) -> str:
+    """One JSONL line; fixed separators and insertion-ordered keys keep the bytes reproducible."""
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+
+
+def generate(cfg: TaskConfig, seed: int, out_dir: str | pathlib.Path, *, preset: str | None = None,
+             progress: bool = True) -> dict:
+    """Write out_dir/train.jsonl, out_dir/eval.jsonl and out_dir/generation.json; returns the latter.
+
+    generation.json (config, seed, counts, token statistics) is picked up by `python -m data_gen shards`
+    and stored in the shard manifest.
+    """
+    budget = check_budget(cfg)
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for split, n in (("train", cfg.num_train), ("eval", cfg.num_eval)):
+        tokens = []
+        with open(out / f"{split}.jsonl", "w", encoding="utf-8", newline="\n") as f:
+            for record in generate_split(cfg, seed, split, n, progress=progress):
+                tokens.append(record["meta"]["num_tokens"])
+                f.write(dumps_record(record) + "\n")
+        files[split] = {"file": f"{split}.jsonl", "num_samples": n,
+                        "min_tokens": min(tokens, default=0), "max_tokens": max(tokens, default=0),
+                        "mean_tokens": round(statistics.fmean(tokens), 1) if tokens else 0}
+    info = {"generator": "data_gen", "preset": preset, "seed": seed, "config": cfg.to_dict(),
+            "budget_check": budget, "splits": files}
+    (out / "generation.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+    return info

@@ -1,0 +1,186 @@
+"""Shards: bucketing and efficiency figures on a hand-made set, read-back through grain, checksum and manifest
+verification, and JSONL error reporting."""
+
+import hashlib
+import json
+import pickle
+
+import grain
+import numpy as np
+import pytest
+
+from data_gen.__main__ import main
+from data_gen.chat import encode_chat
+from data_gen.shards import ShardError, TokenizedExample, examples_from_jsonl, open_shards, write_shards
+from data_gen.tokenizer import BOS_ID, EOS_ID
+
+BUCKETS = (4, 8, 16)
+
+
+def _example(i: int, n: int, answer: int = 2) -> TokenizedExample:
+    """BOS, prompt tokens 100 + k, then `answer` loss tokens ending with EOS."""
+    ids = [BOS_ID] + [100 + k for k in range(n - 1 - answer)] + [500 + k for k in range(answer - 1)] + [EOS_ID]
+    return TokenizedExample(f"ex{i}", np.array(ids, np.int32), np.arange(n) >= n - answer)
+
+
+LENGTHS = [3, 5, 8, 9, 16, 17, 40]
+
+
+@pytest.fixture
+def hand_made():
+    return [_example(i, n) for i, n in enumerate(LENGTHS)]
+
+
+def test_buckets_and_efficiency_by_hand(tmp_path, hand_made):
+    manifest = write_shards(hand_made, tmp_path / "s", buckets=BUCKETS, metadata={"note": "hand"}, progress=False)
+    # 3 -> 4; 5, 8 -> 8; 9, 16 -> 16; 17 and 40 are longer than 16: rejected
+    assert [(b["max_len"], b["num_examples"], b["num_tokens"], b["num_loss_tokens"]) for b in manifest["buckets"]] == \
+        [(4, 1, 3, 2), (8, 2, 13, 4), (16, 2, 25, 4)]
+    assert manifest["num_rejected"] == 2
+    assert manifest["rejected"] == [{"id": "ex5", "num_tokens": 17}, {"id": "ex6", "num_tokens": 40}]
+    real = 3 + 5 + 8 + 9 + 16
+    assert manifest["padding"] == {"real_tokens": real, "bucketed_tokens": 4 + 8 + 8 + 16 + 16,
+                                   "bucketed_efficiency": real / 52, "longest": 16,
+                                   "pad_to_longest_tokens": 5 * 16, "pad_to_longest_efficiency": real / 80}
+    assert manifest["metadata"] == {"note": "hand"}
+    assert json.loads((tmp_path / "s" / "manifest.json").read_text()) == manifest
+
+    shards = open_shards(tmp_path / "s")
+    by_id = {ex.id: ex for ex in hand_made}
+    assert [b.max_len for b in shards.buckets] == [4, 8, 16]
+    for bucket in shards.buckets:
+        assert len(bucket.source) == bucket.num_examples
+        for i in range(len(bucket.source)):
+            rec = bucket.source[i]
+            want = by_id[rec["id"]]
+            assert rec["input_ids"].dtype == np.int32 and rec["loss_mask"].dtype == bool
+            np.testing.assert_array_equal(rec["input_ids"], want.input_ids)
+            np.testing.assert_array_equal(rec["loss_mask"], want.loss_mask)
+            assert len(rec["input_ids"]) <= bucket.max_len
+
+
+def test_truncate_from_the_left(tmp_path, hand_made):
+    manifest = write_shards(hand_made, tmp_path, buckets=BUCKETS, overflow="truncate", progress=False)
+    assert manifest["num_rejected"] == 0 and [t["id"] for t in manifest["truncated"]] == ["ex5", "ex6"]
+    big = open_shards(tmp_path).buckets[-1].source
+    records = {big[i]["id"]: big[i] for i in range(len(big))}
+    rec = records["ex6"]  # 40 tokens: BOS, 100..136, 500, EOS -> BOS + the last 15 tokens
+    assert rec["input_ids"].tolist() == [BOS_ID, *range(124, 137), 500, EOS_ID]
+    assert rec["loss_mask"].tolist() == [False] * 14 + [True, True]
+
+
+def test_answer_longer_than_largest_bucket_is_rejected_even_when_truncating(tmp_path):
+    manifest = write_shards([_example(0, 12, answer=10)], tmp_path, buckets=(4, 8), overflow="truncate",
+                            progress=False)
+    assert manifest["num_examples"] == 0 and manifest["rejected"] == [{"id": "ex0", "num_tokens": 12}]
+
+
+def test_many_files_checksums_and_grain(tmp_path):
+    examples = [_example(i, 5 + i % 3) for i in range(10)]
+    manifest = write_shards(examples, tmp_path, buckets=BUCKETS, records_per_shard=3, progress=False)
+    (bucket,) = manifest["buckets"]
+    assert [s["num_records"] for s in bucket["shards"]] == [3, 3, 3, 1]
+    assert [s["file"] for s in bucket["shards"]] == [f"bucket_00008/shard_{i:05d}.array_record" for i in range(4)]
+    for s in bucket["shards"]:
+        assert s["sha256"] == hashlib.sha256((tmp_path / s["file"]).read_bytes()).hexdigest()
+    source = open_shards(tmp_path).buckets[0].source
+    assert [source[i]["id"] for i in range(10)] == [f"ex{i}" for i in range(10)]  # order kept across files
+    assert isinstance(source, grain.sources.RandomAccessDataSource)
+    dataset = grain.MapDataset.source(source).shuffle(seed=0)
+    assert sorted(dataset[i]["id"] for i in range(len(dataset))) == sorted(f"ex{i}" for i in range(10))
+    assert pickle.loads(pickle.dumps(source))[9]["id"] == "ex9"  # grain worker processes pickle sources
+    again = write_shards(examples, tmp_path / "again", buckets=BUCKETS, records_per_shard=3, progress=False)
+    assert [s["sha256"] for s in again["buckets"][0]["shards"]] == [s["sha256"] for s in bucket["shards"]]
+
+
+def test_corrupted_shard_is_a_clear_error(tmp_path):
+    write_shards([_example(i, 6) for i in range(5)], tmp_path, buckets=BUCKETS, records_per_shard=2, progress=False)
+    victim = tmp_path / "bucket_00008" / "shard_00001.array_record"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=r"shard_00001\.array_record: sha256 .* does not match"):
+        open_shards(tmp_path)
+    victim.unlink()
+    with pytest.raises(ShardError, match=r"shard_00001\.array_record: listed in .* but missing"):
+        open_shards(tmp_path, verify=False)
+
+
+def test_manifest_disagreement_is_a_clear_error(tmp_path):
+    write_shards([_example(i, 6) for i in range(5)], tmp_path, buckets=BUCKETS, records_per_shard=2, progress=False)
+    path = tmp_path / "manifest.json"
+    good = json.loads(path.read_text())
+
+    bad = json.loads(path.read_text())
+    bad["buckets"][0]["shards"][0]["num_records"] = 3
+    bad["buckets"][0]["shards"][1]["num_records"] = 1
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ShardError, match=r"shard_00000\.array_record: holds 2 records but the manifest says 3"):
+        open_shards(tmp_path)
+
+    bad = json.loads(json.dumps(good))
+    bad["tokenizer"]["sha256"] = "0" * 64
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ShardError, match="tokenizer of sha256 0000"):
+        open_shards(tmp_path)
+
+    path.write_text(json.dumps(good))
+    (tmp_path / "bucket_00008" / "shard_00099.array_record").write_bytes(b"stray")
+    with pytest.raises(ShardError, match=r"shard_00099\.array_record: shard file not listed"):
+        open_shards(tmp_path)
+    with pytest.raises(ShardError, match="already holds shards"):
+        write_shards([_example(0, 6)], tmp_path, progress=False)
+
+
+def test_bad_examples_are_refused(tmp_path):
+    with pytest.raises(ShardError, match="'ex1' occurs twice"):
+        write_shards([_example(1, 5), _example(1, 6)], tmp_path / "a", buckets=BUCKETS, progress=False)
+    no_loss = TokenizedExample("x", np.array([1, 2, 3]), np.zeros(3, bool))
+    with pytest.raises(ShardError, match="'x': loss_mask is all False"):
+        write_shards([no_loss], tmp_path / "b", progress=False)
+    out_of_vocab = TokenizedExample("y", np.array([1, 32000]), np.ones(2, bool))
+    with pytest.raises(ShardError, match=r"'y': token ids must lie in \[0, 32000\)"):
+        write_shards([out_of_vocab], tmp_path / "c", progress=False)
+
+
+def _chat(i):
+    return {"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}],
+            "meta": {"id": f"q{i}"}}
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    path = tmp_path / "data.jsonl"
+    lines = [json.dumps(_chat(0)), "", json.dumps(_chat(1)), '{"messages": [1, 2', json.dumps(_chat(3))]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ShardError, match=rf"{path}:4: not valid JSON"):
+        list(examples_from_jsonl(path))
+    lines[3] = json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "q"}]})
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ShardError, match=rf"{path}:4: messages\[1\]\.role must be 'assistant'"):
+        list(examples_from_jsonl(path))
+    lines[3] = json.dumps({"meta": {}})
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SystemExit, match=rf"error: {path}:4: expected an object with a 'messages' list"):
+        main(["shards", "--input", str(path), "--out", str(tmp_path / "out"), "--no-progress"])
+
+
+def test_shards_command_on_chat_jsonl(tmp_path, capsys):
+    data = tmp_path / "gen" / "train.jsonl"
+    data.parent.mkdir()
+    records = [_chat(i) for i in range(6)] + [{"messages": [{"role": "user", "content": "long " * 300},
+                                                             {"role": "assistant", "content": "x"}]}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    (data.parent / "generation.json").write_text(json.dumps({"seed": 3}))
+    main(["shards", "--input", str(data), "--out", str(tmp_path / "s"), "--buckets", "16", "32", "--no-progress"])
+    printed = capsys.readouterr().out
+    assert "rejected 1 examples longer than 32 tokens (e.g. train.jsonl:7)" in printed
+    assert "padding efficiency" in printed
+    shards = open_shards(tmp_path / "s")
+    inputs = shards.manifest["metadata"]["inputs"]
+    assert inputs[0]["generation"] == {"seed": 3} and inputs[0]["num_lines"] == 7
+    assert inputs[0]["sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
+    got = {b.source[i]["id"]: b.source[i] for b in shards.buckets for i in range(len(b.source))}
+    assert sorted(got) == [f"q{i}" for i in range(6)]
+    want = encode_chat(_chat(2)["messages"])
+    np.testing.assert_array_equal(got["q2"]["input_ids"], want.input_ids)
+    np.testing.assert_array_equal(got["q2"]["loss_mask"], want.loss_mask)
