@@ -1,0 +1,54 @@
+"""`python -m jaxtrain {train,export,aot}`: finetune, write a Hugging Face folder, prove a TPU fit."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Annotated, Literal
+
+import tyro
+
+from jaxtrain.train import NonFiniteLoss, TrainConfig
+
+
+@dataclasses.dataclass
+class ExportConfig:
+    checkpoint: str
+    """training run folder (its newest complete checkpoint is exported)"""
+    out: str
+    """Hugging Face folder to write"""
+    step: int | None = None
+    """export this step instead of the newest"""
+    dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+    max_shard_size: str = "5GB"
+
+
+def export(cfg: ExportConfig) -> None:
+    from jaxtrain.checkpoint import load_params_from_run
+    from jaxtrain.hf_io import save_pretrained
+
+    config, params = load_params_from_run(cfg.checkpoint, cfg.step)
+    save_pretrained(cfg.out, config, params, dtype=cfg.dtype, max_shard_size=cfg.max_shard_size)
+    print(f"wrote {cfg.out} ({cfg.dtype}); load it with transformers.AutoModelForCausalLM.from_pretrained")
+
+
+Command = (Annotated[TrainConfig, tyro.conf.subcommand("train", description="Finetune on data_gen shards.")]
+           | Annotated[ExportConfig, tyro.conf.subcommand("export", description="Checkpoint -> HF folder.")])
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = tyro.cli(Command, args=argv)
+    try:
+        if isinstance(cfg, TrainConfig):
+            from jaxtrain.train import train
+            train(cfg)
+        else:
+            export(cfg)
+    except (ValueError, FileNotFoundError, KeyError, NonFiniteLoss) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,365 @@
+"""Finetuning: the train step (answer-only loss, AdamW, accumulation) and the loop around it.
+
+Data → `jaxtrain.batches.BucketedBatches` (grain over the data_gen shards) → `make_train_step` (one
+jitted step with explicit in/out shardings, state donated) → `jaxtrain.checkpoint.Checkpointer` (orbax,
+async, exact resume) → `python -m jaxtrain export` (Hugging Face folder).
+
+The loss needs logits only where the loss mask is set (the answer, ~25 tokens of a 4K prompt), so the
+step gathers those hidden states and projects only them onto the 32000-token vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Annotated, Literal
+
+import tyro
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
+
+from jaxtrain import model
+from jaxtrain.batches import BatchConfig, BucketedBatches
+from jaxtrain.checkpoint import CheckpointConfig, Checkpointer, abstract_state
+from jaxtrain.config import MistralConfig
+from jaxtrain.flops import device_peak_flops, train_step_flops
+from jaxtrain.sharding import (MeshConfig, batch_sharding, check_divisible, data_parallel_size,
+                               logical_to_sharding, make_global_batch, make_mesh,
+                               maybe_initialize_distributed, rules_for)
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    lr: float = 5e-6
+    """peak learning rate (the paper: 5e-6 for Mistral 7B)"""
+    schedule: Literal["cosine", "linear", "constant"] = "linear"
+    """decay after warm-up"""
+    warmup_ratio: float = 0.03
+    """fraction of all steps spent warming up linearly from 0"""
+    final_lr_ratio: float = 0.0
+    """learning rate at the last step, as a fraction of the peak"""
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    clip_norm: float = 1.0
+    """global gradient-norm clip (0: off)"""
+    state_dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype of Adam's first moment (bfloat16 saves a quarter of the optimizer memory)"""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    data: str
+    """shard folder written by `python -m data_gen shards`"""
+    out: str
+    """run folder: checkpoints, metrics.jsonl, TensorBoard events"""
+    model: str = "tiny"
+    """model preset (ignored for the architecture when --init-from is given)"""
+    init_from: str | None = None
+    """Hugging Face folder to finetune; without it the model starts from random weights"""
+    epochs: int = 2
+    max_steps: int | None = None
+    """stop after this many steps (default: all epochs)"""
+    global_batch: int | None = 16
+    """rows per step (the paper: 16); ignored when --tokens-per-batch is set"""
+    tokens_per_batch: int | None = None
+    """token budget per step instead of a fixed row count (flat memory across length buckets)"""
+    grad_accum: int = 1
+    """split every batch into this many sequential micro-batches (same result, less memory)"""
+    seed: int = 0
+    optimizer: Annotated[OptimizerConfig, tyro.conf.OmitArgPrefixes] = dataclasses.field(default_factory=OptimizerConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    resume: bool = False
+    """continue from the newest checkpoint in --out (exactly: params, optimizer, data position)"""
+    remat: str | None = None
+    """remat policy override: none, full, save_dots, save_qkv_proj, save_out_proj, offload_dots"""
+    dtype: str | None = None
+    """compute dtype override (default: the preset's; bfloat16 for the 7B presets)"""
+    param_dtype: str | None = None
+    """master-weight dtype override (default float32)"""
+    log_every: int = 1
+    progress: bool = True
+
+
+# --- the step -----------------------------------------------------------------------------------------
+
+def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+    warmup = int(round(cfg.warmup_ratio * total_steps))
+    decay_steps = max(1, total_steps - warmup)
+    end = cfg.lr * cfg.final_lr_ratio
+    decay = {"cosine": optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.final_lr_ratio),
+             "linear": optax.linear_schedule(cfg.lr, end, decay_steps),
+             "constant": optax.constant_schedule(cfg.lr)}[cfg.schedule]
+    schedule = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), decay], [warmup]) if warmup else decay
+    adam = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                       mu_dtype=jnp.dtype(cfg.state_dtype))
+    chain = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
+    return optax.chain(*chain, adam), schedule
+
+
+def loss_sums(config: MistralConfig, params, batch, max_loss_tokens: int | None):
+    """(sum of token losses, number of loss tokens, correctly predicted tokens) of one batch.
+
+    Position t-1 predicts token t, which counts when `loss_mask[t]` is set. With `max_loss_tokens`, only
+    the first that-many such positions of each row are projected to the vocabulary; the caller guarantees
+    no row has more (see `max_answer_tokens`), so nothing is dropped.
+    """
+    ids, segments = batch["input_ids"], batch["segment_ids"]
+    targets = ids[:, 1:]
+    predict = batch["loss_mask"][:, 1:].astype(bool) & (segments[:, 1:] != 0)
+    hidden = model.hidden_states(config, params, ids, positions=batch["positions"], segment_ids=segments)[:, :-1]
+    if max_loss_tokens is not None:
+        order = jnp.argsort(~predict, axis=1, stable=True)[:, :max_loss_tokens]
+        hidden = jnp.take_along_axis(hidden, order[..., None], axis=1)
+        targets = jnp.take_along_axis(targets, order, axis=1)
+        predict = jnp.take_along_axis(predict, order, axis=1)
+    logits = model.logits_from_hidden(config, params, hidden)
+    logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+    token_loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    weight = predict.astype(jnp.float32)
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32) * weight
+    return (token_loss * weight).sum(), weight.sum(), correct.sum()
+
+
+def _wrap_loss_sums(config, params, batch, max_loss_tokens):
+    loss, count, correct = loss_sums(config, params, batch, max_loss_tokens)
+    return loss, (count, correct)
+
+
+def train_step(state, batch, *, config: MistralConfig, optimizer, schedule, max_loss_tokens, grad_accum):
+    grad_fn = jax.value_and_grad(lambda p, b: _wrap_loss_sums(config, p, b, max_loss_tokens), has_aux=True)
+    if grad_accum == 1:
+        (loss, (count, correct)), grads = grad_fn(state["params"], batch)
+    else:
+        grads, loss, count, correct = _accumulate(grad_fn, state["params"], batch, grad_accum)
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {"loss": loss / denom, "accuracy": correct / denom, "loss_tokens": count,
+               "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"])}
+    return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+
+def _accumulate(grad_fn, params, batch, grad_accum):
+    def split(x):
+        return x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:])
+
+    def micro(carry, b):
+        (loss, (count, correct)), grads = grad_fn(params, b)
+        acc = (grads, loss, count, correct)
+        return jax.tree.map(jnp.add, carry, acc), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
+    out, _ = jax.lax.scan(micro, init, jax.tree.map(split, batch))
+    return out
+
+
+@dataclasses.dataclass
+class StepFunctions:
+    """The jitted step and the shardings of everything it touches (also what `aot` compiles)."""
+
+    step: object
+    state_shardings: dict
+    batch_sharding: NamedSharding
+    optimizer: optax.GradientTransformation
+
+
+def state_shardings(config: MistralConfig, optimizer, mesh, rules) -> dict:
+    """Shardings of params (from their logical axes) and of the optimizer state (like its params)."""
+    params = logical_to_sharding(model.param_logical_axes(config), mesh, rules)
+    opt_shapes = jax.eval_shape(optimizer.init, model.param_shapes(config))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt = optax.tree_map_params(optimizer, lambda _, s: s, opt_shapes, params,
+                                transform_non_params=lambda _: replicated)
+    return {"params": params, "opt_state": opt, "step": replicated}
+
+
+def make_train_step(config: MistralConfig, optimizer, schedule, mesh, rules, *, max_loss_tokens: int | None,
+                    grad_accum: int = 1) -> StepFunctions:
+    shardings = state_shardings(config, optimizer, mesh, rules)
+    batch_shard = batch_sharding(mesh, rules)
+    body = jax.tree_util.Partial(train_step, config=config, optimizer=optimizer, schedule=schedule,
+                                 max_loss_tokens=max_loss_tokens, grad_accum=grad_accum)
+
+    def step(state, batch):
+        with nn.logical_axis_rules(rules):
+            return body(state, batch)
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    jitted = jax.jit(step, in_shardings=(shardings, batch_shard), out_shardings=(shardings, replicated),
+                     donate_argnums=0)
+    return StepFunctions(jitted, shardings, batch_shard, optimizer)
+
+
+# --- setting up ---------------------------------------------------------------------------------------
+
+def max_answer_tokens(batches: BucketedBatches) -> int | None:
+    """The most loss tokens of any example, rounded up to a multiple of 8 (None: use every position).
+
+    Read once from the data so that the answer-only logits never drop a loss token.
+    """
+    most, longest = 1, 1
+    for bucket in batches.buckets:
+        longest = max(longest, bucket.max_len)
+        for i in range(bucket.num_examples):
+            most = max(most, int(np.asarray(bucket.source[i]["loss_mask"]).sum()))
+    rounded = -(-most // 8) * 8
+    return None if rounded * 2 >= longest else rounded
+
+
+def _model_config(cfg: TrainConfig) -> MistralConfig:
+    overrides = {k: v for k, v in (("remat", cfg.remat), ("dtype", cfg.dtype), ("param_dtype", cfg.param_dtype))
+                 if v is not None}
+    if cfg.init_from:
+        return MistralConfig.from_pretrained(cfg.init_from, **overrides)
+    return MistralConfig.preset(cfg.model).replace(**overrides)
+
+
+def init_state(config: MistralConfig, cfg: TrainConfig, fns: StepFunctions) -> dict:
+    """Parameters and optimizer state created directly in their shards (never whole on one device)."""
+    if cfg.init_from:
+        from jaxtrain.hf_io import load_pretrained
+        _, params = load_pretrained(cfg.init_from, shardings=fns.state_shardings["params"],
+                                    dtype=config.param_dtype,
+                                    config_overrides=dict(remat=config.remat, dtype=config.dtype))
+    else:
+        params = jax.jit(lambda r: model.init_params(config, r),
+                         out_shardings=fns.state_shardings["params"])(jax.random.key(cfg.seed))
+    opt_state = jax.jit(fns.optimizer.init, out_shardings=fns.state_shardings["opt_state"])(params)
+    step = jax.device_put(jnp.int32(0), fns.state_shardings["step"])
+    return {"params": params, "opt_state": opt_state, "step": step}
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class _Preemption:
+    """SIGTERM (a TPU preemption notice) asks the loop to save and stop at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, *_):
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+class _MetricsLog:
+    """metrics.jsonl plus TensorBoard event files, written by process 0."""
+
+    def __init__(self, run_dir: Path, resume: bool):
+        self.enabled = jax.process_index() == 0
+        if not self.enabled:
+            return
+        from tensorboardX import SummaryWriter
+        self.jsonl = open(run_dir / "metrics.jsonl", "a" if resume else "w")
+        self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, step: int, metrics: dict):
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)):
+                self.tb.add_scalar(f"train/{k}", v, step)
+
+    def close(self):
+        if self.enabled:
+            self.jsonl.close()
+            self.tb.close()
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) a finetune; returns the last step's metrics."""
+    maybe_initialize_distributed()
+    run_dir = Path(cfg.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = _model_config(cfg)
+    mesh = make_mesh(cfg.mesh)
+    rules = rules_for(cfg.mesh.rules)
+    check_divisible(model.param_shapes(config), model.param_logical_axes(config), mesh, rules)
+    batch_cfg = BatchConfig(tokens_per_batch=cfg.tokens_per_batch, global_batch=cfg.global_batch, seed=cfg.seed)
+    batches = BucketedBatches(cfg.data, batch_cfg, row_multiple=data_parallel_size(mesh) * cfg.grad_accum,
+                              num_epochs=cfg.epochs)
+    total = batches.steps_per_epoch * cfg.epochs
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    optimizer, schedule = make_optimizer(cfg.optimizer, total)
+    answer_tokens = max_answer_tokens(batches)
+    fns = make_train_step(config, optimizer, schedule, mesh, rules, max_loss_tokens=answer_tokens,
+                          grad_accum=cfg.grad_accum)
+    metadata = {"train_config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str))}
+    ckpt = Checkpointer(run_dir, cfg.checkpoint, model_config=config, metadata=metadata)
+
+    if cfg.resume and ckpt.latest_step() is not None:
+        shapes = jax.eval_shape(lambda: init_state(config, dataclasses.replace(cfg, init_from=None), fns))
+        restored = ckpt.restore(abstract_state(shapes, fns.state_shardings))
+        state = {"params": restored.params, "opt_state": restored.opt_state,
+                 "step": jax.device_put(jnp.int32(restored.step), fns.state_shardings["step"])}
+        batches.set_state(restored.data_state)
+        start = restored.step
+    else:
+        state, start = init_state(config, cfg, fns), 0
+
+    peak = device_peak_flops() * jax.device_count()
+    log = _MetricsLog(run_dir, resume=start > 0)
+    preemption = _Preemption()
+    bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not cfg.progress)
+    metrics: dict = {}
+    step = start
+    try:
+        while step < total:
+            local = next(batches)
+            batch = make_global_batch(local, mesh, fns.batch_sharding,
+                                      keys=("input_ids", "loss_mask", "segment_ids", "positions"))
+            t0 = time.perf_counter()
+            state, out = fns.step(state, batch)
+            out = {k: float(v) for k, v in jax.device_get(out).items()}
+            seconds = time.perf_counter() - t0
+            step += 1
+            if not math.isfinite(out["loss"]) or not math.isfinite(out["grad_norm"]):
+                ids = [i for i in local["example_ids"] if i]
+                raise NonFiniteLoss(f"non-finite loss ({out['loss']}) or gradient norm ({out['grad_norm']}) at "
+                                    f"step {step}, batch of examples {ids}; the last good checkpoint "
+                                    f"(step {ckpt.latest_step()}) is left as it was")
+            tokens = int(np.asarray(local["segment_ids"]).sum()) * jax.process_count()
+            flops = train_step_flops(config, tokens, int(local["bucket_len"]),
+                                     logit_tokens=int(out["loss_tokens"]))
+            metrics = {**out, "epoch": batches.epoch, "bucket_len": int(local["bucket_len"]),
+                       "tokens_per_s": tokens / seconds, "mfu": flops / seconds / peak, "step_s": seconds}
+            if step % cfg.log_every == 0 or step == total:
+                log.write(step, metrics)
+            bar.update(1)
+            bar.set_postfix(loss=f"{out['loss']:.4f}", acc=f"{out['accuracy']:.3f}",
+                            tok_s=f"{metrics['tokens_per_s']:.0f}")
+            stop = preemption.requested or ckpt.reached_preemption(step)
+            ckpt.save(step, params=state["params"], opt_state=state["opt_state"],
+                      data_state=batches.get_state(), force=stop or step == total)
+            if stop:
+                print(f"preemption: saved step {step}; rerun with --resume to continue")
+                break
+    finally:
+        bar.close()
+        preemption.restore()
+        log.close()
+        ckpt.close()
+    return metrics

@@ -1,0 +1,168 @@
+"""Training: answer-only loss against a hand computation, meshes agree, exact resume, NaN and SIGTERM."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from data_gen.shards import TokenizedExample, write_shards
+from hf_reference import tiny_config
+from jaxtrain import model
+from jaxtrain.checkpoint import Checkpointer, load_params_from_run
+from jaxtrain.train import _accumulate, _wrap_loss_sums, loss_sums
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """24 random examples of 30-120 tokens with a 6-12 token answer at the end, in two buckets."""
+    rng = np.random.default_rng(0)
+    examples = []
+    for i in range(24):
+        n = int(rng.integers(30, 121))
+        ids = rng.integers(3, 32000, size=n).astype(np.int32)
+        ids[0] = 1
+        mask = np.zeros(n, bool)
+        mask[n - int(rng.integers(6, 13)):] = True
+        examples.append(TokenizedExample(id=f"ex{i}", input_ids=ids, loss_mask=mask))
+    out = tmp_path_factory.mktemp("shards")
+    write_shards(examples, out, buckets=(64, 128))
+    return out
+
+
+def run_train(out, shards, *extra, devices=1, wait=True):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    cmd = [sys.executable, "-m", "jaxtrain", "train", "--model", "tiny", "--data", str(shards), "--out", str(out),
+           "--global-batch", "8", "--lr", "3e-3", "--warmup-ratio", "0.2", "--no-progress", *extra]
+    if not wait:
+        return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def metrics(run):
+    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_answer_only_loss_matches_hand_computation_and_accumulation():
+    config = tiny_config(vocab_size=300)
+    params = model.init_params(config, jax.random.key(0))
+    rng = np.random.default_rng(1)
+    ids = rng.integers(3, 300, size=(4, 20)).astype(np.int32)
+    mask = np.zeros((4, 20), bool)
+    mask[0, 15:] = mask[1, 3:9] = mask[2, 19:] = True
+    segments = np.ones((4, 20), np.int32)
+    segments[3, 10:] = 0  # a padded row; its mask lies in the padding and must not count
+    mask[3, 12:16] = True
+    batch = {"input_ids": ids, "loss_mask": mask, "segment_ids": segments,
+             "positions": np.tile(np.arange(20, dtype=np.int32), (4, 1))}
+    logits = np.asarray(model.forward(config, params, jnp.asarray(ids)), np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    expected, count, correct = 0.0, 0, 0
+    for b in range(3):
+        for t in np.nonzero(mask[b])[0]:
+            expected -= logp[b, t - 1, ids[b, t]]
+            count += 1
+            correct += int(np.argmax(logits[b, t - 1]) == ids[b, t])
+    for k in (None, 8):
+        loss, n, right = loss_sums(config, params, batch, k)
+        assert float(n) == count and float(right) == correct
+        assert float(loss) == pytest.approx(expected, rel=1e-5)
+
+    grad_fn = jax.value_and_grad(lambda p, b: _wrap_loss_sums(config, p, b, 8), has_aux=True)
+    (_, _), full = grad_fn(params, batch)
+    accumulated, *_ = _accumulate(grad_fn, params, batch, 2)
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(accumulated)):
+        assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5 * (np.abs(np.asarray(a)).max() + 1e-12)
+
+
+def test_one_device_and_sharded_meshes_give_the_same_losses(tmp_path, shards):
+    runs = {"1 device": (1, []), "fsdp 8": (8, ["--mesh.fsdp", "8"]),
+            "fsdp 4 x tensor 2": (8, ["--mesh.fsdp", "4", "--mesh.tensor", "2"])}
+    losses = {}
+    for name, (devices, flags) in runs.items():
+        out = tmp_path / name.replace(" ", "_")
+        result = run_train(out, shards, "--epochs", "1", *flags, devices=devices)
+        assert result.returncode == 0, name + result.stderr[-3000:]
+        losses[name] = [m["loss"] for m in metrics(out)]
+    assert len(losses["1 device"]) == 4
+    for name in runs:
+        np.testing.assert_allclose(losses[name], losses["1 device"], atol=1e-5, rtol=0, err_msg=name)
+    assert losses["1 device"][-1] < losses["1 device"][0]
+
+
+def _wait_for(condition, process, timeout=240):
+    start = time.time()
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"training ended early: {process.stderr.read()[-3000:]}")
+        if time.time() - start > timeout:
+            process.kill()
+            raise AssertionError("timed out waiting for training progress")
+        time.sleep(0.2)
+
+
+def _complete_steps(run):
+    return Checkpointer(run, read_only=True).steps() if (Path(run) / "checkpoints").exists() else []
+
+
+def _same_params(a, b):
+    (_, pa), (_, pb) = load_params_from_run(a), load_params_from_run(b)
+    for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+        assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
+
+
+def test_sigkill_then_resume_is_bit_identical_and_sigterm_saves(tmp_path, shards):
+    flags = ("--epochs", "3", "--checkpoint.save-every", "2", "--checkpoint.no-async-save")
+    reference = tmp_path / "uninterrupted"
+    assert run_train(reference, shards, *flags).returncode == 0
+    assert len(metrics(reference)) == 12
+
+    killed = tmp_path / "killed"
+    proc = run_train(killed, shards, *flags, wait=False)
+    _wait_for(lambda: any(s >= 4 for s in _complete_steps(killed)), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert max(_complete_steps(killed)) < 12
+    resumed = run_train(killed, shards, *flags, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _same_params(reference, killed)
+
+    preempted = tmp_path / "preempted"
+    proc = run_train(preempted, shards, *flags, wait=False)
+    _wait_for(lambda: (preempted / "metrics.jsonl").exists() and len(metrics(preempted)) >= 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "preemption: saved step" in out
+    saved = max(_complete_steps(preempted))
+    assert saved == metrics(preempted)[-1]["step"] < 12
+    assert run_train(preempted, shards, *flags, "--resume").returncode == 0
+    _same_params(reference, preempted)
+
+
+def test_non_finite_loss_stops_with_step_and_examples_named(tmp_path, shards):
+    out = tmp_path / "nan"
+    result = run_train(out, shards, "--lr", "1e30", "--warmup-ratio", "0", "--checkpoint.save-every", "1",
+                       "--checkpoint.no-async-save")
+    assert result.returncode == 1
+    assert "non-finite loss" in result.stderr and "at step 2" in result.stderr and "ex" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert _complete_steps(out) == [1]
+
+
+def test_bad_mesh_is_a_clear_error(tmp_path, shards):
+    result = run_train(tmp_path / "bad", shards, "--mesh.fsdp", "3", devices=8)
+    assert result.returncode == 1
+    assert "bad mesh" in result.stderr and "Traceback" not in result.stderr
