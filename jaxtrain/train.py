@@ -170,12 +170,25 @@ def _accumulate(grad_fn, params, batch, grad_accum):
 
 @dataclasses.dataclass
 class StepFunctions:
-    """The jitted step and the shardings of everything it touches (also what `aot` compiles)."""
+    """The jitted step and the shardings of everything it touches (also what `aot` compiles).
 
-    step: object
+    Tracing happens under the mesh (`jax.set_mesh`), which is what turns the model's logical activation
+    constraints into real sharding constraints; call `step` / `lower` rather than `jitted` directly.
+    """
+
+    jitted: object
+    mesh: jax.sharding.Mesh
     state_shardings: dict
     batch_sharding: NamedSharding
     optimizer: optax.GradientTransformation
+
+    def step(self, state, batch):
+        with jax.set_mesh(self.mesh):
+            return self.jitted(state, batch)
+
+    def lower(self, state, batch):
+        with jax.set_mesh(self.mesh):
+            return self.jitted.lower(state, batch)
 
 
 def state_shardings(config: MistralConfig, optimizer, mesh, rules) -> dict:
@@ -202,7 +215,7 @@ def make_train_step(config: MistralConfig, optimizer, schedule, mesh, rules, *, 
     replicated = NamedSharding(mesh, PartitionSpec())
     jitted = jax.jit(step, in_shardings=(shardings, batch_shard), out_shardings=(shardings, replicated),
                      donate_argnums=0)
-    return StepFunctions(jitted, shardings, batch_shard, optimizer)
+    return StepFunctions(jitted, mesh, shardings, batch_shard, optimizer)
 
 
 # --- setting up ---------------------------------------------------------------------------------------
