@@ -1,0 +1,1 @@
+"""Evaluation: MDQA by gold position, synthetic retrieval, general benchmarks (`python -m eval --help`)."""

@@ -1,0 +1,54 @@
+"""`python -m eval <task> --model HF_DIR_OR_RUN_DIR [--data-file F | --data-dir D] [--limit N] --out DIR`
+and `python -m eval compare A/results.json B/results.json ...`."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import tyro
+
+from eval import gsm8k, hellaswag, mdqa, mmlu, openqa, synthetic
+from eval.common import Task, run_task
+from eval.compare import CompareArgs, compare
+from eval.datafiles import DataError
+
+TASKS: dict[str, Task] = {t.name: t for t in (mdqa.TASK, synthetic.TASK, mmlu.TASK, hellaswag.TASK, gsm8k.TASK,
+                                              openqa.TRIVIAQA_TASK, openqa.NQ_OPEN_TASK)}
+
+
+def _summary(results: dict) -> str:
+    lines = [f"{results['task']} ({results['label']}): {results['num_examples']} examples, "
+             f"{results['timing']['eval_s']:.1f} s"]
+    for name, value in results["metrics"].items():
+        if isinstance(value, float) and not name.endswith("_stderr"):
+            stderr = results["metrics"].get(f"{name}_stderr")
+            lines.append(f"  {name}: {value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else ""))
+    for pos, m in results["metrics"].get("by_gold_position", {}).items():
+        scores = ", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float) and not k.endswith("_stderr"))
+        lines.append(f"  gold at {pos}: {scores} (n={m['n']})")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict | str:
+    """Parse the command line, run it, and return the results (or the comparison table) for tests."""
+    subcommands = {name: task.args_type for name, task in TASKS.items()} | {"compare": CompareArgs}
+    args = tyro.extras.subcommand_cli_from_dict(
+        subcommands, prog="python -m eval", args=argv,
+        description="Evaluate a Mistral checkpoint (MDQA by gold position, synthetic retrieval, general "
+                    "benchmarks) or compare results.json files.")
+    try:
+        if isinstance(args, CompareArgs):
+            return compare(args)
+        task = next(t for t in TASKS.values() if type(args) is t.args_type)
+        results = run_task(task, args)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(_summary(results))
+    print(f"wrote {args.out}/results.json")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""What every task shares: the common command-line options and the run loop (data -> model -> score -> write).
+
+A task is a module-level `Task` with two functions: `load(args) -> LoadedData` reads and validates the data
+(before the model is loaded, so bad data fails in a second, not after minutes of loading 7B weights), and
+`evaluate(args, data, generator) -> Evaluation` builds prompts, calls the `Generator` and scores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from eval import results as results_io
+from eval.datafiles import DataError
+from jaxtrain.sharding import MeshConfig
+
+
+@dataclasses.dataclass(kw_only=True)
+class CommonArgs:
+    model: str
+    """Hugging Face Mistral folder (config.json + safetensors) or a `python -m jaxtrain train` run directory."""
+    out: Path
+    """Directory for results.json, predictions.jsonl (and the MDQA plot)."""
+    data_file: Path | None = None
+    """The task's standard data file itself (offline; see docs/eval.md for the formats)."""
+    data_dir: Path | None = None
+    """A directory holding the task's standard data files (offline)."""
+    limit: int | None = None
+    """Score only the first N examples (per gold position for MDQA, per subject for MMLU)."""
+    batch_size: int = 8
+    """Sequences per forward pass of the decoder."""
+    dtype: str | None = None
+    """Cast weights on load, e.g. bfloat16 (default: the config's param_dtype)."""
+    shard: bool = False
+    """Split the parameters over all devices as in training (--mesh.*), e.g. a 7B model on a v5e-8."""
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    """Device mesh used with --shard."""
+    label: str | None = None
+    """Name of this run in tables and plots (default: the model directory's name)."""
+    tfds_data_dir: Path | None = None
+    """tensorflow-datasets data_dir, used when neither --data-file nor --data-dir is given (default: TFDS's own)."""
+    tfds_manual_dir: Path | None = None
+    """For our tfds builders (mdqa, mmlu): directory with the standard files to prepare the dataset from."""
+    tfds_download: bool = True
+    """Let tfds download and prepare a dataset that is not prepared yet (needs internet for standard builders)."""
+    progress: bool = True
+    """Show progress bars."""
+
+
+@dataclasses.dataclass
+class LoadedData:
+    examples: Any
+    """Whatever the task's evaluate() consumes (already limited)."""
+    sources: list[dict]
+    """results.json "data" entries (file paths + sha256, or tfds names)."""
+    num_examples: int
+
+
+@dataclasses.dataclass
+class Evaluation:
+    metrics: dict
+    predictions: list[dict]
+    settings: dict
+    num_examples: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    name: str
+    args_type: type
+    load: Callable[[Any], LoadedData]
+    evaluate: Callable[[Any, LoadedData, Any], Evaluation]
+    after_write: Callable[[dict, Path], None] | None = None
+    """Extra outputs from the finished results (the MDQA plot)."""
+
+
+def check_source_args(args: CommonArgs) -> None:
+    if args.data_file is not None and args.data_dir is not None:
+        raise DataError("give either --data-file or --data-dir, not both")
+    if args.limit is not None and args.limit < 1:
+        raise DataError(f"--limit must be >= 1, got {args.limit}")
+
+
+def limited(items: list, limit: int | None) -> list:
+    return items if limit is None else items[:limit]
+
+
+def run_task(task: Task, args: CommonArgs) -> dict:
+    """Run one task end to end and write OUT/results.json and OUT/predictions.jsonl; returns the results."""
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    data = task.load(args)
+    if data.num_examples == 0:
+        raise DataError(f"{task.name}: no examples to evaluate (check --data-file/--data-dir/--limit)")
+
+    from eval.decode import Generator
+    from eval.model_io import load_model
+
+    t0 = time.perf_counter()
+    mesh = None
+    if args.shard:
+        from jaxtrain.sharding import make_mesh
+
+        try:
+            mesh = make_mesh(args.mesh)
+        except ValueError as e:
+            raise DataError(f"--mesh: {e}") from None
+    config, params = load_model(args.model, dtype=args.dtype, mesh=mesh, rules=args.mesh.rules)
+    generator = Generator(config, params, batch_size=args.batch_size, mesh=mesh)
+    t1 = time.perf_counter()
+    evaluation = task.evaluate(args, data, generator)
+    t2 = time.perf_counter()
+
+    model_path = Path(args.model).resolve()
+    out = Path(args.out)
+    results = {
+        "schema_version": results_io.SCHEMA_VERSION,
+        "task": task.name,
+        "label": args.label or model_path.name,
+        "model": {"path": str(model_path), "config": config.to_hf_dict()},
+        "data": data.sources,
+        "settings": {"limit": args.limit, "batch_size": args.batch_size, "dtype": args.dtype,
+                     "mesh": None if mesh is None else dict(mesh.shape), **evaluation.settings},
+        "num_examples": evaluation.num_examples,
+        "metrics": evaluation.metrics,
+        "timing": {"started_at": started, "load_model_s": round(t1 - t0, 3), "eval_s": round(t2 - t1, 3),
+                   "examples_per_s": round(evaluation.num_examples / max(t2 - t1, 1e-9), 3)},
+        "environment": results_io.environment(),
+        "predictions": results_io.PREDICTIONS_FILE,
+    }
+    results_io.write_predictions(out, evaluation.predictions)
+    results_io.write_results(out, results)
+    if task.after_write is not None:
+        task.after_write(results, out)
+    return results

@@ -1,0 +1,190 @@
+"""MMLU, 5-shot, scored by the log-likelihood of " A" / " B" / " C" / " D" (lm-evaluation-harness `mmlu`).
+
+Prompt per subject: "The following are multiple choice questions (with answers) about <subject>.\\n\\n",
+then the first k dev questions with their answers, then the test question:
+    <question>\\nA. <c0>\\nB. <c1>\\nC. <c2>\\nD. <c3>\\nAnswer: <letter>\\n\\n ... <question>\\n...\\nAnswer:
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections import defaultdict
+from pathlib import Path
+
+from eval import metrics as M
+from eval.common import CommonArgs, Evaluation, LoadedData, Task, check_source_args, limited
+from eval.datafiles import DataError, read_csv_rows
+from eval.results import file_source
+
+LETTERS = ("A", "B", "C", "D")
+HEADER = ["question", "choice0", "choice1", "choice2", "choice3", "answer"]
+_SUBJECT_FILE = re.compile(r"^(?P<subject>.+)_(?P<split>dev|val|test)\.csv$")
+
+
+@dataclasses.dataclass(frozen=True)
+class MmluQuestion:
+    subject: str
+    row: int
+    """0-based data row in its file (few-shot examples are the first rows of dev)."""
+    question: str
+    choices: tuple[str, str, str, str]
+    answer: int
+
+
+def read_mmlu_csv(path: Path, subject: str) -> list[MmluQuestion]:
+    """Rows `question,c0,c1,c2,c3,answer`, answer 0-3 or A-D; an optional header row is skipped (the
+    original release has none, our shared slices have one)."""
+    questions = []
+    for lineno, fields in read_csv_rows(path):
+        if not questions and [f.strip().lower() for f in fields] == HEADER:
+            continue
+        where = f"{path}:{lineno}"
+        if len(fields) != 6:
+            raise DataError(f"{where}: expected 6 fields (question, 4 choices, answer), got {len(fields)}")
+        answer = fields[5].strip()
+        if answer in LETTERS:
+            index = LETTERS.index(answer)
+        elif answer in ("0", "1", "2", "3"):
+            index = int(answer)
+        else:
+            raise DataError(f"{where}: field 'answer' must be 0-3 or A-D, got {answer!r}")
+        if not fields[0].strip():
+            raise DataError(f"{where}: field 'question' is empty")
+        questions.append(MmluQuestion(subject, len(questions), fields[0], tuple(fields[1:5]), index))
+    return questions
+
+
+def find_subject_files(folder: Path, split: str) -> dict[str, Path]:
+    """{subject: file} for the `<subject>_<split>.csv` files of a folder, sorted by subject."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: not a directory")
+    files = {}
+    for path in sorted(folder.iterdir()):
+        m = _SUBJECT_FILE.match(path.name)
+        if m and m.group("split") == split:
+            files[m.group("subject")] = path
+    if not files:
+        raise DataError(f"{folder}: no <subject>_{split}.csv files")
+    return files
+
+
+def format_question(q: MmluQuestion) -> str:
+    options = "".join(f"\n{letter}. {choice}" for letter, choice in zip(LETTERS, q.choices, strict=True))
+    return f"{q.question.strip()}{options}\nAnswer:"
+
+
+def description(subject: str) -> str:
+    return f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+
+
+def build_context(q: MmluQuestion, shots: list[MmluQuestion]) -> str:
+    """The full prompt text for `q` with `shots` as answered examples; the choices are " A" ... " D"."""
+    examples = "".join(f"{format_question(s)} {LETTERS[s.answer]}\n\n" for s in shots)
+    return description(q.subject) + examples + format_question(q)
+
+
+@dataclasses.dataclass(kw_only=True)
+class MmluArgs(CommonArgs):
+    """MMLU accuracy (log-likelihood of the answer letter). --data-dir holds dev/ and test/ CSV folders;
+    --data-file is one <subject>_test.csv whose few-shot rows come from ../dev/<subject>_dev.csv."""
+
+    num_fewshot: int = 5
+    """Answered dev questions before each test question (0-5)."""
+    subjects: tuple[str, ...] | None = None
+    """Evaluate only these subjects (default: every subject with a test file)."""
+    chat_template: bool = False
+    """Score the letter as the answer of a Mistral-Instruct user turn holding the whole prompt."""
+
+
+@dataclasses.dataclass
+class MmluData:
+    test: dict[str, list[MmluQuestion]]
+    dev: dict[str, list[MmluQuestion]]
+
+
+def _read_dir_pair(test_files: dict[str, Path], dev_dir: Path, sources: list[dict]) -> MmluData:
+    dev_files = find_subject_files(dev_dir, "dev")
+    data = MmluData({}, {})
+    for subject, path in test_files.items():
+        if subject not in dev_files:
+            raise DataError(f"{dev_dir}: no {subject}_dev.csv for the few-shot examples of {path}")
+        data.test[subject] = read_mmlu_csv(path, subject)
+        data.dev[subject] = read_mmlu_csv(dev_files[subject], subject)
+        sources += [file_source(path), file_source(dev_files[subject])]
+    return data
+
+
+def _group(records: list[dict]) -> dict[str, list[MmluQuestion]]:
+    out: dict[str, list[MmluQuestion]] = defaultdict(list)
+    for r in sorted(records, key=lambda r: (r["subject"], r["row"])):
+        out[r["subject"]].append(MmluQuestion(r["subject"], r["row"], r["question"], tuple(r["choices"]), r["answer"]))
+    return dict(out)
+
+
+def load(args: MmluArgs) -> LoadedData:
+    check_source_args(args)
+    sources: list[dict] = []
+    if args.data_file is not None:
+        m = _SUBJECT_FILE.match(args.data_file.name)
+        if not m or m.group("split") != "test":
+            raise DataError(f"{args.data_file}: expected a file named <subject>_test.csv")
+        dev_dir = args.data_file.resolve().parent.parent / "dev"
+        data = _read_dir_pair({m.group("subject"): args.data_file}, dev_dir, sources)
+    elif args.data_dir is not None:
+        data = _read_dir_pair(find_subject_files(args.data_dir / "test", "test"), args.data_dir / "dev", sources)
+    else:
+        from eval import tfds_builders
+
+        builder = tfds_builders.prepared_builder("needles_mmlu", data_dir=args.tfds_data_dir,
+                                                 download=args.tfds_download, manual_dir=args.tfds_manual_dir)
+        test, test_source = tfds_builders.read_split(builder, "test")
+        dev, dev_source = tfds_builders.read_split(builder, "dev")
+        data = MmluData(_group(test), _group(dev))
+        sources += [test_source, dev_source]
+    if args.subjects is not None:
+        unknown = sorted(set(args.subjects) - set(data.test))
+        if unknown:
+            raise DataError(f"--subjects {' '.join(unknown)}: no test data (available: {', '.join(sorted(data.test))})")
+        data.test = {s: data.test[s] for s in args.subjects}
+    for subject in data.test:
+        if len(data.dev.get(subject, [])) < args.num_fewshot:
+            raise DataError(f"{subject}: --num-fewshot {args.num_fewshot} but only "
+                            f"{len(data.dev.get(subject, []))} dev questions")
+    data.test = {s: limited(qs, args.limit) for s, qs in data.test.items()}
+    return LoadedData(data, sources, sum(len(qs) for qs in data.test.values()))
+
+
+def evaluate(args: MmluArgs, data: LoadedData, generator) -> Evaluation:
+    from eval.tokens import encode_chat_pair, encode_pair
+
+    encode = encode_chat_pair if args.chat_template else encode_pair
+    mmlu: MmluData = data.examples
+    questions = [q for qs in mmlu.test.values() for q in qs]
+    requests = []
+    for q in questions:
+        context = build_context(q, mmlu.dev[q.subject][: args.num_fewshot])
+        requests += [encode(context, f" {letter}") for letter in LETTERS]
+    lls = generator.loglikelihood(requests, progress=args.progress)
+    per_subject: dict[str, list[float]] = defaultdict(list)
+    predictions = []
+    for i, q in enumerate(questions):
+        scores = [ll for ll, _ in lls[4 * i: 4 * i + 4]]
+        pred = max(range(4), key=lambda j: scores[j])
+        correct = float(pred == q.answer)
+        per_subject[q.subject].append(correct)
+        predictions.append({"subject": q.subject, "row": q.row, "question": q.question, "choices": list(q.choices),
+                            "answer": LETTERS[q.answer], "prediction": LETTERS[pred], "loglikelihoods": scores,
+                            "acc": correct})
+    all_scores = [x for v in per_subject.values() for x in v]
+    by_subject = {s: {**M.summarize("acc", v), "n": len(v)} for s, v in per_subject.items()}
+    metrics = {**M.summarize("acc", all_scores),
+               "acc_macro": sum(v["acc"] for v in by_subject.values()) / len(by_subject),
+               "by_subject": by_subject}
+    settings = {"num_fewshot": args.num_fewshot, "chat_template": args.chat_template,
+                "fewshot": "first k rows of the subject's dev file", "choices": [f" {x}" for x in LETTERS]}
+    return Evaluation(metrics, predictions, settings, len(questions))
+
+
+TASK = Task("mmlu", MmluArgs, load, evaluate)
