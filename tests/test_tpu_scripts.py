@@ -1,0 +1,423 @@
+"""tpu_scripts/: static checks of every script, their --dry-run output against the gcloud commands written
+out by hand from gcloud's reference (`gcloud compute tpus tpu-vm create|ssh|scp|delete`,
+`gcloud [alpha] compute tpus queued-resources create|delete`), the remote command lines executed for real
+in a fake home folder, the paper recipe's command list, and the Colab notebook."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "tpu_scripts"
+RECIPE = SCRIPTS / "recipes" / "paper_mistral7b.sh"
+NOTEBOOK = SCRIPTS / "colab_tpu.ipynb"
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHELL_FILES = sorted(SCRIPTS.rglob("*.sh"))
+
+PROJECT, TPU, BUCKET = "my-proj", "needles-test", "gs://my-bucket"
+CKPT = f"{BUCKET}/needles/paper_mistral7b/runs"
+SSH = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", TPU]
+SCP = ["gcloud", "compute", "tpus", "tpu-vm", "scp"]
+
+
+def loc(zone: str) -> list[str]:
+    return [f"--project={PROJECT}", f"--zone={zone}"]
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    """A config file of our own, so that edits to tpu_scripts/config.sh cannot change the tests."""
+    path = tmp_path / "test-config.sh"
+    text = (SCRIPTS / "config.sh").read_text()
+    path.write_text(text + f'\nPROJECT={PROJECT}\nTPU_NAME={TPU}\n: "${{BUCKET:={BUCKET}}}"\n')
+    return path
+
+
+def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path / "home"), "TMPDIR": str(tmp_path)}
+    env.update(extra)
+    return env
+
+
+def sh(script: Path | str, *args: str, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["bash", str(script), *args], capture_output=True, text=True, env=env, timeout=60)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} {args} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+def dry(tmp_path: Path, config: Path, script: str, *args: str, **env: str) -> list[list[str]]:
+    """The commands a script prints under --dry-run, each split the way a POSIX shell would."""
+    proc = sh(SCRIPTS / script, "--dry-run", "--config", str(config), *args, env=clean_env(tmp_path, **env))
+    return [shlex.split(line) for line in proc.stdout.splitlines()]
+
+
+def remote_command(cmd: list[str]) -> str:
+    (value,) = [a.removeprefix("--command=") for a in cmd if a.startswith("--command=")]
+    return value
+
+
+# ---------------------------------------------------------------- static checks
+
+
+@pytest.mark.parametrize("path", SHELL_FILES, ids=lambda p: str(p.relative_to(SCRIPTS)))
+def test_shell_scripts_are_clean(path: Path):
+    if shutil.which("shellcheck"):
+        proc = subprocess.run(["shellcheck", str(path)], capture_output=True, text=True)
+    else:  # Debian/Ubuntu: apt-get install shellcheck
+        proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = path.read_text()
+    if os.access(path, os.X_OK):
+        assert text.startswith("#!/usr/bin/env bash\n"), "executable scripts start with the bash shebang"
+        assert "\nset -euo pipefail\n" in text
+
+
+def test_expected_scripts_exist_and_document_themselves(tmp_path: Path):
+    for name in ["create", "setup", "run", "status", "ssh", "copy_out", "delete"]:
+        proc = sh(SCRIPTS / f"{name}.sh", "--help", env=clean_env(tmp_path))
+        assert "Usage: tpu_scripts/" in proc.stdout and "--dry-run" in proc.stdout, name
+    assert "Usage:" in sh(RECIPE, "--help", env=clean_env(tmp_path)).stdout
+
+
+def test_hosts_per_accelerator_type(tmp_path: Path):
+    # Google's tables: v5e/v6e slices above 8 chips have 4 chips per host; v4/v5p names count TensorCores
+    # (2 per chip, 4 chips = one host); v2/v3 have 8 cores per host.
+    expected = {"v5litepod-1": 1, "v5litepod-8": 1, "v5litepod-16": 4, "v5litepod-256": 64, "v6e-8": 1,
+                "v6e-16": 4, "v4-8": 1, "v4-32": 4, "v4-128": 16, "v5p-8": 1, "v5p-16": 2, "v3-32": 4}
+    script = f"source {shlex.quote(str(SCRIPTS / 'lib.sh'))}; for t in {' '.join(expected)}; do num_hosts $t; done"
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    assert dict(zip(expected, map(int, out))) == expected
+
+
+# ---------------------------------------------------------------- create / delete
+
+
+def test_create_v5e8_on_demand_spot_preemptible(tmp_path, config):
+    base = ["gcloud", "compute", "tpus", "tpu-vm", "create", TPU, *loc("us-west4-a"),
+            "--accelerator-type=v5litepod-8", "--version=v2-alpha-tpuv5-lite"]
+    assert dry(tmp_path, config, "create.sh") == [base]
+    assert dry(tmp_path, config, "create.sh", "--spot") == [base + ["--spot"]]
+    assert dry(tmp_path, config, "create.sh", PROVISIONING="preemptible") == [base + ["--preemptible"]]
+    # the accelerator-type spelling users know from the AOT tool is accepted
+    assert dry(tmp_path, config, "create.sh", ACCELERATOR_TYPE="v5e-8") == [base]
+
+
+def test_create_v4_32_and_queued_variants(tmp_path, config):
+    env = dict(ACCELERATOR_TYPE="v4-32", ZONE="us-central2-b")
+    assert dry(tmp_path, config, "create.sh", **env) == [
+        ["gcloud", "compute", "tpus", "tpu-vm", "create", TPU, *loc("us-central2-b"),
+         "--accelerator-type=v4-32", "--version=tpu-ubuntu2204-base"]]
+    queued = ["compute", "tpus", "queued-resources", "create", f"{TPU}-qr", *loc("us-central2-b"),
+              "--accelerator-type=v4-32", "--runtime-version=tpu-ubuntu2204-base", f"--node-id={TPU}"]
+    assert dry(tmp_path, config, "create.sh", "--queued", **env) == [["gcloud", *queued]]
+    assert dry(tmp_path, config, "create.sh", "--queued", "--spot", **env) == [["gcloud", *queued, "--spot"]]
+    # --best-effort exists only in gcloud's alpha track
+    assert dry(tmp_path, config, "create.sh", "--queued", "--best-effort", **env) == [
+        ["gcloud", "alpha", *queued, "--best-effort"]]
+    assert dry(tmp_path, config, "create.sh", QUEUED="1", PROVISIONING="reserved", RUNTIME_VERSION="v2-alpha-tpuv4",
+               **env) == [["gcloud", *[a.replace("tpu-ubuntu2204-base", "v2-alpha-tpuv4") for a in queued],
+                           "--reserved"]]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--queued", "--preemptible"], "queued resources take --spot"),
+    (["--best-effort"], "needs a queued resource"),
+])
+def test_create_refuses_impossible_combinations(tmp_path, config, args, message):
+    proc = sh(SCRIPTS / "create.sh", "--dry-run", "--config", str(config), *args, env=clean_env(tmp_path), check=False)
+    assert proc.returncode != 0 and message in proc.stderr and proc.stdout == ""
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"ACCELERATOR_TYPE": "v9x-8"}, "unknown TPU generation"),
+    ({"ACCELERATOR_TYPE": "v5litepod"}, "unknown ACCELERATOR_TYPE"),
+    ({"PROJECT": ""}, "PROJECT is not set"),
+    ({"PROVISIONING": "cheap"}, "PROVISIONING must be"),
+])
+def test_bad_configuration_is_named(tmp_path, config, env, message):
+    if env.get("PROJECT") == "":
+        config.write_text(config.read_text().replace(f"PROJECT={PROJECT}", "PROJECT="))
+    proc = sh(SCRIPTS / "create.sh", "--dry-run", "--config", str(config), env=clean_env(tmp_path, **env), check=False)
+    assert proc.returncode != 0 and message in proc.stderr
+
+
+def test_missing_config_file_is_named(tmp_path):
+    proc = sh(SCRIPTS / "create.sh", "--config", str(tmp_path / "nope.sh"), env=clean_env(tmp_path), check=False)
+    assert proc.returncode != 0 and "nope.sh" in proc.stderr
+
+
+def test_delete_plain_and_queued(tmp_path, config):
+    assert dry(tmp_path, config, "delete.sh") == [
+        ["gcloud", "compute", "tpus", "tpu-vm", "delete", TPU, *loc("us-west4-a")]]
+    assert dry(tmp_path, config, "delete.sh", "--queued") == [
+        ["gcloud", "compute", "tpus", "queued-resources", "delete", f"{TPU}-qr", *loc("us-west4-a"), "--force"]]
+
+
+# ---------------------------------------------------------------- setup
+
+
+def test_setup_ships_code_and_installs_on_every_worker(tmp_path, config):
+    cmds = dry(tmp_path, config, "setup.sh", ACCELERATOR_TYPE="v4-32", ZONE="us-central2-b",
+               WEIGHTS_SRC="gs://my-bucket/weights/Mistral-7B-Instruct-v0.1/", EVAL_DATA_SRC=str(tmp_path / "eval"))
+    tarball = str(tmp_path / f"needles-src-{TPU}.tar.gz")
+    assert cmds[0] == ["git", "-C", str(ROOT), "archive", "--format=tar.gz", "-o", tarball, "HEAD"]
+    assert cmds[1] == [*SCP, tarball, f"{TPU}:needles-src.tar.gz", *loc("us-central2-b"), "--worker=all"]
+    assert cmds[2][:-1] == [*SSH, *loc("us-central2-b"), "--worker=all"]
+    remote = shlex.split(remote_command(cmds[2]))
+    assert remote[:9] == ["mkdir", "-p", "needles", "&&", "tar", "-xzf", "needles-src.tar.gz", "-C", "needles"]
+    # gs:// sources are fetched by the workers; the local evaluation data is copied from here
+    assert remote[10:] == ["env", "PYTHON_VERSION=3.11", "WEIGHTS_SRC=gs://my-bucket/weights/Mistral-7B-Instruct-v0.1/",
+                           "EVAL_DATA_SRC=", "bash", "needles/tpu_scripts/remote/setup_worker.sh"]
+    assert cmds[3] == [*SCP, "--recurse", str(tmp_path / "eval"), f"{TPU}:eval_data/", *loc("us-central2-b"),
+                       "--worker=all"]
+    assert len(cmds) == 4
+
+
+def test_setup_never_prints_the_hub_token(tmp_path, config):
+    cmds = dry(tmp_path, config, "setup.sh", WEIGHTS_SRC="hf:mistralai/Mistral-7B-Instruct-v0.1",
+               HF_TOKEN="hf_secret123")
+    assert "hf_secret123" not in str(cmds)
+    remote = shlex.split(remote_command(cmds[2]))
+    assert "WEIGHTS_SRC=hf:mistralai/Mistral-7B-Instruct-v0.1" in remote and "HF_TOKEN=<hidden>" in remote
+
+
+# ---------------------------------------------------------------- run / status / ssh / copy-out
+
+
+def test_run_v5e8_runs_the_recipe_on_all_workers(tmp_path, config):
+    (cmd,) = dry(tmp_path, config, "run.sh")
+    assert cmd[:-1] == [*SSH, *loc("us-west4-a"), "--worker=all"]
+    remote = remote_command(cmd)
+    assert f"CKPT_ROOT={CKPT}" in remote and "RUN_NAME=paper_mistral7b" in remote
+    assert "{ bash tpu_scripts/recipes/paper_mistral7b.sh ; } 2>&1 | tee ~/needles_logs/run.log" in remote
+
+
+def test_run_v4_32_same_command_everywhere_with_per_host_logs(tmp_path, config):
+    train = ("python -m jaxtrain train --model mistral-7b-instruct-v0.1 --init-from '$BASE_MODEL' "
+             "--data '$WORK/shards/template-seed0' --out '$CKPT_ROOT/template-seed0' --resume")
+    log_dir = str(tmp_path / "logs")
+    cmds = dry(tmp_path, config, "run.sh", "--label", "train", "--", *shlex.split(train),
+               ACCELERATOR_TYPE="v4-32", ZONE="us-central2-b", WEIGHTS_SRC="gs://b/w/Mistral-7B-Instruct-v0.1",
+               LOG_DIR=log_dir)
+    assert cmds[0] == ["mkdir", "-p", log_dir]
+    assert cmds[1][:-2] == [*SSH, *loc("us-central2-b"), "--worker=all"]
+    assert cmds[1][-1] == f"--output-directory={log_dir}"
+    remote = remote_command(cmds[1])
+    assert 'BASE_MODEL="$HOME/weights/Mistral-7B-Instruct-v0.1"' in remote
+    assert "python -m jaxtrain train --model mistral-7b-instruct-v0.1 --init-from $BASE_MODEL" in remote
+    assert "--out $CKPT_ROOT/template-seed0 --resume ; } 2>&1 | tee ~/needles_logs/train.log" in remote
+
+
+def test_run_on_a_pod_needs_shared_checkpoints(tmp_path, config):
+    config.write_text(config.read_text().replace(BUCKET, ""))
+    proc = sh(SCRIPTS / "run.sh", "--dry-run", "--config", str(config),
+              env=clean_env(tmp_path, ACCELERATOR_TYPE="v4-32"), check=False)
+    assert proc.returncode != 0 and "4 hosts" in proc.stderr and "gs://" in proc.stderr
+
+
+def fake_worker_home(tmp_path: Path) -> Path:
+    home = tmp_path / "home"
+    (home / "needles").mkdir(parents=True)
+    return home
+
+
+def test_run_remote_command_really_runs_with_the_environment(tmp_path, config):
+    """Execute the --command line a worker would get, in a fake home: quoting, env, cwd and log are right."""
+    probe = "echo \"$PWD|$CKPT_ROOT|$BASE_MODEL|$EVAL_DATA|$WORK|$RUN_NAME|$EXTRA\" && echo 'it'\"'\"'s'"
+    (cmd,) = dry(tmp_path, config, "run.sh", "--", probe, WEIGHTS_SRC="/local/Mistral-7B-Instruct-v0.1",
+                 EVAL_DATA_SRC="gs://b/eval_data/", REMOTE_ENV="EXTRA=a=b")
+    home = fake_worker_home(tmp_path)
+    out = subprocess.run(["bash", "-c", remote_command(cmd)], capture_output=True, text=True, check=True,
+                         env={"PATH": os.environ["PATH"], "HOME": str(home)}).stdout
+    want = (f"{home}/needles|{CKPT}|{home}/weights/Mistral-7B-Instruct-v0.1|{home}/eval_data/eval_data|"
+            f"{home}/needles_work|paper_mistral7b|a=b\nit's\n")
+    assert out == want
+    assert (home / "needles_logs" / "run.log").read_text() == want
+
+
+def test_run_detached_remote_command_survives_in_the_background(tmp_path, config):
+    (cmd,) = dry(tmp_path, config, "run.sh", "--detach", "--label", "bg", "--", "sleep 0.2; echo \"done $RUN_NAME\"")
+    home = fake_worker_home(tmp_path)
+    proc = subprocess.run(["bash", "-c", remote_command(cmd)], capture_output=True, text=True, check=True,
+                          env={"PATH": os.environ["PATH"], "HOME": str(home)}, timeout=10)
+    assert proc.stdout.startswith("started on ")
+    log = home / "needles_logs" / "bg.log"
+    for _ in range(100):
+        if log.exists() and log.read_text():
+            break
+        time.sleep(0.05)
+    assert log.read_text() == "done paper_mistral7b\n"
+
+
+def test_status_ssh_copy_out(tmp_path, config):
+    status = dry(tmp_path, config, "status.sh", "--queued", "--lines", "3")
+    assert status[0] == ["gcloud", "compute", "tpus", "queued-resources", "describe", f"{TPU}-qr",
+                         *loc("us-west4-a"), "--format=yaml(state)"]
+    assert status[1][:7] == ["gcloud", "compute", "tpus", "tpu-vm", "describe", TPU, *loc("us-west4-a")[:1]]
+    assert status[2][:-1] == [*SSH, *loc("us-west4-a"), "--worker=all"] and "tail -n 3" in status[2][-1]
+
+    assert dry(tmp_path, config, "ssh.sh", "--worker", "2") == [[*SSH, *loc("us-west4-a"), "--worker=2"]]
+    assert dry(tmp_path, config, "ssh.sh", "--worker=all", "--", "ls", "-la") == [
+        [*SSH, *loc("us-west4-a"), "--worker=all", "--command=ls -la"]]
+
+    out = dry(tmp_path, config, "copy_out.sh", "--models", "--local", str(tmp_path / "res"))
+    dest = f"{BUCKET}/needles/paper_mistral7b"
+    assert out[0] == [*SSH, *loc("us-west4-a"), "--worker=0",
+                      f"--command=gcloud storage rsync --recursive ~/needles_work/results {dest}/results && "
+                      f"gcloud storage rsync --recursive ~/needles_work/hf {dest}/hf"]
+    assert out[1] == [*SSH, *loc("us-west4-a"), "--worker=all",
+                      f"--command=gcloud storage rsync --recursive ~/needles_logs {dest}/logs/$(hostname)"]
+    assert out[2] == ["mkdir", "-p", str(tmp_path / "res")]
+    assert out[3] == [*SCP, "--recurse", f"{TPU}:needles_work/results", str(tmp_path / "res"),
+                      *loc("us-west4-a"), "--worker=0"]
+
+
+# ---------------------------------------------------------------- the paper recipe
+
+
+def recipe_commands(tmp_path: Path, **env: str) -> list[list[str]]:
+    proc = sh(RECIPE, "--dry-run", env=clean_env(tmp_path, **env))
+    return [shlex.split(line) for line in proc.stdout.splitlines()]
+
+
+def test_recipe_is_the_paper_experiment(tmp_path):
+    work, base, data = "/w", "/m/Mistral-7B-Instruct-v0.1", "/d"
+    cmds = recipe_commands(tmp_path, WORK=work, BASE_MODEL=base, EVAL_DATA=data, CKPT_ROOT=CKPT + "/")
+    runs = [f"{v}-seed{s}" for s in (0, 1, 2) for v in ("template", "notemplate")]
+    py = ["python3", "-m"]
+    gens = [c for c in cmds if c[:4] == [*py, "data_gen", "generate"]]
+    assert gens == [[*py, "data_gen", "generate", "--preset", "paper-simple", "--seed", str(s),
+                     *(["--template"] if v == "template" else []), "--overwrite", "--out", f"{work}/data/{v}-seed{s}"]
+                    for s in (0, 1, 2) for v in ("template", "notemplate")]
+    trains = [c for c in cmds if c[:4] == [*py, "jaxtrain", "train"]]
+    assert trains == [[*py, "jaxtrain", "train", "--model", "mistral-7b-instruct-v0.1", "--init-from", base,
+                       "--data", f"{work}/shards/{r}", "--out", f"{CKPT}/{r}", "--epochs", "2", "--lr", "5e-6",
+                       "--global-batch", "16", "--resume"] for r in runs]
+    exports = [c for c in cmds if c[:4] == [*py, "jaxtrain", "export"]]
+    assert exports == [[*py, "jaxtrain", "export", "--checkpoint", f"{CKPT}/{r}", "--out", f"{work}/hf/{r}"]
+                       for r in runs]
+    evals = [c for c in cmds if c[:3] == [*py, "eval"] and c[3] != "compare"]
+    general = ["mdqa", "mmlu", "hellaswag", "gsm8k", "triviaqa", "nq_open"]
+    # before: 6 tasks + the synthetic eval of each of the 6 data sets; after: 6 tasks + its own data set
+    assert len(evals) == (6 + 6) + 6 * (6 + 1)
+    assert [*py, "eval", "mdqa", "--model", base, "--data-dir", "/d/mdqa", "--label", "base", "--out",
+            f"{work}/results/base/mdqa", "--dtype", "bfloat16"] in evals
+    assert [*py, "eval", "nq_open", "--model", f"{work}/hf/notemplate-seed2", "--data-dir", "/d/nq_open", "--label",
+            "notemplate-seed2", "--out", f"{work}/results/notemplate-seed2/nq_open", "--dtype", "bfloat16"] in evals
+    assert [*py, "eval", "synthetic", "--model", f"{work}/hf/template-seed1", "--data-file",
+            f"{work}/data/template-seed1/eval.jsonl", "--label", "template-seed1", "--out",
+            f"{work}/results/template-seed1/synthetic-template-seed1", "--dtype", "bfloat16"] in evals
+    # every finetuned model is evaluated only after its export, which follows its training
+    for r in runs:
+        i_train = cmds.index(trains[runs.index(r)])
+        i_export = cmds.index(exports[runs.index(r)])
+        i_evals = [i for i, c in enumerate(cmds) if f"{work}/hf/{r}" in c and c[:3] == [*py, "eval"]]
+        assert i_train < i_export < min(i_evals) and len(i_evals) == 7
+        # a half-written export or shard folder from an interrupted attempt is cleared first
+        assert cmds[i_export - 1] == ["rm", "-rf", f"{work}/hf/{r}"]
+        assert cmds[cmds.index([*py, "data_gen", "shards", "--input", f"{work}/data/{r}/train.jsonl", "--out",
+                                f"{work}/shards/{r}"]) - 1] == ["rm", "-rf", f"{work}/shards/{r}"]
+    compares = {c[c.index("--out") + 1]: c[4:c.index("--out")] for c in cmds if c[:4] == [*py, "eval", "compare"]}
+    assert compares[f"{work}/results/compare/mdqa"] == [
+        f"{work}/results/{m}/mdqa/results.json" for m in ["base", *runs]]
+    assert compares[f"{work}/results/compare/synthetic-notemplate-seed1"] == [
+        f"{work}/results/{m}/synthetic-notemplate-seed1/results.json" for m in ["base", "notemplate-seed1"]]
+    assert len(compares) == len(general) + len(runs)
+
+
+def test_recipe_tiny_mode_is_the_same_steps_on_cpu_scale(tmp_path):
+    work = str(tmp_path / "w")
+    cmds = recipe_commands(tmp_path, TINY="1", WORK=work, EVAL_DATA="/d", PYTHON="/venv/python")
+    assert cmds[0] == ["/venv/python", "-m", "data_gen", "generate", "--preset", "demo-simple", "--seed", "0",
+                       "--template", "--overwrite", "--out", f"{work}/data/template-seed0"]
+    assert ["/venv/python", str(SCRIPTS / "recipes" / "make_tiny_base.py"), "--preset", "tiny",
+            "--out", f"{work}/base-tiny"] in cmds
+    assert ["/venv/python", "-m", "jaxtrain", "train", "--model", "tiny", "--init-from", f"{work}/base-tiny",
+            "--data", f"{work}/shards/template-seed0", "--out", f"{work}/runs/template-seed0", "--epochs", "2",
+            "--lr", "1e-3", "--global-batch", "16", "--resume"] in cmds
+    evals = [c for c in cmds if c[1:3] == ["-m", "eval"] and c[3] != "compare"]
+    assert len(evals) == 2 * 7 and all(c[c.index("--limit") + 1] == "2" for c in evals)
+
+
+@pytest.mark.parametrize("env, message", [
+    ({}, "set BASE_MODEL"),
+    ({"BASE_MODEL": "/nonexistent"}, "no config.json"),
+    ({"TINY": "1", "EVAL_DATA": ""}, "MDQA needs EVAL_DATA"),
+    ({"TINY": "1", "EVAL_DATA": "/nonexistent"}, "EVAL_DATA=/nonexistent is not a folder"),
+    ({"TINY": "1", "VARIANTS": "templat"}, "VARIANTS takes template and notemplate"),
+])
+def test_recipe_refuses_bad_settings(tmp_path, env, message):
+    env = {"EVAL_DATA": str(tmp_path), **env}
+    proc = sh(RECIPE, env=clean_env(tmp_path, WORK=str(tmp_path / "w"), **env), check=False)
+    assert proc.returncode != 0 and message in proc.stderr
+
+
+def test_recipe_rerun_skips_finished_steps(tmp_path):
+    """A recipe that died in training (e.g. a preempted spot TPU) continues there when re-run: nothing that
+    finished is redone and training starts again with --resume. The stand-in interpreter only records its
+    arguments (and fails once), to follow the recipe's control flow."""
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "python"
+    fake.write_text('#!/usr/bin/env bash\necho "$*" >> "$CALLS"\n'
+                    '[[ -n ${FAIL_ON:-} && "$*" == *"$FAIL_ON"* ]] && exit 3\nexit 0\n')
+    fake.chmod(0o755)
+    env = clean_env(tmp_path, TINY="1", WORK=str(tmp_path / "w"), EVAL_DATA=str(tmp_path), PYTHON=str(fake),
+                    CALLS=str(calls), TASKS="mdqa synthetic")
+    first = sh(RECIPE, env={**env, "FAIL_ON": "jaxtrain train"}, check=False)
+    assert first.returncode == 3
+    first_calls = calls.read_text().splitlines()
+    assert first_calls[-1].startswith("-m jaxtrain train") and first_calls[-1].endswith(" --resume")
+    calls.unlink()
+    sh(RECIPE, env=env)
+    second = calls.read_text().splitlines()
+    assert second[0] == first_calls[-1]
+    assert not set(first_calls[:-1]) & set(second)
+    assert [c.split()[1:4] for c in second[1:]] == [
+        ["jaxtrain", "export", "--checkpoint"], ["eval", "mdqa", "--model"], ["eval", "synthetic", "--model"],
+        ["eval", "compare", f"{tmp_path}/w/results/base/mdqa/results.json"],
+        ["eval", "compare", f"{tmp_path}/w/results/base/synthetic-template-seed0/results.json"]]
+
+
+# ---------------------------------------------------------------- the Colab notebook
+
+
+def test_notebook_is_valid_and_runs_the_recipe():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(nb)
+    source = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit the notebook without outputs"
+    assert '"paper_mistral7b.sh"' in source and 'TINY = os.environ.get("TINY", "0") == "1"' in source
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            compile(cell.source, "<cell>", "exec")
+
+
+@pytest.mark.slow
+def test_notebook_executes_top_to_bottom_tiny(tmp_path, monkeypatch):
+    """The whole notebook with TINY=1 on CPU: the recipe end to end with the tiny model, plot shown inline."""
+    import nbclient
+
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"shared evaluation data not found at {SHARED_DATA}")
+    work = tmp_path / "work"
+    monkeypatch.setenv("TINY", "1")
+    monkeypatch.setenv("EVAL_DATA", str(SHARED_DATA))
+    monkeypatch.setenv("WORK", str(work))
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbclient.NotebookClient(nb, timeout=1800, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    assert any("image/png" in o.get("data", {}) for o in nb.cells[-1].outputs)
+    for model in ["base", "template-seed0"]:
+        assert (work / "results" / model / "mdqa" / "results.json").is_file()
+    assert (work / "results" / "compare" / "mdqa" / "mdqa_compare.png").is_file()
+    assert "gold at 20" in (work / "results" / "compare" / "mdqa" / "table.txt").read_text()
