@@ -98,7 +98,9 @@ def run_task(task: Task, args: CommonArgs) -> dict:
 
     from eval.decode import Generator
     from eval.model_io import load_model
+    from jaxtrain.sharding import maybe_initialize_distributed
 
+    maybe_initialize_distributed()  # every host of a pod runs the same command; JAX must know them all
     t0 = time.perf_counter()
     mesh = None
     if args.shard:
@@ -131,8 +133,11 @@ def run_task(task: Task, args: CommonArgs) -> dict:
         "environment": results_io.environment(),
         "predictions": results_io.PREDICTIONS_FILE,
     }
-    results_io.write_predictions(out, evaluation.predictions)
-    results_io.write_results(out, results)
-    if task.after_write is not None:
-        task.after_write(results, out)
+    import jax
+
+    if jax.process_index() == 0:
+        results_io.write_predictions(out, evaluation.predictions)
+        results_io.write_results(out, results)
+        if task.after_write is not None:
+            task.after_write(results, out)
     return results

@@ -36,7 +36,38 @@ def plot_mdqa(runs: list[dict], path: Path, *, title: str | None = None) -> Path
     ax.set_xticks(sorted(all_positions))
     ax.set_xlabel("Position of the document with the answer")
     ax.set_ylabel("Accuracy (%)")
+    ax.set_ylim(0, 100)
     ax.set_title(title or f"Multi-document QA ({num_docs} documents)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_flenqa(runs: list[dict], path: Path, *, title: str | None = None) -> Path:
+    """Plot FLenQA accuracy (%) vs context size (tokens of facts + padding) for each results dict in
+    `runs` and save a PNG; chain-of-thought runs are dashed, as in the authors' notebook."""
+    if not runs:
+        raise ValueError("no FLenQA results to plot")
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    sizes: set[int] = set()
+    for i, run in enumerate(runs):
+        if run.get("task") != "flenqa":
+            raise ValueError(f"plot_flenqa: {run.get('label')!r} is a {run.get('task')!r} result, not flenqa")
+        by_ctx = run["metrics"]["by_ctx_size"]
+        xs = sorted(int(k) for k in by_ctx)
+        sizes.update(xs)
+        cot = run["settings"].get("cot", False)
+        ax.plot(xs, [100 * by_ctx[str(x)]["accuracy"] for x in xs], marker="o", color=f"C{i % 10}",
+                linestyle="--" if cot else "-", label=run["label"] + (" (CoT)" if cot else ""))
+    ax.set_xticks(sorted(sizes))
+    ax.set_xlabel("Input length (tokens)")
+    ax.set_ylabel("Accuracy (%)")
+    ax.set_title(title or "FLenQA")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()

@@ -15,7 +15,6 @@ import json
 import math
 import signal
 import time
-from pathlib import Path
 from typing import Annotated, Literal
 
 import tyro
@@ -25,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
@@ -276,15 +276,20 @@ class _Preemption:
 
 
 class _MetricsLog:
-    """metrics.jsonl plus TensorBoard event files, written by process 0."""
+    """metrics.jsonl plus TensorBoard event files, written by process 0.
 
-    def __init__(self, run_dir: Path, resume: bool):
+    On a `gs://` run folder (pods) the JSONL goes to the bucket and the event files stay on the host,
+    under ./tensorboard/<run name>, since tensorboardX writes local files only.
+    """
+
+    def __init__(self, run_dir: epath.Path, resume: bool):
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
         from tensorboardX import SummaryWriter
-        self.jsonl = open(run_dir / "metrics.jsonl", "a" if resume else "w")
-        self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        self.jsonl = (run_dir / "metrics.jsonl").open("a" if resume else "w")
+        local = "://" not in str(run_dir)
+        self.tb = SummaryWriter(str(run_dir / "tensorboard") if local else f"tensorboard/{run_dir.name}")
 
     def write(self, step: int, metrics: dict):
         if not self.enabled:
@@ -304,8 +309,9 @@ class _MetricsLog:
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) a finetune; returns the last step's metrics."""
     maybe_initialize_distributed()
-    run_dir = Path(cfg.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = epath.Path(cfg.out)
+    if jax.process_index() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
     config = _model_config(cfg)
     mesh = make_mesh(cfg.mesh)
     rules = rules_for(cfg.mesh.rules)
