@@ -6,6 +6,8 @@ the prompt is prefilled in one pass, then single-token steps run inside `lax.whi
 chunks the host checks stop strings, so rows stop on `</s>` (on device) or on any stop string (on the
 host) without decoding text on every step. The cache is a ring buffer of the sliding window
 (`jaxtrain.model.init_cache`), so prompts longer than the window decode exactly like `transformers`.
+The weights may be int8 (`jaxtrain.quant`) and LoRA adapters may ride along unmerged (`adapters`), so a
+7B base and its finetune both decode on one 16 GiB chip.
 """
 
 from __future__ import annotations
@@ -65,19 +67,19 @@ def _sample(logits, rng, temperature, top_p, greedy: bool):
     return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
-def _step_logits(config, params, ids, positions, segments, cache):
+def _step_logits(config, params, adapters, ids, positions, segments, cache):
     """Append tokens to the cache; return logits of each row's last token and the new cache."""
-    net = model.Mistral(config)
-    hidden, cache = net.apply({"params": params}, ids, positions, segments, cache,
-                              method=model.Mistral.hidden_states)
-    return net.apply({"params": params}, hidden[:, -1], method=model.Mistral.logits), cache
+    hidden, cache = model.apply(config, params, ids, positions, segments, cache, adapters=adapters,
+                                method=model.Mistral.hidden_states)
+    return model.logits_from_hidden(config, params, hidden[:, -1]), cache
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "greedy"))
-def _prefill(params, ids, positions, segments, rng, temperature, top_p, *, config, max_new_tokens, greedy):
+def _prefill(params, adapters, ids, positions, segments, rng, temperature, top_p, *, config, max_new_tokens,
+             greedy):
     batch, length = ids.shape
     cache = model.init_cache(config, batch, length + max_new_tokens)
-    logits, cache = _step_logits(config, params, ids, positions, segments, cache)
+    logits, cache = _step_logits(config, params, adapters, ids, positions, segments, cache)
     rng, sub = jax.random.split(rng)
     first = _sample(logits, sub, temperature, top_p, greedy)
     tokens = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(first)
@@ -88,7 +90,7 @@ def _prefill(params, ids, positions, segments, rng, temperature, top_p, *, confi
 
 
 @functools.partial(jax.jit, static_argnames=("config", "greedy"), donate_argnames=("state",))
-def _decode_chunk(params, state, temperature, top_p, *, config, greedy):
+def _decode_chunk(params, adapters, state, temperature, top_p, *, config, greedy):
     """Up to CHUNK_STEPS single-token steps; stops early once every row is done."""
     max_new = state["tokens"].shape[1]
     stop_at = jnp.minimum(state["step"] + CHUNK_STEPS, max_new)
@@ -99,7 +101,7 @@ def _decode_chunk(params, state, temperature, top_p, *, config, greedy):
     def body(s):
         last = jnp.take_along_axis(s["tokens"], (s["count"] - 1)[:, None], axis=1)
         live = (~s["done"]).astype(jnp.int32)[:, None]
-        logits, cache = _step_logits(config, params, last, s["next_position"][:, None], live, s["cache"])
+        logits, cache = _step_logits(config, params, adapters, last, s["next_position"][:, None], live, s["cache"])
         rng, sub = jax.random.split(s["rng"])
         token = _sample(logits, sub, temperature, top_p, greedy)
         tokens = jnp.where(s["done"][:, None], s["tokens"],
@@ -113,11 +115,11 @@ def _decode_chunk(params, state, temperature, top_p, *, config, greedy):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "span"))
-def _continuation_scores(params, ids, positions, segments, targets, *, config, span):
+def _continuation_scores(params, adapters, ids, positions, segments, targets, *, config, span):
     """Log-probabilities and greedy flags of the last `span` tokens of left-padded rows."""
-    net = model.Mistral(config)
-    hidden, _ = net.apply({"params": params}, ids, positions, segments, method=model.Mistral.hidden_states)
-    logits = net.apply({"params": params}, hidden[:, -span - 1:-1], method=model.Mistral.logits)
+    hidden, _ = model.apply(config, params, ids, positions, segments, adapters=adapters,
+                            method=model.Mistral.hidden_states)
+    logits = model.logits_from_hidden(config, params, hidden[:, -span - 1:-1])
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     chosen = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
     return chosen, jnp.argmax(logits, axis=-1) == targets
@@ -132,8 +134,11 @@ class Generator:
     """Greedy / sampled generation and continuation scoring for one model, batch by batch."""
 
     def __init__(self, config: MistralConfig, params, *, batch_size: int = 8, mesh=None,
-                 max_length: int | None = None):
+                 max_length: int | None = None, adapters=None):
+        """`params` may hold int8 weights (`jaxtrain.quant`); `adapters` (`jaxtrain.lora.Adapters`) are
+        applied unmerged."""
         self.config, self.params, self.batch_size, self.mesh = config, params, batch_size, mesh
+        self.adapters = adapters
         self.max_length = max_length or config.max_position_embeddings
 
     def _batches(self, lengths: Sequence[int], desc: str, progress: bool):
@@ -168,7 +173,7 @@ class Generator:
             ids, positions, segments = left_pad(rows, length, self.batch_size)
             rng, sub = jax.random.split(rng)
             kwargs = dict(config=self.config, greedy=greedy)
-            state = _prefill(self.params, ids, positions, segments, sub, temperature, top_p,
+            state = _prefill(self.params, self.adapters, ids, positions, segments, sub, temperature, top_p,
                              max_new_tokens=max_new_tokens, **kwargs)
             stopped = [False] * len(rows)
             while True:
@@ -182,7 +187,7 @@ class Generator:
                         state["done"] = jnp.asarray(done | np.pad(stopped, (0, len(done) - len(rows))))
                 if bool(np.asarray(state["done"]).all()) or int(state["step"]) >= max_new_tokens:
                     break
-                state = _decode_chunk(self.params, state, temperature, top_p, **kwargs)
+                state = _decode_chunk(self.params, self.adapters, state, temperature, top_p, **kwargs)
             tokens, counts = np.asarray(state["tokens"]), np.asarray(state["count"])
             for r, i in enumerate(chunk):
                 ids_out = tokens[r, :counts[r]].tolist()
@@ -212,7 +217,7 @@ class Generator:
             span = min(bucket_length(max(spans[i] for i in chunk), minimum=1), length - 1)
             ids, positions, segments = left_pad(batch_rows, length, self.batch_size)
             targets = ids[:, -span:]
-            logprobs, greedy = _continuation_scores(self.params, ids, positions, segments, targets,
+            logprobs, greedy = _continuation_scores(self.params, self.adapters, ids, positions, segments, targets,
                                                     config=self.config, span=span)
             logprobs, greedy = np.asarray(logprobs), np.asarray(greedy)
             for r, i in enumerate(chunk):

@@ -21,12 +21,28 @@ class ExportConfig:
     """export this step instead of the newest"""
     dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
     max_shard_size: str = "5GB"
+    merged: bool = False
+    """LoRA runs: write the base model with the adapters folded in (the default for LoRA runs)"""
+    peft: bool = False
+    """LoRA runs: write a PEFT adapter folder (adapter_config.json + adapter_model.safetensors) instead"""
 
 
 def export(cfg: ExportConfig) -> None:
-    from jaxtrain.checkpoint import load_params_from_run
+    from jaxtrain import lora
+    from jaxtrain.checkpoint import Checkpointer, load_params_from_run
     from jaxtrain.hf_io import save_pretrained
 
+    with Checkpointer(cfg.checkpoint, read_only=True) as ckpt:
+        metadata = ckpt.read_json(cfg.step)[2]
+    if cfg.merged and cfg.peft:
+        raise ValueError("--merged and --peft exclude each other")
+    if lora.run_settings(metadata) is not None:
+        what = lora.export_run(cfg.checkpoint, cfg.out, step=cfg.step, peft=cfg.peft, dtype=cfg.dtype,
+                               max_shard_size=cfg.max_shard_size)
+        print(f"wrote {cfg.out}: {what}")
+        return
+    if cfg.merged or cfg.peft:
+        raise ValueError(f"{cfg.checkpoint}: --merged/--peft apply to LoRA runs; this run trained all weights")
     config, params = load_params_from_run(cfg.checkpoint, cfg.step)
     save_pretrained(cfg.out, config, params, dtype=cfg.dtype, max_shard_size=cfg.max_shard_size)
     print(f"wrote {cfg.out} ({cfg.dtype}); load it with transformers.AutoModelForCausalLM.from_pretrained")

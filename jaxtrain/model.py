@@ -10,6 +10,8 @@ layers run under `nn.scan` (compile time independent of depth) with a named rema
 are stored in `param_dtype` (fp32 master weights) while matmuls run in `dtype` (bf16).
 
 The same module serves training (no cache) and decoding (a per-layer KV ring buffer, see `init_cache`).
+Every projection goes through `_project`, the one place where int8 base weights (`jaxtrain.quant`) and
+low-rank adapters (`jaxtrain.lora`, a separate "lora" collection) enter.
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxtrain import lora as lora_lib
+from jaxtrain import quant
 from jaxtrain.attention import attention
 from jaxtrain.config import MistralConfig
+from jaxtrain.lora import Adapters, LoraConfig
 
 Params = Any
 init_normal = nn.initializers.normal(stddev=0.02)
@@ -55,6 +60,16 @@ def _compute(x, cfg: MistralConfig):
     return x.astype(jnp.dtype(cfg.dtype))
 
 
+def _project(module: nn.Module, name: str, spec: str, x, shape: tuple[int, ...], axes: tuple[str, ...]):
+    """x times the weight `name` (einsum `spec`, weight input dims first): an int8 weight is dequantised
+    inside the matmul, and the LoRA branch is added when the module's `lora` config adapts `name`."""
+    w = _param(module, name, shape, axes)
+    y = quant.einsum(spec, x, w, jnp.dtype(module.config.dtype))
+    if module.lora is not None and module.lora.adapts(name):
+        y = y + lora_lib.branch(module, name, spec, x, shape, axes)
+    return y
+
+
 class RMSNorm(nn.Module):
     config: MistralConfig
 
@@ -79,19 +94,15 @@ def rotary(x, positions, theta: float):
 
 class Attention(nn.Module):
     config: MistralConfig
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, cache=None, cache_positions=None):
         cfg = self.config
         d, h, kvh, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        wq = _param(self, "wq", (d, h, hd), ("embed", "heads", "head_dim"))
-        wk = _param(self, "wk", (d, kvh, hd), ("embed", "kv_heads", "head_dim"))
-        wv = _param(self, "wv", (d, kvh, hd), ("embed", "kv_heads", "head_dim"))
-        wo = _param(self, "wo", (h, hd, d), ("heads", "head_dim", "embed"))
-
-        q = jnp.einsum("btd,dhk->bthk", x, _compute(wq, cfg))
-        k = jnp.einsum("btd,dhk->bthk", x, _compute(wk, cfg))
-        v = jnp.einsum("btd,dhk->bthk", x, _compute(wv, cfg))
+        q = _project(self, "wq", "btd,dhk->bthk", x, (d, h, hd), ("embed", "heads", "head_dim"))
+        k = _project(self, "wk", "btd,dhk->bthk", x, (d, kvh, hd), ("embed", "kv_heads", "head_dim"))
+        v = _project(self, "wv", "btd,dhk->bthk", x, (d, kvh, hd), ("embed", "kv_heads", "head_dim"))
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
         v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
@@ -114,43 +125,45 @@ class Attention(nn.Module):
                         kv_positions=kv_positions, q_segment_ids=segment_ids, kv_segment_ids=kv_segments,
                         sliding_window=cfg.sliding_window, impl=cfg.attention_impl)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
-        out = jnp.einsum("bthk,hkd->btd", out, _compute(wo, cfg))
+        out = _project(self, "wo", "bthk,hkd->btd", out, (h, hd, d), ("heads", "head_dim", "embed"))
         return checkpoint_name(out, ATTN_OUT), new_cache
 
 
 class MLP(nn.Module):
     config: MistralConfig
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(self, x):
         cfg = self.config
         d, f = cfg.hidden_size, cfg.intermediate_size
-        gate = _param(self, "gate", (d, f), ("embed", "mlp"))
-        up = _param(self, "up", (d, f), ("embed", "mlp"))
-        down = _param(self, "down", (f, d), ("mlp", "embed"))
-        hidden = nn.silu(x @ _compute(gate, cfg)) * (x @ _compute(up, cfg))
+        gate = _project(self, "gate", "btd,df->btf", x, (d, f), ("embed", "mlp"))
+        up = _project(self, "up", "btd,df->btf", x, (d, f), ("embed", "mlp"))
+        hidden = nn.silu(gate) * up
         hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
         hidden = checkpoint_name(hidden, MLP_HIDDEN)
-        return hidden @ _compute(down, cfg)
+        return _project(self, "down", "btf,fd->btd", hidden, (f, d), ("mlp", "embed"))
 
 
 class DecoderLayer(nn.Module):
     """One pre-norm block; shaped `(carry, scanned) -> (carry, scanned)` for `nn.scan`."""
 
     config: MistralConfig
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(self, x, cache, positions, segment_ids, cache_positions):
-        attn_out, new_cache = Attention(self.config, name="attn")(
+        attn_out, new_cache = Attention(self.config, self.lora, name="attn")(
             RMSNorm(self.config, name="attn_norm")(x), positions, segment_ids, cache, cache_positions)
         x = x + attn_out
-        x = x + MLP(self.config, name="mlp")(RMSNorm(self.config, name="mlp_norm")(x))
+        x = x + MLP(self.config, self.lora, name="mlp")(RMSNorm(self.config, name="mlp_norm")(x))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         return x, new_cache
 
 
 class Mistral(nn.Module):
     config: MistralConfig
+    lora: LoraConfig | None = None   # adapters in the "lora" collection (jaxtrain.lora)
 
     def setup(self):
         cfg = self.config
@@ -158,9 +171,9 @@ class Mistral(nn.Module):
         if cfg.remat != "none":
             layer = nn.remat(layer, policy=remat_policy(cfg.remat), prevent_cse=False)
         self.layers = nn.scan(
-            layer, variable_axes={"params": 0}, split_rngs={"params": True},
+            layer, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True, "dropout": True},
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
+            metadata_params={nn.PARTITION_NAME: "layers"})(cfg, self.lora, name="layers")
         self.embed = self.param("embed", nn.with_logical_partitioning(init_normal, ("vocab", "embed")),
                                 (cfg.vocab_size, cfg.hidden_size), jnp.dtype(cfg.param_dtype))
         self.final_norm = RMSNorm(cfg)
@@ -266,17 +279,28 @@ def param_shapes(config: MistralConfig) -> Params:
     return nn.meta.unbox(jax.eval_shape(functools.partial(_init_boxed, config), jax.random.key(0)))
 
 
-def forward(config: MistralConfig, params: Params, input_ids, *, positions=None, segment_ids=None):
+def apply(config: MistralConfig, params: Params, *args, adapters: Adapters | None = None, dropout_rng=None,
+          method=None):
+    """`Mistral.apply` with optional LoRA adapters; `dropout_rng` turns on their dropout (training)."""
+    variables = {"params": params} if adapters is None else {"params": params, "lora": adapters.params}
+    net = Mistral(config, lora=None if adapters is None else adapters.config)
+    rngs = None if dropout_rng is None else {"dropout": dropout_rng}
+    return net.apply(variables, *args, rngs=rngs, method=method)
+
+
+def forward(config: MistralConfig, params: Params, input_ids, *, positions=None, segment_ids=None,
+            adapters: Adapters | None = None):
     """Logits [B, T, vocab] in float32. Padding: give it segment id 0 (its logits are meaningless)."""
     positions, segment_ids = _default_inputs(input_ids, positions, segment_ids)
-    logits, _ = Mistral(config).apply({"params": params}, input_ids, positions, segment_ids)
+    logits, _ = apply(config, params, input_ids, positions, segment_ids, adapters=adapters)
     return logits
 
 
-def hidden_states(config: MistralConfig, params: Params, input_ids, *, positions=None, segment_ids=None):
+def hidden_states(config: MistralConfig, params: Params, input_ids, *, positions=None, segment_ids=None,
+                  adapters: Adapters | None = None, dropout_rng=None):
     positions, segment_ids = _default_inputs(input_ids, positions, segment_ids)
-    hidden, _ = Mistral(config).apply({"params": params}, input_ids, positions, segment_ids,
-                                      method=Mistral.hidden_states)
+    hidden, _ = apply(config, params, input_ids, positions, segment_ids, adapters=adapters,
+                      dropout_rng=dropout_rng, method=Mistral.hidden_states)
     return hidden
 
 
@@ -284,6 +308,7 @@ def logits_from_hidden(config: MistralConfig, params: Params, hidden):
     return Mistral(config).apply({"params": params}, hidden, method=Mistral.logits)
 
 
-def forward_with_cache(config: MistralConfig, params: Params, input_ids, positions, segment_ids, cache):
+def forward_with_cache(config: MistralConfig, params: Params, input_ids, positions, segment_ids, cache, *,
+                       adapters: Adapters | None = None):
     """Append tokens to the KV cache and return (logits, new cache). Used for prefill and decode steps."""
-    return Mistral(config).apply({"params": params}, input_ids, positions, segment_ids, cache)
+    return apply(config, params, input_ids, positions, segment_ids, cache, adapters=adapters)

@@ -6,6 +6,10 @@ async, exact resume) → `python -m jaxtrain export` (Hugging Face folder).
 
 The loss needs logits only where the loss mask is set (the answer, ~25 tokens of a 4K prompt), so the
 step gathers those hidden states and projects only them onto the 32000-token vocabulary.
+
+LoRA mode (`--lora-rank`): the base weights are a separate, non-donated argument of the step (bf16 or
+int8, never differentiated, never checkpointed); the state's "params" are the adapters (`jaxtrain.lora`),
+so gradients and optimizer state exist for them only.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import json
 import math
 import signal
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import tyro
 
@@ -28,6 +32,7 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
+from jaxtrain import lora as lora_lib
 from jaxtrain import model
 from jaxtrain.batches import BatchConfig, BucketedBatches
 from jaxtrain.checkpoint import CheckpointConfig, Checkpointer, abstract_state
@@ -91,6 +96,22 @@ class TrainConfig:
     """master-weight dtype override (default float32)"""
     log_every: int = 1
     progress: bool = True
+    lora_rank: int = 0
+    """LoRA: train rank-r adapters on frozen base weights instead of all weights (0: full finetune)"""
+    lora_alpha: float | None = None
+    """LoRA: the update is alpha / rank * A·B (default: 2 x rank)"""
+    lora_dropout: float = 0.0
+    """LoRA: dropout on the adapters' input during training"""
+    lora_targets: tuple[Literal["q", "k", "v", "o", "gate", "up", "down"], ...] = tuple(lora_lib.TARGETS)
+    """LoRA: projections that get adapters"""
+    base_dtype: Literal["bf16", "int8", "float32"] = "bf16"
+    """LoRA: dtype of the frozen base weights (int8: weight-only, one scale per output channel)"""
+
+    def lora(self) -> lora_lib.LoraConfig | None:
+        if self.lora_rank <= 0:
+            return None
+        alpha = 2.0 * self.lora_rank if self.lora_alpha is None else self.lora_alpha
+        return lora_lib.LoraConfig(self.lora_rank, alpha, self.lora_dropout, tuple(self.lora_targets))
 
 
 # --- the step -----------------------------------------------------------------------------------------
@@ -109,7 +130,8 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTran
     return optax.chain(*chain, adam), schedule
 
 
-def loss_sums(config: MistralConfig, params, batch, max_loss_tokens: int | None):
+def loss_sums(config: MistralConfig, params, batch, max_loss_tokens: int | None, *,
+              adapters: lora_lib.Adapters | None = None, dropout_rng=None):
     """(sum of token losses, number of loss tokens, correctly predicted tokens) of one batch.
 
     Position t-1 predicts token t, which counts when `loss_mask[t]` is set. With `max_loss_tokens`, only
@@ -119,7 +141,8 @@ def loss_sums(config: MistralConfig, params, batch, max_loss_tokens: int | None)
     ids, segments = batch["input_ids"], batch["segment_ids"]
     targets = ids[:, 1:]
     predict = batch["loss_mask"][:, 1:].astype(bool) & (segments[:, 1:] != 0)
-    hidden = model.hidden_states(config, params, ids, positions=batch["positions"], segment_ids=segments)[:, :-1]
+    hidden = model.hidden_states(config, params, ids, positions=batch["positions"], segment_ids=segments,
+                                 adapters=adapters, dropout_rng=dropout_rng)[:, :-1]
     if max_loss_tokens is not None:
         order = jnp.argsort(~predict, axis=1, stable=True)[:, :max_loss_tokens]
         hidden = jnp.take_along_axis(hidden, order[..., None], axis=1)
@@ -133,13 +156,24 @@ def loss_sums(config: MistralConfig, params, batch, max_loss_tokens: int | None)
     return (token_loss * weight).sum(), weight.sum(), correct.sum()
 
 
-def _wrap_loss_sums(config, params, batch, max_loss_tokens):
-    loss, count, correct = loss_sums(config, params, batch, max_loss_tokens)
+def _wrap_loss_sums(config, params, batch, max_loss_tokens, **lora_kwargs):
+    loss, count, correct = loss_sums(config, params, batch, max_loss_tokens, **lora_kwargs)
     return loss, (count, correct)
 
 
-def train_step(state, batch, *, config: MistralConfig, optimizer, schedule, max_loss_tokens, grad_accum):
-    grad_fn = jax.value_and_grad(lambda p, b: _wrap_loss_sums(config, p, b, max_loss_tokens), has_aux=True)
+def train_step(state, batch, frozen=None, *, config: MistralConfig, optimizer, schedule, max_loss_tokens,
+               grad_accum, lora: lora_lib.LoraConfig | None = None, seed: int = 0):
+    """One optimizer step on state["params"]: all weights, or (LoRA) the adapters on the `frozen` base."""
+    if lora is None:
+        def loss_fn(p, b):
+            return _wrap_loss_sums(config, p, b, max_loss_tokens)
+    else:  # dropout masks depend on (seed, step) only, so a resumed run draws the same ones
+        rng = jax.random.fold_in(jax.random.key(seed), state["step"]) if lora.dropout > 0 else None
+
+        def loss_fn(p, b):
+            return _wrap_loss_sums(config, frozen, b, max_loss_tokens, adapters=lora_lib.Adapters(p, lora),
+                                   dropout_rng=rng)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if grad_accum == 1:
         (loss, (count, correct)), grads = grad_fn(state["params"], batch)
     else:
@@ -181,20 +215,32 @@ class StepFunctions:
     state_shardings: dict
     batch_sharding: NamedSharding
     optimizer: optax.GradientTransformation
+    frozen_shardings: Any = None
+    """LoRA: shardings of the frozen base weights, the step's third argument"""
+    frozen: Any = None
+    """LoRA: the frozen base weights (set once loaded)"""
+
+    def _args(self, state, batch, frozen):
+        return (state, batch) if self.frozen_shardings is None else (state, batch, frozen)
 
     def step(self, state, batch):
         with jax.set_mesh(self.mesh):
-            return self.jitted(state, batch)
+            return self.jitted(*self._args(state, batch, self.frozen))
 
-    def lower(self, state, batch):
+    def lower(self, state, batch, frozen=None):
         with jax.set_mesh(self.mesh):
-            return self.jitted.lower(state, batch)
+            return self.jitted.lower(*self._args(state, batch, frozen))
 
 
-def state_shardings(config: MistralConfig, optimizer, mesh, rules) -> dict:
-    """Shardings of params (from their logical axes) and of the optimizer state (like its params)."""
-    params = logical_to_sharding(model.param_logical_axes(config), mesh, rules)
-    opt_shapes = jax.eval_shape(optimizer.init, model.param_shapes(config))
+def state_shardings(config: MistralConfig, optimizer, mesh, rules, lora: lora_lib.LoraConfig | None = None) -> dict:
+    """Shardings of params (from their logical axes) and of the optimizer state (like its params).
+    With `lora`, "params" are the adapters."""
+    if lora is None:
+        params = logical_to_sharding(model.param_logical_axes(config), mesh, rules)
+        opt_shapes = jax.eval_shape(optimizer.init, model.param_shapes(config))
+    else:
+        params = logical_to_sharding(lora_lib.adapter_logical_axes(config, lora), mesh, rules)
+        opt_shapes = jax.eval_shape(optimizer.init, lora_lib.adapter_shapes(config, lora))
     replicated = NamedSharding(mesh, PartitionSpec())
     opt = optax.tree_map_params(optimizer, lambda _, s: s, opt_shapes, params,
                                 transform_non_params=lambda _: replicated)
@@ -202,20 +248,25 @@ def state_shardings(config: MistralConfig, optimizer, mesh, rules) -> dict:
 
 
 def make_train_step(config: MistralConfig, optimizer, schedule, mesh, rules, *, max_loss_tokens: int | None,
-                    grad_accum: int = 1) -> StepFunctions:
-    shardings = state_shardings(config, optimizer, mesh, rules)
+                    grad_accum: int = 1, lora: lora_lib.LoraConfig | None = None, base_dtype: str = "bf16",
+                    seed: int = 0) -> StepFunctions:
+    shardings = state_shardings(config, optimizer, mesh, rules, lora)
     batch_shard = batch_sharding(mesh, rules)
     body = jax.tree_util.Partial(train_step, config=config, optimizer=optimizer, schedule=schedule,
-                                 max_loss_tokens=max_loss_tokens, grad_accum=grad_accum)
+                                 max_loss_tokens=max_loss_tokens, grad_accum=grad_accum, lora=lora, seed=seed)
 
-    def step(state, batch):
+    def step(state, batch, frozen=None):
         with nn.logical_axis_rules(rules):
-            return body(state, batch)
+            return body(state, batch, frozen)
 
     replicated = NamedSharding(mesh, PartitionSpec())
-    jitted = jax.jit(step, in_shardings=(shardings, batch_shard), out_shardings=(shardings, replicated),
-                     donate_argnums=0)
-    return StepFunctions(jitted, mesh, shardings, batch_shard, optimizer)
+    in_shardings = (shardings, batch_shard)
+    frozen_shardings = None
+    if lora is not None:
+        frozen_shardings = lora_lib.base_shardings(config, base_dtype, mesh, rules)
+        in_shardings += (frozen_shardings,)
+    jitted = jax.jit(step, in_shardings=in_shardings, out_shardings=(shardings, replicated), donate_argnums=0)
+    return StepFunctions(jitted, mesh, shardings, batch_shard, optimizer, frozen_shardings)
 
 
 # --- setting up ---------------------------------------------------------------------------------------
@@ -243,8 +294,13 @@ def _model_config(cfg: TrainConfig) -> MistralConfig:
 
 
 def init_state(config: MistralConfig, cfg: TrainConfig, fns: StepFunctions) -> dict:
-    """Parameters and optimizer state created directly in their shards (never whole on one device)."""
-    if cfg.init_from:
+    """Parameters and optimizer state created directly in their shards (never whole on one device).
+    LoRA: fresh adapters (the base is loaded separately, `lora.load_base`)."""
+    lora = cfg.lora()
+    if lora is not None:
+        params = jax.jit(lambda r: lora_lib.init_adapters(config, lora, r), out_shardings=fns.state_shardings["params"])(
+            jax.random.fold_in(jax.random.key(cfg.seed), 1))
+    elif cfg.init_from:
         from jaxtrain.hf_io import load_pretrained
         _, params = load_pretrained(cfg.init_from, shardings=fns.state_shardings["params"],
                                     dtype=config.param_dtype,
@@ -255,6 +311,27 @@ def init_state(config: MistralConfig, cfg: TrainConfig, fns: StepFunctions) -> d
     opt_state = jax.jit(fns.optimizer.init, out_shardings=fns.state_shardings["opt_state"])(params)
     step = jax.device_put(jnp.int32(0), fns.state_shardings["step"])
     return {"params": params, "opt_state": opt_state, "step": step}
+
+
+def _lora_metadata(cfg: TrainConfig, lora: lora_lib.LoraConfig) -> dict:
+    """What a LoRA checkpoint needs besides the adapters: their settings and which base they adapt."""
+    init_from = str(epath.Path(cfg.init_from).resolve()) if cfg.init_from else None
+    return {"lora": lora.to_dict(),
+            "base": {"init_from": init_from, "dtype": cfg.base_dtype, "seed": cfg.seed,
+                     "sha256": lora_lib.base_fingerprint(init_from, cfg.seed)}}
+
+
+def _check_same_base(run_dir: epath.Path, cfg: TrainConfig, base: dict) -> None:
+    """--resume of a LoRA run must find the base model it started from."""
+    from jaxtrain.checkpoint import latest_step
+    if not cfg.resume or latest_step(run_dir) is None:
+        return
+    with Checkpointer(run_dir, read_only=True) as old:
+        saved = old.read_json()[2].get("base")
+    if saved and saved["sha256"] != base["sha256"]:
+        raise ValueError(f"{run_dir}: --resume with a different base model: the checkpoints were trained on "
+                         f"{saved['init_from'] or saved['sha256']} (sha256 {saved['sha256']}), "
+                         f"--init-from gives sha256 {base['sha256']}")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -324,9 +401,15 @@ def train(cfg: TrainConfig) -> dict:
         total = min(total, cfg.max_steps)
     optimizer, schedule = make_optimizer(cfg.optimizer, total)
     answer_tokens = max_answer_tokens(batches)
+    lora = cfg.lora()
     fns = make_train_step(config, optimizer, schedule, mesh, rules, max_loss_tokens=answer_tokens,
-                          grad_accum=cfg.grad_accum)
+                          grad_accum=cfg.grad_accum, lora=lora, base_dtype=cfg.base_dtype, seed=cfg.seed)
     metadata = {"train_config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str))}
+    if lora is not None:
+        metadata.update(_lora_metadata(cfg, lora))
+        _check_same_base(run_dir, cfg, metadata["base"])
+        fns.frozen = lora_lib.load_base(config, init_from=cfg.init_from, base_dtype=cfg.base_dtype, seed=cfg.seed,
+                                        shardings=fns.frozen_shardings)
     ckpt = Checkpointer(run_dir, cfg.checkpoint, model_config=config, metadata=metadata)
 
     if cfg.resume and ckpt.latest_step() is not None:
