@@ -17,7 +17,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m jaxtrain.demo
+	JAX_PLATFORMS=cpu $(BIN)/python -m jaxtrain.demo --out demo_out
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
