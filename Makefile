@@ -17,6 +17,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
+	rm -rf demo_out
 	JAX_PLATFORMS=cpu $(BIN)/python -m jaxtrain.demo --out demo_out
 
 test: $(STAMP)

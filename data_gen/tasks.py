@@ -115,6 +115,9 @@ PRESETS: dict[str, TaskConfig] = {
     # three-digit subkeys, four-digit values, as in the paper's figure.
     "paper-multisubkey": TaskConfig(task="multisubkey", num_dicts=49, dict_size_range=(2, 4), key_digits=(3, 3),
                                     value_digits=(4, 4), subkeys_range=(3, 4), max_tokens=4096),
+    # The paper's long-context setting (Mistral-7B-Instruct-v0.2 finetuned on prompts of up to 24K tokens):
+    # the paper-simple format with 510 dictionaries, every example under 24,000 tokens (~23.4K).
+    "paper-simple-24k": TaskConfig(num_dicts=510, max_tokens=24000),
     # Tiny prompts for the CPU demo and tests.
     "demo-simple": TaskConfig(num_train=64, num_eval=32, num_dicts=5, gold_dict_size=2, dict_size_range=(2, 3),
                               key_digits=(2, 2), value_digits=(2, 2), max_tokens=256),
@@ -273,7 +276,13 @@ def check_budget(cfg: TaskConfig, probes: int = 48) -> dict:
     estimated from `probes` draws (own RNG, so the dataset itself is unaffected). Returns the statistics.
     """
     cfg.validate()
-    smallest = cfg.replace(dict_size_range=(cfg.dict_size_range[0],) * 2, key_digits=(cfg.key_digits[0],) * 2,
+    # Shortest keys only where they are numerous enough to stay unique (a 24K prompt has ~2000 keys, more
+    # than the 900 three-digit ones: drawing only those would never finish).
+    lo = cfg.key_digits[0]
+    fewest_entries = cfg.gold_dict_size + (cfg.num_dicts - 1) * cfg.dict_size_range[0]
+    short_keys = cfg.task == "multisubkey" or 10**lo - 10 ** (lo - 1) >= 2 * fewest_entries + 2
+    smallest = cfg.replace(dict_size_range=(cfg.dict_size_range[0],) * 2,
+                           key_digits=(lo, lo) if short_keys else cfg.key_digits,
                            value_digits=(cfg.value_digits[0],) * 2, subkeys_range=(cfg.subkeys_range[0],) * 2)
     min_tokens = _num_tokens(*_place(smallest, _DRAW[cfg.task](smallest, random.Random("budget-min")), 1))
     rng = random.Random("budget-probe")

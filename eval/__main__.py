@@ -8,13 +8,13 @@ from collections.abc import Sequence
 
 import tyro
 
-from eval import gsm8k, hellaswag, mdqa, mmlu, openqa, synthetic
+from eval import flenqa, gsm8k, hellaswag, mdqa, mmlu, openqa, synthetic
 from eval.common import Task, run_task
 from eval.compare import CompareArgs, compare
 from eval.datafiles import DataError
 
-TASKS: dict[str, Task] = {t.name: t for t in (mdqa.TASK, synthetic.TASK, mmlu.TASK, hellaswag.TASK, gsm8k.TASK,
-                                              openqa.TRIVIAQA_TASK, openqa.NQ_OPEN_TASK)}
+TASKS: dict[str, Task] = {t.name: t for t in (mdqa.TASK, flenqa.TASK, synthetic.TASK, mmlu.TASK, hellaswag.TASK,
+                                              gsm8k.TASK, openqa.TRIVIAQA_TASK, openqa.NQ_OPEN_TASK)}
 
 
 def _summary(results: dict) -> str:
@@ -27,6 +27,8 @@ def _summary(results: dict) -> str:
     for pos, m in results["metrics"].get("by_gold_position", {}).items():
         scores = ", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float) and not k.endswith("_stderr"))
         lines.append(f"  gold at {pos}: {scores} (n={m['n']})")
+    for ctx, m in results["metrics"].get("by_ctx_size", {}).items():
+        lines.append(f"  {ctx} tokens: accuracy {m['accuracy']:.4f}, refused {m['refusal_rate']:.4f} (n={m['n']})")
     return "\n".join(lines)
 
 
@@ -35,8 +37,8 @@ def main(argv: Sequence[str] | None = None) -> dict | str:
     subcommands = {name: task.args_type for name, task in TASKS.items()} | {"compare": CompareArgs}
     args = tyro.extras.subcommand_cli_from_dict(
         subcommands, prog="python -m eval", args=argv,
-        description="Evaluate a Mistral checkpoint (MDQA by gold position, synthetic retrieval, general "
-                    "benchmarks) or compare results.json files.")
+        description="Evaluate a Mistral checkpoint (MDQA by gold position and document count, FLenQA, "
+                    "synthetic retrieval, general benchmarks) or compare results.json files.")
     try:
         if isinstance(args, CompareArgs):
             return compare(args)

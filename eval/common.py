@@ -58,6 +58,8 @@ class LoadedData:
     sources: list[dict]
     """results.json "data" entries (file paths + sha256, or tfds names)."""
     num_examples: int
+    info: dict | None = None
+    """Anything else the task's evaluate() should record (e.g. how MDQA prompts were built)."""
 
 
 @dataclasses.dataclass

@@ -1,7 +1,9 @@
 """`python -m eval compare A/results.json B/results.json ...`: base vs. finetuned at a glance.
 
-Prints one table (rows: task/metric, columns: runs, plus B - A when there are two runs) and, when MDQA
-results are among them, writes the overlaid accuracy-vs-position plot.
+Prints one summary table for any mix of tasks (rows: task/metric: MDQA per gold position and document
+count with oracle and closed book, FLenQA per context length, synthetic retrieval, MMLU, HellaSwag, GSM8K,
+TriviaQA, NQ-Open; columns: models by label, plus B - A for two) and writes the overlaid MDQA and FLenQA
+plots.
 """
 
 from __future__ import annotations
@@ -24,11 +26,30 @@ class CompareArgs:
     labels: tuple[str, ...] | None = None
     """Names for the runs, in order (default: each run's label)."""
     out: Path = Path(".")
-    """Directory for mdqa_compare.png (written only when MDQA results are given)."""
+    """Directory for mdqa_compare.png / flenqa_compare.png (written when MDQA / FLenQA results are given)."""
+
+
+TASK_ORDER = ("mdqa", "flenqa", "synthetic", "mmlu", "hellaswag", "gsm8k", "triviaqa", "nq_open")
+"""Row order of the summary: the paper's MDQA and FLenQA, synthetic retrieval, then Table 2's benchmarks."""
+
+
+def task_key(results: dict) -> str:
+    """The row group of a run (one token): MDQA by document count, FLenQA with/without chain of thought."""
+    task, settings = results["task"], results.get("settings", {})
+    if task == "mdqa" and isinstance(settings.get("num_documents"), int):
+        return f"mdqa/{settings['num_documents']}"
+    if task == "flenqa":
+        return "flenqa/cot" if settings.get("cot") else "flenqa"
+    return task
+
+
+def _entry(m: dict, name: str) -> tuple[float, float | None]:
+    return m[name], m.get(f"{name}_stderr")
 
 
 def headline_metrics(results: dict) -> dict[str, tuple[float, float | None]]:
-    """{metric: (value, stderr)} of the scalar metrics worth a row; MDQA adds one row per gold position."""
+    """{metric: (value, stderr)} of the scalar metrics worth a row; MDQA adds one row per gold position
+    (and oracle, closed book), FLenQA one row per context size."""
     metrics = results["metrics"]
     rows = {}
     for name, value in metrics.items():
@@ -36,9 +57,13 @@ def headline_metrics(results: dict) -> dict[str, tuple[float, float | None]]:
             rows[name] = (value, metrics.get(f"{name}_stderr"))
     if results["task"] == "mdqa":
         for pos, m in sorted(metrics["by_gold_position"].items(), key=lambda kv: int(kv[0])):
-            rows[f"gold at {pos}"] = (m["best_subspan_em"], m.get("best_subspan_em_stderr"))
-        if "oracle" in metrics:
-            rows["oracle"] = (metrics["oracle"]["best_subspan_em"], metrics["oracle"].get("best_subspan_em_stderr"))
+            rows[f"gold at {pos}"] = _entry(m, "best_subspan_em")
+        for name, row in (("oracle", "oracle"), ("closedbook", "closed-book")):
+            if name in metrics:
+                rows[row] = _entry(metrics[name], "best_subspan_em")
+    if results["task"] == "flenqa":
+        for ctx, m in sorted(metrics.get("by_ctx_size", {}).items(), key=lambda kv: int(kv[0])):
+            rows[f"{ctx} tokens"] = _entry(m, "accuracy")
     return rows
 
 
@@ -50,26 +75,53 @@ def _cell(entry: tuple[float, float | None] | None) -> str:
 
 
 def format_table(runs: list[dict], labels: list[str]) -> str:
-    """Values in percent (± standard error), one column per run."""
-    per_run = [headline_metrics(r) for r in runs]
+    """One table for any mix of tasks: a column per label (a model), a row per task and metric, values in
+    percent (± standard error), plus B - A when there are two columns. Runs sharing a label fill one
+    column (e.g. every task evaluated on the base model); a label with two runs of the same task (and
+    document count) gets a numbered column of its own."""
+    columns: list[str] = []
+    cells: dict[tuple[str, str, str], tuple[float, float | None]] = {}
+    examples: dict[str, int] = {}
     keys: list[tuple[str, str]] = []
-    for run, metrics in zip(runs, per_run, strict=True):
-        keys += [(run["task"], m) for m in metrics if (run["task"], m) not in keys]
-    header = ["task", "metric (%)", *labels] + (["B - A"] if len(runs) == 2 else [])
+    for run, label in zip(runs, labels, strict=True):
+        key, column, copy = task_key(run), label, 1
+        while any(k[0] == column and k[1] == key for k in cells):
+            copy += 1
+            column = f"{label}#{copy}"
+        if column not in columns:
+            columns.append(column)
+        for metric, entry in headline_metrics(run).items():
+            cells[(column, key, metric)] = entry
+            if (key, metric) not in keys:
+                keys.append((key, metric))
+        examples[column] = examples.get(column, 0) + run["num_examples"]
+
+    def order(k: tuple[str, str]) -> tuple[int, int, str]:
+        base = k[0].split("/")[0]
+        return TASK_ORDER.index(base) if base in TASK_ORDER else len(TASK_ORDER), _doc_count(k[0]), k[0]
+
+    keys = sorted(keys, key=order)  # stable: each task's metrics keep their order
+    two = len(columns) == 2
+    header = ["task", "metric (%)", *columns] + (["B - A"] if two else [])
     body = []
-    for task, metric in keys:
-        entries = [m.get(metric) if r["task"] == task else None for r, m in zip(runs, per_run, strict=True)]
-        row = [task, metric, *map(_cell, entries)]
-        if len(runs) == 2:
+    for key, metric in keys:
+        entries = [cells.get((c, key, metric)) for c in columns]
+        row = [key, metric, *map(_cell, entries)]
+        if two:
             row.append(f"{100 * (entries[1][0] - entries[0][0]):+.1f}" if None not in entries else "-")
         body.append(row)
-    counts = ["", "examples", *(str(r["num_examples"]) for r in runs)] + ([""] if len(runs) == 2 else [])
+    counts = ["", "examples", *(str(examples[c]) for c in columns)] + ([""] if two else [])
     table = [header, *body, counts]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
              for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _doc_count(key: str) -> int:
+    tail = key.split("/")[-1]
+    return int(tail) if tail.isdigit() else 0
 
 
 def compare(args: CompareArgs) -> str:
@@ -82,10 +134,25 @@ def compare(args: CompareArgs) -> str:
         runs = [{**r, "label": label} for r, label in zip(runs, args.labels, strict=True)]
     table = format_table(runs, [r["label"] for r in runs])
     print(table)
-    mdqa_runs = [r for r in runs if r["task"] == "mdqa"]
-    if mdqa_runs:
-        from eval.plots import plot_mdqa
-
-        path = plot_mdqa(mdqa_runs, Path(args.out) / "mdqa_compare.png")
+    for path in write_plots(runs, Path(args.out)):
         print(f"\nwrote {path}")
     return table
+
+
+def write_plots(runs: list[dict], out: Path) -> list[Path]:
+    """mdqa_compare.png (one per document count, mdqa_compare_<N>docs.png, when there are several) and
+    flenqa_compare.png, overlaying every run of the task."""
+    from eval.plots import plot_flenqa, plot_mdqa
+
+    paths = []
+    mdqa_groups: dict[str, list[dict]] = {}
+    for r in runs:
+        if r["task"] == "mdqa":
+            mdqa_groups.setdefault(task_key(r), []).append(r)
+    for key, group in mdqa_groups.items():
+        name = "mdqa_compare.png" if len(mdqa_groups) == 1 else f"mdqa_compare_{_doc_count(key)}docs.png"
+        paths.append(plot_mdqa(group, out / name))
+    flenqa_runs = [r for r in runs if r["task"] == "flenqa"]
+    if flenqa_runs:
+        paths.append(plot_flenqa(flenqa_runs, out / "flenqa_compare.png"))
+    return paths

@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import io
 import json
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,22 @@ class DataError(ValueError):
 
 
 def open_text(path: Path) -> io.TextIOBase:
-    """Text handle for `path`, transparently gunzipping `*.gz` (the MDQA release ships .jsonl.gz)."""
+    """Text handle for `path`, transparently gunzipping `*.gz` (the MDQA release ships .jsonl.gz) and
+    reading the single file inside a `*.zip` (FLenQA ships as FLenQA.zip)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     if path.suffix == ".gz":
         return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
+    if path.suffix == ".zip":
+        try:
+            archive = zipfile.ZipFile(path)
+        except zipfile.BadZipFile as e:
+            raise DataError(f"{path}: not a zip archive ({e})") from None
+        members = [m for m in archive.namelist() if not m.endswith("/") and not m.startswith("__MACOSX/")]
+        if len(members) != 1:
+            raise DataError(f"{path}: expected exactly one file in the archive, found {members}")
+        return io.TextIOWrapper(archive.open(members[0]), encoding="utf-8", newline="")
     return open(path, encoding="utf-8", newline="")
 
 

@@ -11,10 +11,14 @@ query position i sees key position j iff ``i - window < j <= i``.
 
 from __future__ import annotations
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-IMPLEMENTATIONS = ("auto", "xla")
+IMPLEMENTATIONS = ("auto", "xla", "splash", "cudnn")
 
 
 def attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids, sliding_window):
@@ -51,7 +55,151 @@ def attention(q, k, v, *, q_positions, kv_positions, q_segment_ids, kv_segment_i
     """
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of KV heads ({k.shape[2]})")
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
+    impl = resolve_impl(impl, q_len=q.shape[1], kv_len=k.shape[1], dtype=q.dtype)
+    if impl == "splash":
+        return splash_attention(q, k, v, q_segment_ids, kv_segment_ids, sliding_window)
+    if impl == "cudnn":
+        return cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, sliding_window)
     mask = attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids, sliding_window)
     return xla_attention(q, k, v, mask).astype(q.dtype)
+
+
+# --- fused kernels: Pallas splash attention (TPU), cuDNN flash attention (GPU) -------------------------
+#
+# Both kernels build causality and the window from array *indices* and separate sequences by segment
+# id; they never see positions. That equals the position rule above whenever positions advance by one
+# per token inside a segment -- true for every training row (packed or padded) and for prefill without
+# a cache, the only case ("self-attention": as many keys as queries) in which `auto` picks a kernel.
+# Decoding with a KV cache (keys = cache + new tokens, ring-buffer slots out of position order) always
+# runs the XLA path.
+
+SPLASH_BLOCK = 512          # MaxText's default tile; long rows use it, shorter ones one tile per row
+SPLASH_MIN_BLOCK = 128      # the TPU lane width: splash tiles must be multiples of it
+
+
+def resolve_impl(impl: str, *, q_len: int, kv_len: int, dtype=jnp.bfloat16, platform: str | None = None) -> str:
+    """The implementation `attention` runs for these shapes.
+
+    "splash" / "cudnn" name a preferred kernel; "auto" prefers splash on TPU and cuDNN on GPU (the
+    default backend, or `platform`). A kernel runs only for self-attention whose length it tiles (a
+    multiple of 128), and cuDNN only in 16-bit dtypes; everything else (decoding with a cache, model
+    init on one token, odd lengths, a float32 model on GPU) runs the exact XLA path, so a config that
+    names a kernel still decodes. `jaxtrain.aot` names "splash" explicitly when it compiles for a TPU
+    it is not running on.
+    """
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
+    if impl == "auto":
+        platform = platform or jax.default_backend()
+        impl = {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}.get(platform, "xla")
+    kernel_ok = q_len == kv_len and q_len % SPLASH_MIN_BLOCK == 0
+    if impl == "cudnn":
+        kernel_ok &= jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return impl if kernel_ok else "xla"
+
+
+def splash_local_mask(seq_len: int, sliding_window: int | None):
+    """Splash's static [T, T] mask for our rule: causal, and i - j < window.
+
+    Splash's `LocalMask((T, T), (left, right), offset=0)` keeps key j for query i iff
+    ``i - left <= j <= i + right``; ``left = window - 1, right = 0`` is exactly ``0 <= i - j < window``.
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
+
+    shape = (seq_len, seq_len)
+    if sliding_window is None or sliding_window >= seq_len:
+        return mask_lib.CausalMask(shape)
+    return mask_lib.LocalMask(shape, window_size=(sliding_window - 1, 0), offset=0)
+
+
+def splash_block_sizes(seq_len: int, block: int = SPLASH_BLOCK):
+    """Forward and backward tiles: `block` (a multiple of 128), or the whole row when it is shorter."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+
+    if seq_len % SPLASH_MIN_BLOCK:
+        raise ValueError(f"splash attention needs a sequence length divisible by {SPLASH_MIN_BLOCK}; got "
+                         f"{seq_len} (use a bucket length that is, or attention_impl='xla')")
+    b = math.gcd(seq_len, block)
+    return splash.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
+                             block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+
+
+def _splash_kernel(seq_len: int, group: int, sliding_window: int | None, block: int, interpret: bool):
+    """A multi-query kernel for one (length, queries per KV head, window). Built in every trace (the
+    kernel holds its block tables as arrays of the trace that made it); the expensive part, turning
+    the mask into block tables (seconds at 32K tokens), is cached by splash itself on the mask's hash."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
+
+    mask = mask_lib.MultiHeadMask([splash_local_mask(seq_len, sliding_window)] * group)
+    return splash.make_splash_mqa_single_device(mask=mask, block_sizes=splash_block_sizes(seq_len, block),
+                                                interpret=interpret)
+
+
+def _splash_local(q, k, v, q_segment_ids, kv_segment_ids, sliding_window, block, interpret):
+    """Splash on one device's shard. GQA: each KV head is a multi-query problem over its query group."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+
+    batch, seq_len, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    group = num_heads // num_kv_heads
+    kernel = _splash_kernel(seq_len, group, sliding_window, block, interpret)
+    # Splash does not scale the logits; fold 1/sqrt(D) into q (in float32, then back to q's dtype).
+    q = (q.astype(jnp.float32) / np.sqrt(head_dim)).astype(q.dtype)
+    q = q.reshape(batch, seq_len, num_kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)  # B Hkv G T D
+    k = k.transpose(0, 2, 1, 3)                                                             # B Hkv S D
+    v = v.transpose(0, 2, 1, 3)
+    segments = splash.SegmentIds(q=q_segment_ids, kv=kv_segment_ids)
+    per_kv_head = jax.vmap(kernel, in_axes=(0, 0, 0, None))
+    out = jax.vmap(per_kv_head, in_axes=(0, 0, 0, 0))(q, k, v, segments)                    # B Hkv G T D
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, seq_len, num_heads, head_dim).astype(q.dtype)
+
+
+def _activation_spec(names):
+    """Mesh axes of an activation from its logical names under the active Flax rules (None without)."""
+    import flax.linen as nn
+
+    spec = nn.logical_to_mesh_axes(names)
+    return jax.sharding.PartitionSpec(*(() if spec is None else spec))
+
+
+def splash_attention(q, k, v, q_segment_ids, kv_segment_ids, sliding_window, *, block: int = SPLASH_BLOCK,
+                     interpret: bool = False):
+    """Pallas splash attention (TPU): causal + sliding window + segment ids, GQA, float32 softmax.
+
+    Under a mesh (``jax.set_mesh``) the kernel runs per shard through `jax.shard_map`: batch and heads
+    split the way the active logical-axis rules split ("batch", "heads"); the sequence stays whole on
+    each device (splash cannot split the keys). `block` is the tile edge (default `SPLASH_BLOCK`);
+    `interpret=True` runs the kernel's Pallas interpreter, which is how the CPU tests check it against
+    the XLA path.
+    """
+    if q.shape[1] != k.shape[1]:
+        raise ValueError(f"splash attention is self-attention only; got {q.shape[1]} queries and "
+                         f"{k.shape[1]} keys")
+    local = functools.partial(_splash_local, sliding_window=sliding_window, block=block, interpret=interpret)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return local(q, k, v, q_segment_ids, kv_segment_ids)
+    P = jax.sharding.PartitionSpec
+    q_spec = _activation_spec(("batch", "length", "heads", "head_dim"))
+    kv_spec = _activation_spec(("batch", "length", "kv_heads", "head_dim"))
+    batch_axes = q_spec[0] if len(q_spec) else None
+    q_spec = P(batch_axes, None, q_spec[2] if len(q_spec) > 2 else None, None)
+    kv_spec = P(batch_axes, None, kv_spec[2] if len(kv_spec) > 2 else None, None)
+    seg_spec = P(batch_axes, None)
+    return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec),
+                         out_specs=q_spec, check_vma=False)(q, k, v, q_segment_ids, kv_segment_ids)
+
+
+def cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, sliding_window, *, implementation="cudnn"):
+    """cuDNN flash attention through `jax.nn.dot_product_attention` (GPU).
+
+    Causality and the window are the kernel's own (``local_window_size=(window - 1, 0)`` keeps
+    ``0 <= i - j < window``); segments enter as a [B, 1, T, S] boolean mask. `implementation="xla"`
+    runs JAX's reference of the same call, which is how the CPU tests check the argument mapping.
+    """
+    window = None if sliding_window is None else (sliding_window - 1, 0)
+    same_segment = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])[:, None]
+    out = jax.nn.dot_product_attention(q, k, v, mask=same_segment, is_causal=True, local_window_size=window,
+                                       implementation=implementation)
+    return out.astype(q.dtype)
