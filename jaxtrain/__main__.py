@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 
 import tyro
 
+from jaxtrain.aot import AotConfig
 from jaxtrain.train import NonFiniteLoss, TrainConfig
 
 
@@ -49,7 +50,9 @@ def export(cfg: ExportConfig) -> None:
 
 
 Command = (Annotated[TrainConfig, tyro.conf.subcommand("train", description="Finetune on data_gen shards.")]
-           | Annotated[ExportConfig, tyro.conf.subcommand("export", description="Checkpoint -> HF folder.")])
+           | Annotated[ExportConfig, tyro.conf.subcommand("export", description="Checkpoint -> HF folder.")]
+           | Annotated[AotConfig, tyro.conf.subcommand("aot", description="Compile the train step for a TPU "
+                                                                          "slice here; report memory per chip.")])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(cfg, TrainConfig):
             from jaxtrain.train import train
             train(cfg)
+        elif isinstance(cfg, AotConfig):
+            from jaxtrain.aot import main as aot
+            return aot(cfg)
         else:
             export(cfg)
     except (ValueError, FileNotFoundError, KeyError, NonFiniteLoss) as e:
