@@ -4,6 +4,10 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Eight CPU devices for every test in this process (sharding tests need them; the rest pick one device
+# explicitly), set here so the count never depends on which test module happens to import JAX first.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TPU_ACCELERATOR_TYPE", "")  # keep libtpu quiet when it is imported for AOT
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -115,7 +115,7 @@ def test_train_step_updates_adapters_only_with_adapter_sized_optimizer_state(bas
     _, _, config, params = base
     cfg = lora.LoraConfig(rank=4, alpha=8, dropout=0.1)
     optimizer, schedule = make_optimizer(OptimizerConfig(lr=1e-2, warmup_ratio=0.0), 10)
-    mesh, rules = make_mesh(MeshConfig()), rules_for("fsdp")
+    mesh, rules = make_mesh(MeshConfig(fsdp=1), devices=jax.devices()[:1]), rules_for("fsdp")
     fns = make_train_step(config, optimizer, schedule, mesh, rules, max_loss_tokens=None, lora=cfg,
                           base_dtype="float32")
     fns.frozen = jax.device_put(params, fns.frozen_shardings)
