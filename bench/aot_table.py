@@ -49,9 +49,10 @@ def run(cmd: list[str]) -> dict:
 def table_row(report: dict, cmd: list[str], maxtext: str) -> str:
     ours = (f"{report['per_chip_gib']:.2f} GiB, {report['headroom_gib']:.2f} to spare"
             if report["fits"] else f"does not fit ({report['error']})")
-    flags = " ".join(cmd[cmd.index("--global-batch") + 2:]) or "(defaults)"
+    flags = " ".join(cmd[cmd.index("--global-batch") + 2:])
+    flags = f"`{flags}`" if flags else "(defaults)"
     return (f"| {report['topology']} ({report['hbm_gib']} GiB) | {report['seq_len']} | {report['global_batch']} "
-            f"| **{ours}** | {maxtext} | `{flags}` | {report['compile_s']:.0f} s |")
+            f"| **{ours}** | {maxtext} | {flags} | {report['compile_s']:.0f} s |")
 
 
 HEADER = ("| slice (usable HBM per chip) | seq | global batch | ours per chip (args + temp + code) "

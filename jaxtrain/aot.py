@@ -29,7 +29,7 @@ import tyro
 
 from jaxtrain.config import MistralConfig
 from jaxtrain.sharding import MeshConfig
-from jaxtrain.topology import (GIB, TpuTopology, compiler_options_for, parse_accelerator_type,
+from jaxtrain.topology import (GIB, TPU_COMPILER_OPTIONS, TpuTopology, parse_accelerator_type,
                                prepare_libtpu_for_compile_only)
 from jaxtrain.train import OptimizerConfig
 
@@ -197,8 +197,8 @@ class AotConfig:
         default_factory=OptimizerConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     bf16_propagation: bool = False
-    """let XLA:TPU propagate bf16 into the layer loop (its default; the train step turns it off, see
-    jaxtrain.topology.TPU_COMPILER_OPTIONS)"""
+    """let XLA:TPU propagate bf16 into the layer loop (XLA's default, which the train step turns off:
+    see jaxtrain.topology.TPU_COMPILER_OPTIONS); for measuring what that costs"""
     total_steps: int = 1000
     """length of the learning-rate schedule (no effect on memory)"""
 
@@ -245,7 +245,8 @@ def aot_train_step(cfg: AotConfig) -> AotReport:
     batch = {k: jax.ShapeDtypeStruct((rows, length), jnp.bool_ if k == "loss_mask" else jnp.int32,
                                      sharding=fns.batch_sharding)
              for k in ("input_ids", "loss_mask", "segment_ids", "positions")}
-    options = {} if cfg.bf16_propagation else compiler_options_for(devices)
+    # Explicit either way: the train step's own jit carries the TPU options, and these override them.
+    options = {**TPU_COMPILER_OPTIONS, "xla_jf_bf16_propagation": cfg.bf16_propagation}
     extra = {
         "model": cfg.model, "seq_len": length, "global_batch": rows,
         "flops_analytic": flops_analytic(config, rows * length, length,
@@ -255,8 +256,7 @@ def aot_train_step(cfg: AotConfig) -> AotReport:
                     "answer_tokens": cfg.answer_tokens, "grad_accum": cfg.grad_accum,
                     "mesh": dict(mesh.shape), "rules": cfg.mesh.rules, "compiler_options": options},
     }
-    return compile_lowered(lambda: fns.lower(state, batch), topology, compiler_options=options or None,
-                           extra=extra)
+    return compile_lowered(lambda: fns.lower(state, batch), topology, compiler_options=options, extra=extra)
 
 
 def _gib(n: int | None) -> str:

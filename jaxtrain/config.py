@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 DTYPES = ("float32", "bfloat16", "float16")
-REMAT_POLICIES = ("none", "full", "save_dots", "save_qkv_proj", "save_out_proj", "offload_dots")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_qkv_proj", "save_out_proj", "offload_dots", "offload_input")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,7 +34,7 @@ Params = Any
 init_normal = nn.initializers.normal(stddev=0.02)
 
 # Names of the activations a remat policy may keep (see `remat_policy`).
-QKV, ATTN_OUT, MLP_HIDDEN = "qkv_proj", "attn_out", "mlp_hidden"
+QKV, ATTN_OUT, MLP_HIDDEN, LAYER_INPUT = "qkv_proj", "attn_out", "mlp_hidden", "decoder_layer_input"
 
 
 def remat_policy(name: str):
@@ -47,6 +47,9 @@ def remat_policy(name: str):
         "save_out_proj": policies.save_only_these_names(QKV, ATTN_OUT),
         "offload_dots": policies.save_and_offload_only_these_names(
             names_which_can_be_saved=[], names_which_can_be_offloaded=[QKV, ATTN_OUT, MLP_HIDDEN],
+            offload_src="device", offload_dst="pinned_host"),
+        "offload_input": policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=[], names_which_can_be_offloaded=[LAYER_INPUT],
             offload_src="device", offload_dst="pinned_host"),
     }[name]
 
@@ -153,6 +156,7 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x, cache, positions, segment_ids, cache_positions):
+        x = checkpoint_name(x, LAYER_INPUT)
         attn_out, new_cache = Attention(self.config, self.lora, name="attn")(
             RMSNorm(self.config, name="attn_norm")(x), positions, segment_ids, cache, cache_positions)
         x = x + attn_out

@@ -33,7 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from jaxtrain import lora as lora_lib
-from jaxtrain import model
+from jaxtrain import model, offload
 from jaxtrain.batches import BatchConfig, BucketedBatches
 from jaxtrain.checkpoint import CheckpointConfig, Checkpointer, abstract_state
 from jaxtrain.config import MistralConfig
@@ -41,6 +41,7 @@ from jaxtrain.flops import device_peak_flops, train_step_flops
 from jaxtrain.sharding import (MeshConfig, batch_sharding, check_divisible, data_parallel_size,
                                logical_to_sharding, make_global_batch, make_mesh,
                                maybe_initialize_distributed, rules_for)
+from jaxtrain.topology import compiler_options_for
 
 
 @dataclasses.dataclass
@@ -59,6 +60,8 @@ class OptimizerConfig:
     eps: float = 1e-8
     clip_norm: float = 1.0
     """global gradient-norm clip (0: off)"""
+    offload_state: bool = False
+    """keep Adam's moments in host memory, streamed through HBM one layer at a time (jaxtrain.offload)"""
     state_dtype: Literal["float32", "bfloat16"] = "float32"
     """dtype of Adam's first moment (bfloat16 saves a quarter of the optimizer memory)"""
 
@@ -89,7 +92,7 @@ class TrainConfig:
     resume: bool = False
     """continue from the newest checkpoint in --out (exactly: params, optimizer, data position)"""
     remat: str | None = None
-    """remat policy override: none, full, save_dots, save_qkv_proj, save_out_proj, offload_dots"""
+    """remat policy override: none, full, save_dots, save_qkv_proj, save_out_proj, offload_dots, offload_input"""
     dtype: str | None = None
     """compute dtype override (default: the preset's; bfloat16 for the 7B presets)"""
     param_dtype: str | None = None
@@ -126,6 +129,8 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTran
     schedule = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), decay], [warmup]) if warmup else decay
     adam = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                        mu_dtype=jnp.dtype(cfg.state_dtype))
+    if cfg.offload_state:
+        return offload.layerwise(adam, clip_norm=cfg.clip_norm), schedule
     chain = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
     return optax.chain(*chain, adam), schedule
 
@@ -244,6 +249,7 @@ def state_shardings(config: MistralConfig, optimizer, mesh, rules, lora: lora_li
     replicated = NamedSharding(mesh, PartitionSpec())
     opt = optax.tree_map_params(optimizer, lambda _, s: s, opt_shapes, params,
                                 transform_non_params=lambda _: replicated)
+    opt = offload.place_state(optimizer, opt)
     return {"params": params, "opt_state": opt, "step": replicated}
 
 
@@ -265,7 +271,8 @@ def make_train_step(config: MistralConfig, optimizer, schedule, mesh, rules, *, 
     if lora is not None:
         frozen_shardings = lora_lib.base_shardings(config, base_dtype, mesh, rules)
         in_shardings += (frozen_shardings,)
-    jitted = jax.jit(step, in_shardings=in_shardings, out_shardings=(shardings, replicated), donate_argnums=0)
+    jitted = jax.jit(step, in_shardings=in_shardings, out_shardings=(shardings, replicated), donate_argnums=0,
+                     compiler_options=compiler_options_for(list(mesh.devices.flat)))
     return StepFunctions(jitted, mesh, shardings, batch_shard, optimizer, frozen_shardings)
 
 

@@ -10,6 +10,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TPU_ACCELERATOR_TYPE", "")  # keep libtpu quiet when it is imported for AOT
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # libtpu's machine-wide lock: AOT compiles in subprocesses
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest
