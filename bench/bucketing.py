@@ -61,7 +61,7 @@ def epoch(path: str, config: MistralConfig) -> dict:
 
 def main():
     folder = tempfile.mkdtemp()
-    generate(PRESETS["paper-simple"].replace(num_train=64, num_eval=1), 0, f"{folder}/paper")
+    generate(PRESETS["paper-simple"].replace(num_train=24, num_eval=1), 0, f"{folder}/paper")
     generate(PRESETS["demo-simple"], 1, f"{folder}/demo")  # another seed: example ids must be unique
     config = MistralConfig.preset("tiny")
     rows = []
