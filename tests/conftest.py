@@ -23,3 +23,18 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"shared evaluation data not found at {SHARED_DATA} (expected beside the project root)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A random `tiny` model saved as a Hugging Face folder (fp32): the model the eval tests run end to end."""
+    import jax
+
+    from jaxtrain.config import MistralConfig
+    from jaxtrain.hf_io import save_pretrained
+    from jaxtrain.model import init_params
+
+    path = tmp_path_factory.mktemp("tiny-model")
+    config = MistralConfig.preset("tiny")
+    save_pretrained(path, config, init_params(config, jax.random.key(0)), dtype="float32")
+    return path

@@ -6,7 +6,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
@@ -14,17 +13,6 @@ from data_gen import tasks as data_tasks
 from eval import metrics as M
 from eval.__main__ import main
 from eval.results import load_results
-from jaxtrain.config import MistralConfig
-from jaxtrain.hf_io import save_pretrained
-from jaxtrain.model import init_params
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-model")
-    config = MistralConfig.preset("tiny")
-    save_pretrained(path, config, init_params(config, jax.random.key(0)), dtype="float32")
-    return path
 
 
 def run(task, model, out, *flags):

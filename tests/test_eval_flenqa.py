@@ -5,16 +5,12 @@ small hand-written file in the released format with a tiny random model."""
 import json
 import string
 
-import jax
 import pytest
 
 from eval import flenqa
 from eval.__main__ import main
 from eval.datafiles import DataError
 from eval.results import load_results
-from jaxtrain.config import MistralConfig
-from jaxtrain.hf_io import save_pretrained
-from jaxtrain.model import init_params
 
 PIR = {"global_sample_id": 1, "sample_id": 7, "label": "True", "dataset": "PIR",
        "facts": ["John's living room is marble-floored.", "Ethan is in John's living room."],
@@ -170,14 +166,6 @@ def test_zip_as_released(tmp_path):
     with zipfile.ZipFile(tmp_path / "FLenQA.zip", "w") as z:
         z.writestr("FLenQA.jsonl", "".join(json.dumps(r) + "\n" for r in ROWS))
     assert len(flenqa.read_flenqa_file(tmp_path / "FLenQA.zip")) == 6
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-model")
-    config = MistralConfig.preset("tiny")
-    save_pretrained(path, config, init_params(config, jax.random.key(0)), dtype="float32")
-    return path
 
 
 @pytest.mark.parametrize("cot", [False, True])

@@ -9,7 +9,6 @@ import gzip
 import hashlib
 import json
 
-import jax
 import pytest
 
 from eval import mdqa
@@ -17,9 +16,6 @@ from eval import metrics as M
 from eval.__main__ import main
 from eval.datafiles import DataError
 from eval.results import load_results
-from jaxtrain.config import MistralConfig
-from jaxtrain.hf_io import save_pretrained
-from jaxtrain.model import init_params
 
 POSITIONS = [0, 1, 4, 9, 14, 19]
 
@@ -160,14 +156,6 @@ def test_bad_arguments_and_rows(tmp_path, mdqa_dir):
     with pytest.raises(DataError, match=r"retrieved-documents.jsonl.gz:2: ctxs\[0\]: field 'hasanswer'"):
         mdqa.load(mdqa.MdqaArgs(model="m", out="o", data_file=mdqa_dir / "nq-open-20_total_documents_gold_at_0.jsonl.gz",
                                 retrieval_file=retrieval, num_documents=30, limit=2))
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-model")
-    config = MistralConfig.preset("tiny")
-    save_pretrained(path, config, init_params(config, jax.random.key(0)), dtype="float32")
-    return path
 
 
 def run(model, out, *flags, batch_size):
