@@ -10,18 +10,24 @@ matplotlib.use("Agg")  # headless: TPU VMs and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _figure(runs: list[dict], task: str):
+    """A fresh figure for results of one task; refuses an empty list or another task's results."""
+    if not runs:
+        raise ValueError(f"no {task} results to plot")
+    for run in runs:
+        if run.get("task") != task:
+            raise ValueError(f"{run.get('label')!r} is a {run.get('task')!r} result, not {task}")
+    return plt.subplots(figsize=(6.4, 4.2), dpi=120)
+
+
 def plot_mdqa(runs: list[dict], path: Path, *, title: str | None = None) -> Path:
     """Plot accuracy (%) vs 1-based gold position for each MDQA results dict in `runs` and save a PNG.
 
     A run's oracle accuracy (gold document alone), when present, is drawn as a dotted line in its colour.
     """
-    if not runs:
-        raise ValueError("no MDQA results to plot")
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    fig, ax = _figure(runs, "mdqa")
     all_positions: set[int] = set()
     for i, run in enumerate(runs):
-        if run.get("task") != "mdqa":
-            raise ValueError(f"plot_mdqa: {run.get('label')!r} is a {run.get('task')!r} result, not mdqa")
         by_pos = run["metrics"]["by_gold_position"]
         positions = sorted(int(p) for p in by_pos)
         all_positions.update(positions)
@@ -51,13 +57,9 @@ def plot_mdqa(runs: list[dict], path: Path, *, title: str | None = None) -> Path
 def plot_flenqa(runs: list[dict], path: Path, *, title: str | None = None) -> Path:
     """Plot FLenQA accuracy (%) vs context size (tokens of facts + padding) for each results dict in
     `runs` and save a PNG; chain-of-thought runs are dashed, as in the authors' notebook."""
-    if not runs:
-        raise ValueError("no FLenQA results to plot")
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    fig, ax = _figure(runs, "flenqa")
     sizes: set[int] = set()
     for i, run in enumerate(runs):
-        if run.get("task") != "flenqa":
-            raise ValueError(f"plot_flenqa: {run.get('label')!r} is a {run.get('task')!r} result, not flenqa")
         by_ctx = run["metrics"]["by_ctx_size"]
         xs = sorted(int(k) for k in by_ctx)
         sizes.update(xs)
