@@ -301,7 +301,8 @@ def test_recipe_is_the_paper_experiment(tmp_path):
     trains = [c for c in cmds if c[:4] == [*py, "jaxtrain", "train"]]
     assert trains == [[*py, "jaxtrain", "train", "--model", "mistral-7b-instruct-v0.1", "--init-from", base,
                        "--data", f"{work}/shards/{r}", "--out", f"{CKPT}/{r}", "--epochs", "2", "--lr", "5e-6",
-                       "--global-batch", "16", "--resume"] for r in runs]
+                       "--global-batch", "16", "--resume", "--remat", "offload_input", "--offload-state"]
+                      for r in runs]
     exports = [c for c in cmds if c[:4] == [*py, "jaxtrain", "export"]]
     assert exports == [[*py, "jaxtrain", "export", "--checkpoint", f"{CKPT}/{r}", "--out", f"{work}/hf/{r}"]
                        for r in runs]

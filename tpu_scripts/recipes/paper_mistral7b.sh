@@ -22,7 +22,8 @@
 #   SEEDS ("0 1 2")  VARIANTS ("template notemplate")  DATA_PRESET (paper-simple)
 #   MODEL_PRESET (mistral-7b-instruct-v0.1)  EPOCHS (2)  LR (5e-6)  GLOBAL_BATCH (16)
 #   TASKS ("mdqa synthetic mmlu hellaswag gsm8k triviaqa nq_open")  LIMIT (first N examples per task)
-#   TRAIN_ARGS, EVAL_ARGS  extra flags for every train / eval command (EVAL_ARGS: --dtype bfloat16)
+#   TRAIN_ARGS, EVAL_ARGS  extra flags for every train / eval command (defaults: TRAIN_ARGS
+#                 "--remat offload_input --offload-state", EVAL_ARGS "--dtype bfloat16")
 #   PYTHON (python3)
 #   TINY=1        CPU smoke run of the very same steps: a randomly initialised `tiny` model as the base
 #                 (unless BASE_MODEL is given),
@@ -56,6 +57,8 @@ fi
 : "${TASKS:=mdqa synthetic mmlu hellaswag gsm8k triviaqa nq_open}"
 # Mistral 7B is evaluated in bfloat16, the dtype it is published in (float32 would double the memory).
 [[ ${TINY:-0} == 1 ]] || : "${EVAL_ARGS=--dtype bfloat16}"
+# What makes the 7B finetune fit a v5e-8 at global batch 16 (python -m jaxtrain aot; README "Will it fit?").
+[[ ${TINY:-0} == 1 ]] || : "${TRAIN_ARGS=--remat offload_input --offload-state}"
 read -ra train_extra <<<"${TRAIN_ARGS:-}"
 read -ra eval_extra <<<"${EVAL_ARGS:-}"
 read -ra tasks <<<"$TASKS"
