@@ -67,9 +67,9 @@ def _sample(logits, rng, temperature, top_p, greedy: bool):
     return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
-def _step_logits(config, params, adapters, ids, positions, segments, cache):
+def _step_logits(config, params, adapters, ids, positions, segments, cache, empty_cache=False):
     """Append tokens to the cache; return logits of each row's last token and the new cache."""
-    hidden, cache = model.apply(config, params, ids, positions, segments, cache, adapters=adapters,
+    hidden, cache = model.apply(config, params, ids, positions, segments, cache, empty_cache, adapters=adapters,
                                 method=model.Mistral.hidden_states)
     return model.logits_from_hidden(config, params, hidden[:, -1]), cache
 
@@ -79,7 +79,7 @@ def _prefill(params, adapters, ids, positions, segments, rng, temperature, top_p
              greedy):
     batch, length = ids.shape
     cache = model.init_cache(config, batch, length + max_new_tokens)
-    logits, cache = _step_logits(config, params, adapters, ids, positions, segments, cache)
+    logits, cache = _step_logits(config, params, adapters, ids, positions, segments, cache, empty_cache=True)
     rng, sub = jax.random.split(rng)
     first = _sample(logits, sub, temperature, top_p, greedy)
     tokens = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(first)

@@ -116,14 +116,16 @@ class Attention(nn.Module):
         kv_positions, kv_segments, keys, values = positions, segment_ids, k, v
         new_cache = None
         if cache is not None:
+            new_cache = write_cache(cache, k, v, positions, segment_ids)
+        if cache_positions is not None:
             # Attend over what the cache held before this step plus this step's own keys; the window
-            # mask drops whatever the ring buffer has already moved past.
+            # mask drops whatever the ring buffer has already moved past. (A prefill into an empty cache
+            # passes no positions and attends over its own keys only: half the work, and a fused kernel.)
             old_pos = cache_positions
             keys = jnp.concatenate([cache["k"], k.astype(cache["k"].dtype)], axis=1)
             values = jnp.concatenate([cache["v"], v.astype(cache["v"].dtype)], axis=1)
             kv_positions = jnp.concatenate([old_pos, positions], axis=1)
             kv_segments = jnp.concatenate([(old_pos >= 0).astype(jnp.int32), segment_ids], axis=1)
-            new_cache = write_cache(cache, k, v, positions, segment_ids)
         out = attention(q, keys.astype(q.dtype), values.astype(q.dtype), q_positions=positions,
                         kv_positions=kv_positions, q_segment_ids=segment_ids, kv_segment_ids=kv_segments,
                         sliding_window=cfg.sliding_window, impl=cfg.attention_impl)
@@ -186,15 +188,18 @@ class Mistral(nn.Module):
                 "lm_head", nn.with_logical_partitioning(init_normal, ("embed", "vocab")),
                 (cfg.hidden_size, cfg.vocab_size), jnp.dtype(cfg.param_dtype))
 
-    def hidden_states(self, input_ids, positions, segment_ids, cache=None):
-        """Final-norm hidden states [B, T, D] (and the updated cache when decoding)."""
+    def hidden_states(self, input_ids, positions, segment_ids, cache=None, empty_cache: bool = False):
+        """Final-norm hidden states [B, T, D] (and the updated cache when decoding).
+
+        `empty_cache`: the cache holds nothing yet (a prefill), so there is nothing in it to attend to.
+        """
         cfg = self.config
         x = _compute(jnp.take(self.embed, input_ids, axis=0), cfg)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         layer_cache, cache_positions = None, None
         if cache is not None:
             layer_cache = {"k": cache["k"], "v": cache["v"]}
-            cache_positions = cache["positions"]
+            cache_positions = None if empty_cache else cache["positions"]
         x, new_layer_cache = self.layers(x, layer_cache, positions, segment_ids, cache_positions)
         x = self.final_norm(x)
         if cache is None:
