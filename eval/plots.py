@@ -20,6 +20,22 @@ def _figure(runs: list[dict], task: str):
     return plt.subplots(figsize=(6.4, 4.2), dpi=120)
 
 
+def _save(fig, ax, path, xticks, xlabel: str, title: str) -> Path:
+    """Axis labels, grid and legend shared by the accuracy plots, then the PNG."""
+    ax.set_xticks(sorted(xticks))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("Accuracy (%)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def plot_mdqa(runs: list[dict], path: Path, *, title: str | None = None) -> Path:
     """Plot accuracy (%) vs 1-based gold position for each MDQA results dict in `runs` and save a PNG.
 
@@ -39,19 +55,9 @@ def plot_mdqa(runs: list[dict], path: Path, *, title: str | None = None) -> Path
             ax.axhline(100 * oracle["best_subspan_em"], color=color, linestyle=":", linewidth=1,
                        label=f"{run['label']} (oracle)")
     num_docs = runs[0]["settings"].get("num_documents")
-    ax.set_xticks(sorted(all_positions))
-    ax.set_xlabel("Position of the document with the answer")
-    ax.set_ylabel("Accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(title or f"Multi-document QA ({num_docs} documents)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, all_positions, "Position of the document with the answer",
+                 title or f"Multi-document QA ({num_docs} documents)")
 
 
 def plot_flenqa(runs: list[dict], path: Path, *, title: str | None = None) -> Path:
@@ -66,15 +72,4 @@ def plot_flenqa(runs: list[dict], path: Path, *, title: str | None = None) -> Pa
         cot = run["settings"].get("cot", False)
         ax.plot(xs, [100 * by_ctx[str(x)]["accuracy"] for x in xs], marker="o", color=f"C{i % 10}",
                 linestyle="--" if cot else "-", label=run["label"] + (" (CoT)" if cot else ""))
-    ax.set_xticks(sorted(sizes))
-    ax.set_xlabel("Input length (tokens)")
-    ax.set_ylabel("Accuracy (%)")
-    ax.set_title(title or "FLenQA")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, sizes, "Input length (tokens)", title or "FLenQA")
