@@ -12,6 +12,7 @@ a seed give byte-identical JSONL on any machine. Token counts come from the real
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import pathlib
@@ -154,6 +155,14 @@ def _render_dicts(dicts: list[list[tuple]]) -> str:
     )
 
 
+def _fill_dicts(sizes: list[int], gold_index: int, gold_entry: tuple, distractor: Callable[[], tuple]
+                ) -> list[list[tuple]]:
+    """Entries of every dictionary (the gold one first, the gold entry at `gold_index`); the other entries
+    come from `distractor()`, called in reading order so that the random draws keep their order."""
+    return [[gold_entry if d == 0 and j == gold_index else distractor() for j in range(size)]
+            for d, size in enumerate(sizes)]
+
+
 @dataclasses.dataclass
 class _Draw:
     """One drawn prompt before placement: dicts[0] is the gold dictionary."""
@@ -174,17 +183,13 @@ def _draw_simple(cfg: TaskConfig, rng: random.Random) -> _Draw:
     keys = {gold_key, gold_value}  # a key never repeats, and never equals the gold value
     sizes = _dict_sizes(cfg, rng)
     gold_index = rng.randrange(cfg.gold_dict_size)
-    dicts = []
-    for d, size in enumerate(sizes):
-        entries = []
-        for j in range(size):
-            if d == 0 and j == gold_index:
-                entries.append((gold_key, gold_value))
-                continue
-            key = _fresh(rng, cfg.key_digits, keys)
-            keys.add(key)
-            entries.append((key, _fresh(rng, cfg.value_digits, {gold_value, gold_key})))
-        dicts.append(entries)
+
+    def distractor() -> tuple[int, int]:
+        key = _fresh(rng, cfg.key_digits, keys)
+        keys.add(key)
+        return key, _fresh(rng, cfg.value_digits, {gold_value, gold_key})
+
+    dicts = _fill_dicts(sizes, gold_index, (gold_key, gold_value), distractor)
     return _Draw(
         dicts, gold_key, gold_value, gold_index,
         question=("Above is a list of dictionaries such that each key and value is an integer. "
@@ -208,15 +213,12 @@ def _draw_multisubkey(cfg: TaskConfig, rng: random.Random) -> _Draw:
     num_distractors = sum(sizes) - 1
     forced = set(rng.sample(range(num_distractors), min(cfg.min_sharing_keys, num_distractors)))
     seen = {frozenset(gold_key)}
-    dicts, slot, sharing = [], 0, 0
-    for d, size in enumerate(sizes):
-        entries = []
-        for j in range(size):
-            if d == 0 and j == gold_index:
-                entries.append((gold_key, gold_value))
-                continue
+    sharing = 0
+
+    def distractors() -> Iterator[tuple[tuple[int, ...], int]]:
+        nonlocal sharing
+        for slot in itertools.count():
             share = slot in forced or rng.random() < cfg.share_prob
-            slot += 1
             while True:
                 n = rng.randint(*cfg.subkeys_range)
                 shared = rng.sample(gold_subkeys, rng.randint(1, min(gold_len - 1, n))) if share else []
@@ -228,8 +230,9 @@ def _draw_multisubkey(cfg: TaskConfig, rng: random.Random) -> _Draw:
                     break
             seen.add(frozenset(key))
             sharing += bool(shared)
-            entries.append((tuple(key), _fresh(rng, cfg.value_digits, {gold_value})))
-        dicts.append(entries)
+            yield tuple(key), _fresh(rng, cfg.value_digits, {gold_value})
+
+    dicts = _fill_dicts(sizes, gold_index, (gold_key, gold_value), distractors().__next__)
     asked = list(gold_subkeys)
     while len(asked) > 1 and tuple(asked) == gold_key:
         rng.shuffle(asked)
@@ -251,11 +254,16 @@ _DRAW: dict[str, Callable[[TaskConfig, random.Random], _Draw]] = {
     "simple": _draw_simple, "multisubkey": _draw_multisubkey}
 
 
-def _place(cfg: TaskConfig, draw: _Draw, position: int) -> tuple[str, str]:
-    """(prompt, answer) with the gold dictionary at 1-based `position`."""
+def _placed_dicts(draw: _Draw, position: int) -> list[list[tuple]]:
+    """The dictionaries in prompt order, the gold one at 1-based `position`."""
     dicts = draw.dicts[1:]
     dicts.insert(position - 1, draw.dicts[0])
-    prompt = f"{INTRO}\n\n{_render_dicts(dicts)}\n\n{draw.question}"
+    return dicts
+
+
+def _place(cfg: TaskConfig, draw: _Draw, position: int) -> tuple[str, str]:
+    """(prompt, answer) with the gold dictionary at 1-based `position`."""
+    prompt = f"{INTRO}\n\n{_render_dicts(_placed_dicts(draw, position))}\n\n{draw.question}"
     if cfg.template:
         prompt += f" Answer in the following template:\n{draw.template}"
     return prompt, draw.answer.format(dict=position)
@@ -345,6 +353,47 @@ def generate_split(cfg: TaskConfig, seed: int, split: str, n: int, *, progress: 
         }
         yield {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
                "meta": meta}
+
+
+def follow_up_text(cfg: TaskConfig, key: int) -> str:
+    """A follow-up question of a multi-question chat: the paper's question without its first sentence
+    (shorter chats, same answer format), with the answer template when `cfg.template`."""
+    text = f"Report the value of key {key} and the dictionary it is in."
+    if cfg.template:
+        text += (f" Answer in the following template:\nThe value of key {key} is <fill-in-value> and it is in "
+                 "Dictionary [<fill-in-dictionary-name>].")
+    return text
+
+
+def multi_question_split(cfg: TaskConfig, seed: int, split: str, n: int, questions: int) -> Iterator[dict]:
+    """Yield n multi-question chat records of the simple task, deterministically: a paper-format prompt and
+    its answer, then `questions - 1` follow-up turns (`follow_up_text`) asking about other keys of the same
+    dictionaries, each a different key, every answer in the paper's format.
+
+    Why: a model trained from scratch only forms the key -> value lookup circuit when it gets many
+    supervised lookups per sequence (docs/demo.md). The gold dictionary's position is uniform over
+    1..num_dicts; `max_tokens` is not enforced (the caller's shards bound the length).
+    Records: {"messages": [...], "meta": {"id", "num_questions"}}.
+    """
+    if cfg.task != "simple":
+        raise ValueError(f"multi-question chats use the simple task (got task={cfg.task!r})")
+    if questions < 1:
+        raise ValueError(f"questions must be >= 1 (got {questions})")
+    rng = random.Random(f"needles/demo-multi/seed={seed}/{split}")
+    for i in range(n):
+        draw = _draw_simple(cfg, rng)
+        position = rng.randint(1, cfg.num_dicts)
+        prompt, answer = _place(cfg, draw, position)
+        others = [(k, v, d) for d, entries in enumerate(_placed_dicts(draw, position), 1) for k, v in entries
+                  if k != draw.gold_key]
+        rng.shuffle(others)
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+        for key, value, d in others[:questions - 1]:
+            messages += [{"role": "user", "content": follow_up_text(cfg, key)},
+                         {"role": "assistant", "content": f"The value of key {key} is {value} and it is in "
+                                                          f"Dictionary [{d}]."}]
+        yield {"messages": messages,
+               "meta": {"id": f"demo-multi-seed{seed}-{split}-{i:05d}", "num_questions": len(messages) // 2}}
 
 
 def dumps_record(record: dict) -> str:

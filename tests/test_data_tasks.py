@@ -200,3 +200,40 @@ def test_cli_refuses_bad_config(tmp_path):
     assert result.returncode != 0
     assert "error: config does not fit max_tokens=4096" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "train.jsonl").exists()
+
+
+@pytest.mark.parametrize("template", [False, True])
+def test_multi_question_chats(template):
+    """Every answer (first and follow-ups) is what the prompt's dictionaries say, parsed from the text alone;
+    no key is asked twice; as many questions as asked for (or as the dictionaries have keys)."""
+    cfg = tasks.TaskConfig(num_dicts=3, gold_dict_size=2, dict_size_range=(2, 3), key_digits=(2, 2),
+                           value_digits=(2, 2), template=template)
+    answer = re.compile(r"The value of key (\d+) is (\d+) and it is in Dictionary \[(\d+)\]\.")
+    records = list(tasks.multi_question_split(cfg, 7, "train", 40, questions=4))
+    assert len(records) == 40
+    for i, rec in enumerate(records):
+        messages = rec["messages"]
+        assert [m["role"] for m in messages] == ["user", "assistant"] * 4
+        assert rec["meta"] == {"id": f"demo-multi-seed7-train-{i:05d}", "num_questions": 4}
+        dicts, first_key = _parse_simple(messages[0]["content"], template)
+        where = {k: (v, d) for d, entries in enumerate(dicts, start=1) for k, v in entries}
+        asked = [first_key]
+        assert answer.fullmatch(messages[1]["content"]).groups() == (first_key, where[first_key][0],
+                                                                     str(where[first_key][1]))
+        for question, reply in zip(messages[2::2], messages[3::2]):
+            key = re.fullmatch(r"Report the value of key (\d+) and the dictionary it is in\..*", question["content"],
+                               re.DOTALL).group(1)
+            expected = f"Report the value of key {key} and the dictionary it is in."
+            if template:
+                expected += SIMPLE_T.format(k=key)
+            assert question["content"] == expected
+            assert answer.fullmatch(reply["content"]).groups() == (key, where[key][0], str(where[key][1]))
+            asked.append(key)
+        assert len(set(asked)) == len(asked)
+    # Fewer keys than questions: every key once, then stop.
+    few = list(tasks.multi_question_split(cfg.replace(num_dicts=1, gold_dict_size=3), 0, "eval", 5, questions=9))
+    assert [r["meta"]["num_questions"] for r in few] == [3] * 5
+    assert records == list(tasks.multi_question_split(cfg, 7, "train", 40, questions=4))
+    assert records != list(tasks.multi_question_split(cfg, 8, "train", 40, questions=4))
+    with pytest.raises(ValueError, match="simple task"):
+        next(tasks.multi_question_split(cfg.replace(task="multisubkey"), 0, "train", 1, 2))
