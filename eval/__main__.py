@@ -1,4 +1,5 @@
 """`python -m eval <task> --model HF_DIR_OR_RUN_DIR [--data-file F | --data-dir D] [--limit N] --out DIR`
+(also a LoRA run or PEFT adapter folder: `--base HF_DIR`, `--base-dtype int8|bf16|float32`, `--merge-adapters`)
 and `python -m eval compare A/results.json B/results.json ...`."""
 
 from __future__ import annotations

@@ -16,13 +16,16 @@ from typing import Any
 
 from eval import results as results_io
 from eval.datafiles import DataError
+from eval.model_io import BaseDtype
 from jaxtrain.sharding import MeshConfig
 
 
 @dataclasses.dataclass(kw_only=True)
 class CommonArgs:
     model: str
-    """Hugging Face Mistral folder (config.json + safetensors) or a `python -m jaxtrain train` run directory."""
+    """Hugging Face Mistral folder (config.json + safetensors), a `python -m jaxtrain train` run directory
+    (full finetune or LoRA: the base is read from the path the run recorded and checked against its sha256),
+    or a PEFT adapter folder (with --base)."""
     out: Path
     """Directory for results.json, predictions.jsonl (and the MDQA plot)."""
     data_file: Path | None = None
@@ -34,7 +37,19 @@ class CommonArgs:
     batch_size: int = 8
     """Sequences per forward pass of the decoder."""
     dtype: str | None = None
-    """Cast weights on load, e.g. bfloat16 (default: the config's param_dtype)."""
+    """Cast float weights on load, e.g. bfloat16, also a run's (default: the config's param_dtype; a run: as stored)."""
+    base: Path | None = None
+    """Base model (Hugging Face folder) of a PEFT adapter folder given as --model; for a LoRA run, where its
+    base is now if it moved (it must hash to the sha256 the run recorded)."""
+    base_dtype: BaseDtype | None = None
+    """Base weights as int8 (weight-only, per-output-channel scales: a 7B base on one 16 GiB chip), bf16 or
+    float32; replaces --dtype (default: a LoRA run's training dtype, else as --dtype)."""
+    compute_dtype: str | None = None
+    """Dtype of activations and matmuls, e.g. float32 for exact comparisons (default: the model's own:
+    bfloat16 for Hugging Face folders, a run's training setting)."""
+    merge_adapters: bool = False
+    """Fold LoRA adapters into the base (W + alpha/r·A·B) before decoding instead of applying them unmerged
+    (float bases only)."""
     shard: bool = False
     """Split the parameters over all devices as in training (--mesh.*), e.g. a 7B model on a v5e-8."""
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
@@ -112,8 +127,11 @@ def run_task(task: Task, args: CommonArgs) -> dict:
             mesh = make_mesh(args.mesh)
         except ValueError as e:
             raise DataError(f"--mesh: {e}") from None
-    config, params = load_model(args.model, dtype=args.dtype, mesh=mesh, rules=args.mesh.rules)
-    generator = Generator(config, params, batch_size=args.batch_size, mesh=mesh)
+    loaded = load_model(args.model, dtype=args.dtype, mesh=mesh, rules=args.mesh.rules, base=args.base,
+                        base_dtype=args.base_dtype, merge_adapters=args.merge_adapters,
+                        compute_dtype=args.compute_dtype)
+    generator = Generator(loaded.config, loaded.params, batch_size=args.batch_size, mesh=mesh,
+                          adapters=loaded.adapters)
     t1 = time.perf_counter()
     evaluation = task.evaluate(args, data, generator)
     t2 = time.perf_counter()
@@ -124,9 +142,11 @@ def run_task(task: Task, args: CommonArgs) -> dict:
         "schema_version": results_io.SCHEMA_VERSION,
         "task": task.name,
         "label": args.label or model_path.name,
-        "model": {"path": str(model_path), "config": config.to_hf_dict()},
+        "model": {"path": str(model_path), "config": loaded.config.to_hf_dict(), **loaded.info},
         "data": data.sources,
         "settings": {"limit": args.limit, "batch_size": args.batch_size, "dtype": args.dtype,
+                     "base_dtype": args.base_dtype, "merge_adapters": args.merge_adapters,
+                     "compute_dtype": loaded.config.dtype,
                      "mesh": None if mesh is None else dict(mesh.shape), **evaluation.settings},
         "num_examples": evaluation.num_examples,
         "metrics": evaluation.metrics,

@@ -61,19 +61,28 @@ def prompt_text(question: str, documents: tuple[Document, ...] | list[Document])
     return f"{INSTRUCTION}\n\n{search_results}\n\nQuestion: {question}\nAnswer:"
 
 
-def _parse_documents(ctxs, where: str) -> tuple[Document, ...]:
-    if not isinstance(ctxs, list) or not ctxs:
-        raise DataError(f"{where}: field 'ctxs' must be a non-empty list of documents")
-    docs = []
+def _parse_passages(ctxs, where: str, flag: str, default: bool | None = None) -> list[tuple[Document, bool]]:
+    """(passage, its boolean field `flag`) for each entry of a 'ctxs' list; `default`: the flag's value
+    when the field is absent (None: required)."""
+    if not isinstance(ctxs, list):
+        raise DataError(f"{where}: field 'ctxs' must be a list of passages")
+    passages = []
     for i, ctx in enumerate(ctxs):
         w = f"{where}: ctxs[{i}]"
         if not isinstance(ctx, dict):
-            raise DataError(f"{w} must be an object with 'title' and 'text'")
-        isgold = ctx.get("isgold", False)
-        if not isinstance(isgold, bool):
-            raise DataError(f"{w}: field 'isgold' must be true or false, got {isgold!r}")
-        docs.append(Document(get_str(ctx, "title", w, allow_empty=True), get_str(ctx, "text", w), isgold))
-    return tuple(docs)
+            raise DataError(f"{w} must be an object with 'title', 'text' and '{flag}'")
+        value = ctx.get(flag, default)
+        if not isinstance(value, bool):
+            raise DataError(f"{w}: field '{flag}' must be true or false, got {value!r}")
+        passages.append((Document(get_str(ctx, "title", w, allow_empty=True), get_str(ctx, "text", w)), value))
+    return passages
+
+
+def _parse_documents(ctxs, where: str) -> tuple[Document, ...]:
+    if not ctxs:
+        raise DataError(f"{where}: field 'ctxs' must be a non-empty list of documents")
+    passages = _parse_passages(ctxs, where, "isgold", False)
+    return tuple(dataclasses.replace(doc, isgold=isgold) for doc, isgold in passages)
 
 
 def parse_position_file_name(path: Path) -> tuple[int, int] | None:
@@ -217,20 +226,8 @@ def read_retrieval_file(path: Path, questions: set[str]) -> dict[str, list[Docum
         question = get_str(obj, "question", where)
         if question not in questions or question in found:
             continue
-        ctxs = obj.get("ctxs")
-        if not isinstance(ctxs, list):
-            raise DataError(f"{where}: field 'ctxs' must be a list of retrieved passages")
-        docs = []
-        for i, ctx in enumerate(ctxs):
-            w = f"{where}: ctxs[{i}]"
-            if not isinstance(ctx, dict):
-                raise DataError(f"{w} must be an object with 'title', 'text' and 'hasanswer'")
-            hasanswer = ctx.get("hasanswer")
-            if not isinstance(hasanswer, bool):
-                raise DataError(f"{w}: field 'hasanswer' must be true or false, got {hasanswer!r}")
-            if not hasanswer:
-                docs.append(Document(get_str(ctx, "title", w, allow_empty=True), get_str(ctx, "text", w)))
-        found[question] = docs
+        found[question] = [doc for doc, hasanswer in _parse_passages(obj.get("ctxs"), where, "hasanswer")
+                           if not hasanswer]
     missing = sorted(questions - set(found))
     if missing:
         raise DataError(f"{path}: no retrieval results for {len(missing)} question(s), e.g. {missing[0]!r}")
