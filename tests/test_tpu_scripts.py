@@ -301,7 +301,8 @@ def test_recipe_is_the_paper_experiment(tmp_path):
     trains = [c for c in cmds if c[:4] == [*py, "jaxtrain", "train"]]
     assert trains == [[*py, "jaxtrain", "train", "--model", "mistral-7b-instruct-v0.1", "--init-from", base,
                        "--data", f"{work}/shards/{r}", "--out", f"{CKPT}/{r}", "--epochs", "2", "--lr", "5e-6",
-                       "--global-batch", "16", "--resume", "--remat", "offload_input", "--offload-state"]
+                       "--global-batch", "16", "--grad-accum", "1", "--resume", "--remat", "offload_input",
+                       "--offload-state"]
                       for r in runs]
     exports = [c for c in cmds if c[:4] == [*py, "jaxtrain", "export"]]
     assert exports == [[*py, "jaxtrain", "export", "--checkpoint", f"{CKPT}/{r}", "--out", f"{work}/hf/{r}"]
@@ -311,12 +312,12 @@ def test_recipe_is_the_paper_experiment(tmp_path):
     # before: 6 tasks + the synthetic eval of each of the 6 data sets; after: 6 tasks + its own data set
     assert len(evals) == (6 + 6) + 6 * (6 + 1)
     assert [*py, "eval", "mdqa", "--model", base, "--data-dir", "/d/mdqa", "--label", "base", "--out",
-            f"{work}/results/base/mdqa", "--dtype", "bfloat16"] in evals
+            f"{work}/results/base/mdqa", "--dtype", "bfloat16", "--shard"] in evals
     assert [*py, "eval", "nq_open", "--model", f"{work}/hf/notemplate-seed2", "--data-dir", "/d/nq_open", "--label",
-            "notemplate-seed2", "--out", f"{work}/results/notemplate-seed2/nq_open", "--dtype", "bfloat16"] in evals
+            "notemplate-seed2", "--out", f"{work}/results/notemplate-seed2/nq_open", "--dtype", "bfloat16", "--shard"] in evals
     assert [*py, "eval", "synthetic", "--model", f"{work}/hf/template-seed1", "--data-file",
             f"{work}/data/template-seed1/eval.jsonl", "--label", "template-seed1", "--out",
-            f"{work}/results/template-seed1/synthetic-template-seed1", "--dtype", "bfloat16"] in evals
+            f"{work}/results/template-seed1/synthetic-template-seed1", "--dtype", "bfloat16", "--shard"] in evals
     # every finetuned model is evaluated only after its export, which follows its training
     for r in runs:
         i_train = cmds.index(trains[runs.index(r)])
@@ -344,9 +345,63 @@ def test_recipe_tiny_mode_is_the_same_steps_on_cpu_scale(tmp_path):
             "--out", f"{work}/base-tiny"] in cmds
     assert ["/venv/python", "-m", "jaxtrain", "train", "--model", "tiny", "--init-from", f"{work}/base-tiny",
             "--data", f"{work}/shards/template-seed0", "--out", f"{work}/runs/template-seed0", "--epochs", "2",
-            "--lr", "1e-3", "--global-batch", "16", "--resume"] in cmds
+            "--lr", "1e-3", "--global-batch", "16", "--grad-accum", "1", "--resume"] in cmds
     evals = [c for c in cmds if c[1:3] == ["-m", "eval"] and c[3] != "compare"]
     assert len(evals) == 2 * 7 and all(c[c.index("--limit") + 1] == "2" for c in evals)
+
+
+def test_recipe_lora_on_one_chip(tmp_path):
+    """LORA_RANK > 0 (Colab's v5e-1): adapters on the frozen base, LoRA's learning rate, the base-model
+    flags of docs/lora.md, and the adapters merged into the base on the host before evaluation."""
+    work, base = "/w", "/m/Mistral-7B-Instruct-v0.1"
+    cmds = recipe_commands(tmp_path, WORK=work, BASE_MODEL=base, EVAL_DATA="/d", SEEDS="0", VARIANTS="template",
+                           TASKS="mdqa synthetic", LORA_RANK="16", GRAD_ACCUM="16",
+                           EVAL_ARGS="--dtype bfloat16 --batch-size 1")
+    py = ["python3", "-m"]
+    (train,) = [c for c in cmds if c[:4] == [*py, "jaxtrain", "train"]]
+    assert train == [*py, "jaxtrain", "train", "--model", "mistral-7b-instruct-v0.1", "--init-from", base, "--data",
+                     f"{work}/shards/template-seed0", "--out", f"{work}/runs/template-seed0", "--epochs", "2",
+                     "--lr", "2e-4", "--global-batch", "16", "--grad-accum", "16", "--resume",
+                     "--lora-rank", "16", "--base-dtype", "int8"]
+    export = ["env", "JAX_PLATFORMS=cpu", *py, "jaxtrain", "export", "--checkpoint", f"{work}/runs/template-seed0",
+              "--out", f"{work}/hf/template-seed0", "--merged"]
+    assert cmds[cmds.index(train) + 1] == ["rm", "-rf", f"{work}/hf/template-seed0"]
+    assert cmds[cmds.index(train) + 2] == export
+    evals = [c for c in cmds if c[:3] == [*py, "eval"] and c[3] != "compare"]
+    assert [c[c.index("--model") + 1] for c in evals] == [base, base] + [f"{work}/hf/template-seed0"] * 2
+    assert all(c[-4:] == ["--dtype", "bfloat16", "--batch-size", "1"] for c in evals)
+    bf16 = recipe_commands(tmp_path, WORK=work, BASE_MODEL=base, EVAL_DATA="/d", LORA_RANK="8", BASE_DTYPE="bf16",
+                           LR="1e-4", TRAIN_ARGS="--lora-dropout 0.05")
+    train = next(c for c in bf16 if c[:4] == [*py, "jaxtrain", "train"])
+    assert train[train.index("--lr") + 1] == "1e-4"
+    assert train[train.index("--resume") + 1:] == ["--lora-rank", "8", "--base-dtype", "bf16", "--lora-dropout", "0.05"]
+
+
+def test_long_context_recipe_shares_the_steps(tmp_path):
+    """The 24K recipe (paper_mistral7b_v02_24k.sh) takes the same shared steps with its own presets."""
+    recipe = SCRIPTS / "recipes" / "paper_mistral7b_v02_24k.sh"
+    proc = sh(recipe, "--dry-run", env=clean_env(tmp_path, WORK="/w", BASE_MODEL="/m", EVAL_DATA="/d",
+                                                   FLENQA_FILE="/f.jsonl"))
+    cmds = [shlex.split(line) for line in proc.stdout.splitlines()]
+    py = ["python3", "-m"]
+    assert cmds[:3] == [
+        [*py, "data_gen", "generate", "--preset", "paper-simple-24k", "--seed", "0", "--template", "--overwrite",
+         "--out", "/w/data/template-seed0"],
+        ["rm", "-rf", "/w/shards/template-seed0"],
+        [*py, "data_gen", "shards", "--input", "/w/data/template-seed0/train.jsonl", "--out",
+         "/w/shards/template-seed0", "--buckets", "24576"]]
+    assert [*py, "eval", "mdqa", "--model", "/m", "--data-dir", "/d/mdqa", "--num-docs", "120", "--gold-positions",
+            "0,29,59,89,119", "--closed-book", "--label", "base", "--out", "/w/results/base/mdqa120", "--dtype",
+            "bfloat16", "--shard", "--batch-size", "1"] in cmds
+    assert [*py, "jaxtrain", "train", "--model", "mistral-7b-instruct-v0.2", "--init-from", "/m", "--data",
+            "/w/shards/template-seed0", "--out", "/w/runs/template-seed0", "--epochs", "2", "--lr", "5e-6",
+            "--global-batch", "16", "--grad-accum", "2", "--resume"] in cmds
+    (compare,) = [c for c in cmds if c[:4] == [*py, "eval", "compare"]]
+    assert compare[4:] == [f"/w/results/{m}/{k}/results.json" for m in ("base", "template-seed0")
+                           for k in ("mdqa120", "flenqa", "flenqa-cot")] + [
+        "/w/results/base/synthetic-template-seed0/results.json",
+        "/w/results/template-seed0/synthetic-template-seed0/results.json", "--out", "/w/results/compare"]
+    assert sum(c[:3] == [*py, "eval"] for c in cmds) == 2 * 4 + 1
 
 
 @pytest.mark.parametrize("env, message", [
@@ -355,6 +410,7 @@ def test_recipe_tiny_mode_is_the_same_steps_on_cpu_scale(tmp_path):
     ({"TINY": "1", "EVAL_DATA": ""}, "MDQA needs EVAL_DATA"),
     ({"TINY": "1", "EVAL_DATA": "/nonexistent"}, "EVAL_DATA=/nonexistent is not a folder"),
     ({"TINY": "1", "VARIANTS": "templat"}, "VARIANTS takes template and notemplate"),
+    ({"TINY": "1", "LORA_RANK": "r16"}, "LORA_RANK must be a whole number"),
 ])
 def test_recipe_refuses_bad_settings(tmp_path, env, message):
     env = {"EVAL_DATA": str(tmp_path), **env}
@@ -397,14 +453,56 @@ def test_notebook_is_valid_and_runs_the_recipe():
     source = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit the notebook without outputs"
     assert '"paper_mistral7b.sh"' in source and 'TINY = os.environ.get("TINY", "0") == "1"' in source
+    # the one-chip path: LoRA on the int8 base, bf16 evaluation one prompt at a time
+    assert "LORA_RANK = 16" in source and 'BASE_DTYPE = "int8"' in source and "--batch-size 1" in source
+    assert "YOUR-ORG" not in source and 'PROJECT_SOURCE = os.environ.get("PROJECT_SOURCE", "")' in source
     for cell in nb.cells:
         if cell.cell_type == "code":
             compile(cell.source, "<cell>", "exec")
 
 
+def notebook_namespace() -> dict:
+    """The notebook's cell that defines fetch_project, executed (it only defines functions)."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    (cell,) = [c for c in nb.cells if c.cell_type == "code" and "def fetch_project(" in c.source]
+    namespace: dict = {}
+    exec(compile(cell.source, "<fetch_project cell>", "exec"), namespace)
+    return namespace
+
+
+def test_notebook_fetches_the_project_from_each_kind_of_source(tmp_path, capsys):
+    """PROJECT_SOURCE: a git URL, a `git archive` tarball, a `git bundle` or a checkout folder each give the
+    source tree (made here from this repository's HEAD); anything else is refused with what to give instead."""
+    fetch = notebook_namespace()["fetch_project"]
+    recipe = Path("tpu_scripts", "recipes", "paper_mistral7b.sh")
+    tarball, bundle = tmp_path / "needles-src.tar.gz", tmp_path / "needles.bundle"
+    subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar.gz", "-o", str(tarball), "HEAD"], check=True)
+    subprocess.run(["git", "-C", str(ROOT), "bundle", "create", "-q", str(bundle), "HEAD"], check=True,
+                   capture_output=True)
+    for name, source in [("tar", tarball), ("bundle", bundle), ("url", f"file://{ROOT}")]:
+        dest = fetch(str(source), tmp_path / name)
+        assert (dest / recipe).read_bytes() == subprocess.run(
+            ["git", "-C", str(ROOT), "show", f"HEAD:{recipe}"], capture_output=True, check=True).stdout, name
+    assert (fetch(str(tmp_path / "tar"), tmp_path / "folder") / "pyproject.toml").is_file()
+    (tmp_path / "x.whl").write_bytes(b"")
+    (tmp_path / "other").mkdir()
+    for source, error, message in [
+        ("", ValueError, "PROJECT_SOURCE is not set"),
+        (str(tmp_path / "missing.tar.gz"), FileNotFoundError, "no such file or folder"),
+        (f"file://{tmp_path}/nowhere.git", ValueError, "git cannot read"),
+        (f"file://{ROOT}#no-such-branch", ValueError, "no 'no-such-branch'"),
+        (str(tmp_path / "x.whl"), ValueError, "a wheel leaves out tpu_scripts/"),
+        (str(tmp_path / "other"), ValueError, "not this project's source tree"),
+    ]:
+        with pytest.raises(error, match=message) as info:
+            fetch(source, tmp_path / "dest")
+        assert "git archive" in str(info.value) or "source tree" in str(info.value)
+
+
 @pytest.mark.slow
 def test_notebook_executes_top_to_bottom_tiny(tmp_path, monkeypatch):
-    """The whole notebook with TINY=1 on CPU: the recipe end to end with the tiny model, plot shown inline."""
+    """The whole notebook with TINY=1 on CPU: the recipe end to end with the tiny model through the one-chip
+    LoRA path (int8 base, 16 micro-batches, merged export), plot shown inline."""
     import nbclient
 
     if not SHARED_DATA.is_dir():
@@ -414,6 +512,7 @@ def test_notebook_executes_top_to_bottom_tiny(tmp_path, monkeypatch):
     monkeypatch.setenv("EVAL_DATA", str(SHARED_DATA))
     monkeypatch.setenv("WORK", str(work))
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.setenv("XLA_FLAGS", "")  # one CPU device stands in for Colab's one chip (conftest forces 8)
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nbclient.NotebookClient(nb, timeout=1800, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}}).execute()
@@ -422,3 +521,36 @@ def test_notebook_executes_top_to_bottom_tiny(tmp_path, monkeypatch):
         assert (work / "results" / model / "mdqa" / "results.json").is_file()
     assert (work / "results" / "compare" / "mdqa" / "mdqa_compare.png").is_file()
     assert "gold at 20" in (work / "results" / "compare" / "mdqa" / "table.txt").read_text()
+    from jaxtrain.checkpoint import Checkpointer
+    from jaxtrain.lora import run_settings
+
+    with Checkpointer(work / "runs" / "template-seed0", read_only=True) as ckpt:
+        _, _, metadata = ckpt.read_json()
+    lora, base = run_settings(metadata)
+    assert lora.rank == 16 and base["dtype"] == "int8" and base["init_from"] == str(work / "base-tiny")
+    assert (work / "hf" / "template-seed0" / "config.json").is_file()  # the merged export that was evaluated
+
+
+# ---------------------------------------------------------------- the cost estimate (bench/tpu_cost.py)
+
+
+def test_cost_estimate_flops_by_hand():
+    """The FLOPs per step behind docs/tpu.md's cost table, recomputed by hand from Mistral 7B's shapes."""
+    from bench import tpu_cost
+    from jaxtrain.config import MistralConfig
+
+    config = MistralConfig.preset("mistral-7b-instruct-v0.1")
+    d, ff, kv, layers, vocab = 4096, 14336, 1024, 32, 32000
+    body = layers * (2 * d * d + 2 * d * kv + 3 * d * ff + 2 * d) + d   # norms included
+    tokens = 16 * 4096
+    attention = 4 * layers * 32 * 128 * 2048 * tokens                  # QK^T + PV, causal: 2048 keys on average
+    forward = 2 * body * tokens + attention                             # the layers, recomputed by remat
+    head = 6 * vocab * d * 16 * 64                                      # LM head on 64 answer tokens a row
+    full = 6 * body * tokens + head + 3 * attention + forward
+    assert tpu_cost.step_flops(config, 0) == pytest.approx(full, rel=1e-9)
+    adapters = layers * 16 * (6 * d + 2 * kv + 3 * (d + ff))           # r16 on q k v o gate up down
+    assert adapters == 41943040                                         # jaxtrain.lora's count (docs/lora.md)
+    lora = full - 2 * body * tokens + 6 * adapters * tokens             # no weight gradients for the base
+    assert tpu_cost.step_flops(config, 16) == pytest.approx(lora, rel=1e-9)
+    # Colab's v5e-1: 22 steps an epoch at 50% of 197 TFLOP/s
+    assert 22 * lora / (0.5 * 197e12) / 60 == pytest.approx(11.3, abs=0.1)

@@ -20,10 +20,14 @@
 #   WORK          working folder (default ./needles_work)
 #   CKPT_ROOT     where the training runs go (default $WORK/runs); gs://... on a multi-host pod
 #   SEEDS ("0 1 2")  VARIANTS ("template notemplate")  DATA_PRESET (paper-simple)
-#   MODEL_PRESET (mistral-7b-instruct-v0.1)  EPOCHS (2)  LR (5e-6)  GLOBAL_BATCH (16)
+#   MODEL_PRESET (mistral-7b-instruct-v0.1)  EPOCHS (2)  LR (5e-6)  GLOBAL_BATCH (16)  GRAD_ACCUM (1)
 #   TASKS ("mdqa synthetic mmlu hellaswag gsm8k triviaqa nq_open")  LIMIT (first N examples per task)
 #   TRAIN_ARGS, EVAL_ARGS  extra flags for every train / eval command (defaults: TRAIN_ARGS
-#                 "--remat offload_input --offload-state", EVAL_ARGS "--dtype bfloat16")
+#                 "--remat offload_input --offload-state", EVAL_ARGS "--dtype bfloat16 --shard")
+#   LORA_RANK     > 0: LoRA adapters of this rank on the frozen base instead of a full finetune (one chip,
+#                 e.g. Colab's v5e-1: LORA_RANK=16 GRAD_ACCUM=16 EVAL_ARGS="--dtype bfloat16 --batch-size 1");
+#                 LR then defaults to 2e-4, TRAIN_ARGS to none, and the export is merged. BASE_DTYPE (int8)
+#                 is the frozen base's dtype (int8 or bf16; docs/lora.md)
 #   PYTHON (python3)
 #   TINY=1        CPU smoke run of the very same steps: a randomly initialised `tiny` model as the base
 #                 (unless BASE_MODEL is given),
@@ -32,66 +36,29 @@
 #   DRY_RUN=1     print the commands instead of running them (as --dry-run does)
 
 set -euo pipefail
-# shellcheck source=../lib.sh
-source "$(dirname "$0")/../lib.sh"
-for arg in "$@"; do
-  case $arg in
-    --dry-run) DRY_RUN=1 ;;
-    -h | --help) usage; exit 0 ;;
-    *) die "unknown argument '$arg' (settings are environment variables: see --help)" ;;
-  esac
-done
-
-: "${WORK:=needles_work}"
-[[ $WORK == /* ]] || WORK=$PWD/$WORK
-random_base=0
+# shellcheck source=common.sh
+source "$(dirname "$0")/common.sh"
+recipe_init needles_work "$@"
 if [[ ${TINY:-0} == 1 ]]; then
-  [[ -n ${BASE_MODEL:-} ]] || random_base=1 BASE_MODEL=$WORK/base-tiny
   : "${MODEL_PRESET:=tiny}" "${DATA_PRESET:=demo-simple}"
-  : "${SEEDS:=0}" "${VARIANTS:=template}" "${LIMIT:=2}" "${LR:=1e-3}"
-  export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
+  : "${SEEDS:=0}" "${VARIANTS:=template}" "${LIMIT:=2}" "${LR:=1e-3}" "${TRAIN_ARGS:=}" "${EVAL_ARGS:=}"
 fi
-: "${BASE_MODEL:=}" "${EVAL_DATA:=}" "${CKPT_ROOT:=$WORK/runs}" "${LIMIT:=}" "${PYTHON:=python3}"
 : "${SEEDS:=0 1 2}" "${VARIANTS:=template notemplate}" "${DATA_PRESET:=paper-simple}"
-: "${MODEL_PRESET:=mistral-7b-instruct-v0.1}" "${EPOCHS:=2}" "${LR:=5e-6}" "${GLOBAL_BATCH:=16}"
+: "${MODEL_PRESET:=mistral-7b-instruct-v0.1}"
 : "${TASKS:=mdqa synthetic mmlu hellaswag gsm8k triviaqa nq_open}"
-# Mistral 7B is evaluated in bfloat16, the dtype it is published in (float32 would double the memory).
-[[ ${TINY:-0} == 1 ]] || : "${EVAL_ARGS=--dtype bfloat16}"
+# Mistral 7B is evaluated in bfloat16, the dtype it is published in (float32 would double the memory), split
+# over the chips: 13.5 GiB of weights and the KV caches of 8 prompts of 4K tokens (4 GiB) exceed one v5e chip.
+: "${EVAL_ARGS=--dtype bfloat16 --shard}"
 # What makes the 7B finetune fit a v5e-8 at global batch 16 (python -m jaxtrain aot; README "Will it fit?").
-[[ ${TINY:-0} == 1 ]] || : "${TRAIN_ARGS=--remat offload_input --offload-state}"
-read -ra train_extra <<<"${TRAIN_ARGS:-}"
-read -ra eval_extra <<<"${EVAL_ARGS:-}"
+recipe_settings "--remat offload_input --offload-state"
+read -ra eval_extra <<<"$EVAL_ARGS"
 read -ra tasks <<<"$TASKS"
-CKPT_ROOT=${CKPT_ROOT%/}
 
-[[ -n $BASE_MODEL ]] || die "set BASE_MODEL to the Hugging Face folder of Mistral-7B-Instruct-v0.1 (or TINY=1)"
-if [[ $DRY_RUN != 1 && $random_base == 0 && ! -f $BASE_MODEL/config.json ]]; then
-  die "BASE_MODEL=$BASE_MODEL is not a Hugging Face folder (no config.json)"
-fi
+check_base_model Mistral-7B-Instruct-v0.1
 [[ -z $EVAL_DATA || -d $EVAL_DATA || $DRY_RUN == 1 ]] || die "EVAL_DATA=$EVAL_DATA is not a folder"
 if [[ " ${tasks[*]} " == *" mdqa "* && -z $EVAL_DATA ]]; then
   die "MDQA needs EVAL_DATA (a folder with mdqa/nq-open-20_total_documents_gold_at_{0,4,9,14,19}.jsonl.gz); or drop mdqa from TASKS"
 fi
-
-# step NAME CMD...: run CMD unless step NAME finished in an earlier run of this recipe; remember it when it
-# succeeds (so a crashed or preempted recipe picks up where it stopped).
-step() {
-  local name=$1 marker=$WORK/.done/$1
-  shift
-  if [[ $DRY_RUN != 1 && -e $marker ]]; then
-    info "skip $name (done before; delete $marker to redo)"
-    return
-  fi
-  run "$@"
-  if [[ $DRY_RUN != 1 ]]; then mkdir -p "$WORK/.done" && touch "$marker"; fi
-}
-
-# fresh_step NAME DIR CMD...: a step whose command refuses to write into an existing DIR; what an
-# unfinished earlier attempt left there is removed first.
-fresh_step() {
-  if [[ $DRY_RUN == 1 || ! -e $WORK/.done/$1 ]]; then run rm -rf "$2"; fi
-  step "$1" "${@:3}"
-}
 
 # evaluate LABEL MODEL KEY: one evaluation into $WORK/results/LABEL/KEY; KEY is a task, or
 # synthetic-<run> for the held-out synthetic samples of that data set.
@@ -118,49 +85,23 @@ eval_keys() {
   done
 }
 
-runs=()
-for seed in $SEEDS; do
-  for variant in $VARIANTS; do
-    [[ $variant == template || $variant == notemplate ]] || die "VARIANTS takes template and notemplate, not '$variant'"
-    runs+=("$variant-seed$seed")
-  done
-done
-
-info "== data"
-for r in "${runs[@]}"; do
-  template=()
-  [[ $r == template-* ]] && template=(--template)
-  step "data-$r" "$PYTHON" -m data_gen generate --preset "$DATA_PRESET" --seed "${r##*-seed}" "${template[@]}" \
-    --overwrite --out "$WORK/data/$r"
-  fresh_step "shards-$r" "$WORK/shards/$r" "$PYTHON" -m data_gen shards --input "$WORK/data/$r/train.jsonl" --out "$WORK/shards/$r"
-done
+make_data "$DATA_PRESET"
 
 info "== before finetuning"
-if ((random_base)); then
-  step base-tiny "$PYTHON" "$TPU_SCRIPTS_DIR/recipes/make_tiny_base.py" --preset "$MODEL_PRESET" --out "$BASE_MODEL"
-fi
-while read -r key; do evaluate base "$BASE_MODEL" "$key"; done < <(eval_keys "${runs[@]}")
+make_tiny_base "$MODEL_PRESET"
+while read -r key; do evaluate base "$BASE_MODEL" "$key"; done < <(eval_keys "${RUNS[@]}")
 
-for r in "${runs[@]}"; do
-  info "== finetune $r"
-  step "train-$r" "$PYTHON" -m jaxtrain train --model "$MODEL_PRESET" --init-from "$BASE_MODEL" \
-    --data "$WORK/shards/$r" --out "$CKPT_ROOT/$r" --epochs "$EPOCHS" --lr "$LR" --global-batch "$GLOBAL_BATCH" \
-    --resume "${train_extra[@]}"
-  fresh_step "export-$r" "$WORK/hf/$r" "$PYTHON" -m jaxtrain export --checkpoint "$CKPT_ROOT/$r" --out "$WORK/hf/$r"
+for r in "${RUNS[@]}"; do
+  finetune "$MODEL_PRESET" "$r"
   while read -r key; do evaluate "$r" "$WORK/hf/$r" "$key"; done < <(eval_keys "$r")
 done
 
 info "== compare"
 while read -r key; do
   files=("$WORK/results/base/$key/results.json")
-  for r in "${runs[@]}"; do
+  for r in "${RUNS[@]}"; do
     [[ $key == synthetic-* && $key != "synthetic-$r" ]] || files+=("$WORK/results/$r/$key/results.json")
   done
-  table_dir=$WORK/results/compare/$key
-  if [[ $DRY_RUN == 1 ]]; then
-    run "$PYTHON" -m eval compare "${files[@]}" --out "$table_dir"
-  else
-    mkdir -p "$table_dir" && run "$PYTHON" -m eval compare "${files[@]}" --out "$table_dir" | tee "$table_dir/table.txt"
-  fi
-done < <(eval_keys "${runs[@]}")
+  compare_into "$WORK/results/compare/$key" "${files[@]}"
+done < <(eval_keys "${RUNS[@]}")
 info "done: tables in $WORK/results/compare/*/table.txt, MDQA plot $WORK/results/compare/mdqa/mdqa_compare.png"

@@ -20,55 +20,28 @@
 #   WORK (./needles_work_24k)  CKPT_ROOT ($WORK/runs)  SEEDS ("0")  VARIANTS ("template")
 #   EPOCHS (2)  LR (5e-6)  GLOBAL_BATCH (16)  GRAD_ACCUM (2: fits a v5p-8, not a v5e-8; docs/long_context.md)
 #   LIMIT (first N examples per task)  TRAIN_ARGS, EVAL_ARGS (default --dtype bfloat16 --shard --batch-size 1)
+#   LORA_RANK, BASE_DTYPE (LoRA instead of a full finetune, as in paper_mistral7b.sh)
 #   PYTHON (python3)  DRY_RUN=1 (as --dry-run)
 #   TINY=1         CPU smoke run: random `tiny` base model, demo-simple data, MDQA_DOCS=30, LIMIT=1
 
 set -euo pipefail
-# shellcheck source=../lib.sh
-source "$(dirname "$0")/../lib.sh"
-for arg in "$@"; do
-  case $arg in
-    --dry-run) DRY_RUN=1 ;;
-    -h | --help) usage; exit 0 ;;
-    *) die "unknown argument '$arg' (settings are environment variables: see --help)" ;;
-  esac
-done
-
-: "${WORK:=needles_work_24k}"
-[[ $WORK == /* ]] || WORK=$PWD/$WORK
-random_base=0 model_preset=mistral-7b-instruct-v0.2 data_preset=paper-simple-24k buckets=(24576)
+# shellcheck source=common.sh
+source "$(dirname "$0")/common.sh"
+recipe_init needles_work_24k "$@"
+model_preset=mistral-7b-instruct-v0.2 data_preset=paper-simple-24k buckets=(24576)
 if [[ ${TINY:-0} == 1 ]]; then
-  [[ -n ${BASE_MODEL:-} ]] || random_base=1 BASE_MODEL=$WORK/base-tiny
   model_preset=tiny data_preset=demo-simple buckets=(256)
   : "${MDQA_DOCS:=30}" "${MDQA_POSITIONS:=0,29}" "${LIMIT:=1}" "${LR:=1e-3}" "${GRAD_ACCUM:=1}" "${EVAL_ARGS:=}"
-  export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
 fi
-: "${BASE_MODEL:=}" "${EVAL_DATA:=}" "${CKPT_ROOT:=$WORK/runs}" "${LIMIT:=}" "${PYTHON:=python3}"
-: "${SEEDS:=0}" "${VARIANTS:=template}" "${EPOCHS:=2}" "${LR:=5e-6}" "${GLOBAL_BATCH:=16}" "${GRAD_ACCUM:=2}"
+: "${SEEDS:=0}" "${VARIANTS:=template}" "${GRAD_ACCUM:=2}"
 : "${MDQA_DOCS:=120}" "${MDQA_POSITIONS:=0,29,59,89,119}" "${MDQA_RETRIEVAL:=}" "${FLENQA_FILE:=}"
 # 120-document prompts are ~20K tokens: one at a time, weights in bfloat16 split over the chips.
 : "${EVAL_ARGS=--dtype bfloat16 --shard --batch-size 1}"
-read -ra train_extra <<<"${TRAIN_ARGS:-}"
+recipe_settings ""
 read -ra eval_extra <<<"$EVAL_ARGS"
-CKPT_ROOT=${CKPT_ROOT%/}
 
-[[ -n $BASE_MODEL ]] || die "set BASE_MODEL to the Hugging Face folder of Mistral-7B-Instruct-v0.2 (or TINY=1)"
-if [[ $DRY_RUN != 1 && $random_base == 0 && ! -f $BASE_MODEL/config.json ]]; then
-  die "BASE_MODEL=$BASE_MODEL is not a Hugging Face folder (no config.json)"
-fi
+check_base_model Mistral-7B-Instruct-v0.2
 [[ -n $EVAL_DATA && ( -d $EVAL_DATA/mdqa || $DRY_RUN == 1 ) ]] || die "set EVAL_DATA to a folder with mdqa/"
-
-# step NAME CMD...: run CMD unless step NAME finished in an earlier run (markers in $WORK/.done).
-step() {
-  local name=$1 marker=$WORK/.done/$1
-  shift
-  if [[ $DRY_RUN != 1 && -e $marker ]]; then
-    info "skip $name (done before; delete $marker to redo)"
-    return
-  fi
-  run "$@"
-  if [[ $DRY_RUN != 1 ]]; then mkdir -p "$WORK/.done" && touch "$marker"; fi
-}
 
 mdqa_flags=(--data-dir "$EVAL_DATA/mdqa" --num-docs "$MDQA_DOCS" --gold-positions "$MDQA_POSITIONS" --closed-book)
 [[ -z $MDQA_RETRIEVAL ]] || mdqa_flags+=(--retrieval-file "$MDQA_RETRIEVAL")
@@ -89,54 +62,25 @@ evaluate() {
   fi
 }
 
-runs=()
-for seed in $SEEDS; do
-  for variant in $VARIANTS; do
-    [[ $variant == template || $variant == notemplate ]] || die "VARIANTS takes template and notemplate, not '$variant'"
-    runs+=("$variant-seed$seed")
-  done
-done
-
-info "== data ($data_preset)"
-for r in "${runs[@]}"; do
-  template=()
-  [[ $r == template-* ]] && template=(--template)
-  step "data-$r" "$PYTHON" -m data_gen generate --preset "$data_preset" --seed "${r##*-seed}" "${template[@]}" \
-    --overwrite --out "$WORK/data/$r"
-  if [[ $DRY_RUN == 1 || ! -e $WORK/.done/shards-$r ]]; then run rm -rf "$WORK/shards/$r"; fi
-  step "shards-$r" "$PYTHON" -m data_gen shards --input "$WORK/data/$r/train.jsonl" --out "$WORK/shards/$r" \
-    --buckets "${buckets[@]}"
-done
+make_data "$data_preset" --buckets "${buckets[@]}"
 
 info "== before finetuning"
-if ((random_base)); then
-  step base-tiny "$PYTHON" "$TPU_SCRIPTS_DIR/recipes/make_tiny_base.py" --preset "$model_preset" --out "$BASE_MODEL"
-fi
-for r in "${runs[@]}"; do evaluate base "$BASE_MODEL" "$r"; done
+make_tiny_base "$model_preset"
+for r in "${RUNS[@]}"; do evaluate base "$BASE_MODEL" "$r"; done
 
-for r in "${runs[@]}"; do
-  info "== finetune $r"
-  step "train-$r" "$PYTHON" -m jaxtrain train --model "$model_preset" --init-from "$BASE_MODEL" \
-    --data "$WORK/shards/$r" --out "$CKPT_ROOT/$r" --epochs "$EPOCHS" --lr "$LR" --global-batch "$GLOBAL_BATCH" \
-    --grad-accum "$GRAD_ACCUM" --resume "${train_extra[@]}"
-  if [[ $DRY_RUN == 1 || ! -e $WORK/.done/export-$r ]]; then run rm -rf "$WORK/hf/$r"; fi
-  step "export-$r" "$PYTHON" -m jaxtrain export --checkpoint "$CKPT_ROOT/$r" --out "$WORK/hf/$r"
+for r in "${RUNS[@]}"; do
+  finetune "$model_preset" "$r"
   evaluate "$r" "$WORK/hf/$r" "$r"
 done
 
 info "== compare"
 files=()
-for label in base "${runs[@]}"; do
+for label in base "${RUNS[@]}"; do
   files+=("$WORK/results/$label/mdqa$MDQA_DOCS/results.json")
   [[ -z $FLENQA_FILE ]] || files+=("$WORK/results/$label/flenqa/results.json" "$WORK/results/$label/flenqa-cot/results.json")
 done
-for r in "${runs[@]}"; do
+for r in "${RUNS[@]}"; do
   files+=("$WORK/results/base/synthetic-$r/results.json" "$WORK/results/$r/synthetic-$r/results.json")
 done
-if [[ $DRY_RUN == 1 ]]; then
-  run "$PYTHON" -m eval compare "${files[@]}" --out "$WORK/results/compare"
-else
-  mkdir -p "$WORK/results/compare"
-  run "$PYTHON" -m eval compare "${files[@]}" --out "$WORK/results/compare" | tee "$WORK/results/compare/table.txt"
-fi
+compare_into "$WORK/results/compare" "${files[@]}"
 info "done: $WORK/results/compare/table.txt, MDQA plot $WORK/results/compare/mdqa_compare.png"

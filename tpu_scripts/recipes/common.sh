@@ -1,0 +1,131 @@
+# shellcheck shell=bash
+# What the recipes share (each sources this file): their options, the TINY switch, resumable steps, the
+# grid of data sets, and data generation / finetuning / export / comparison. A recipe keeps only what
+# differs: its presets, its evaluations and which results it compares.
+# shellcheck source=../lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
+
+# recipe_init DEFAULT_WORK "$@": the options (--dry-run, --help), WORK made absolute, and with TINY=1 a
+# random tiny base model (unless BASE_MODEL is given; RANDOM_BASE=1) on the CPU.
+recipe_init() {
+  local arg
+  : "${WORK:=$1}"
+  shift
+  for arg in "$@"; do
+    case $arg in
+      --dry-run) DRY_RUN=1 ;;
+      -h | --help) usage; exit 0 ;;
+      *) die "unknown argument '$arg' (settings are environment variables: see --help)" ;;
+    esac
+  done
+  [[ $WORK == /* ]] || WORK=$PWD/$WORK
+  RANDOM_BASE=0
+  if [[ ${TINY:-0} == 1 ]]; then
+    [[ -n ${BASE_MODEL:-} ]] || RANDOM_BASE=1 BASE_MODEL=$WORK/base-tiny
+    export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
+  fi
+}
+
+# recipe_settings FULL_TRAIN_ARGS: the settings every recipe has (after its own defaults), the grid RUNS
+# (<variant>-seed<S> for SEEDS x VARIANTS) and the train flags TRAIN_FLAGS. A full finetune (the paper's:
+# lr 5e-6) gets FULL_TRAIN_ARGS unless TRAIN_ARGS is set; LORA_RANK > 0 trains rank-r adapters on the frozen
+# base in BASE_DTYPE instead (one chip, docs/lora.md: lr 2e-4).
+recipe_settings() {
+  local seed variant extra
+  : "${BASE_MODEL:=}" "${EVAL_DATA:=}" "${CKPT_ROOT:=$WORK/runs}" "${LIMIT:=}" "${PYTHON:=python3}"
+  : "${EPOCHS:=2}" "${GLOBAL_BATCH:=16}" "${GRAD_ACCUM:=1}" "${LORA_RANK:=0}" "${BASE_DTYPE:=int8}"
+  CKPT_ROOT=${CKPT_ROOT%/}
+  [[ $LORA_RANK =~ ^[0-9]+$ ]] || die "LORA_RANK must be a whole number (0: full finetune), not '$LORA_RANK'"
+  if ((LORA_RANK > 0)); then
+    : "${LR:=2e-4}" "${TRAIN_ARGS:=}"
+    TRAIN_FLAGS=(--lora-rank "$LORA_RANK" --base-dtype "$BASE_DTYPE")
+  else
+    : "${LR:=5e-6}" "${TRAIN_ARGS=$1}"
+    TRAIN_FLAGS=()
+  fi
+  read -ra extra <<<"$TRAIN_ARGS"
+  TRAIN_FLAGS+=("${extra[@]}")
+  RUNS=()
+  for seed in $SEEDS; do
+    for variant in $VARIANTS; do
+      [[ $variant == template || $variant == notemplate ]] || die "VARIANTS takes template and notemplate, not '$variant'"
+      RUNS+=("$variant-seed$seed")
+    done
+  done
+}
+
+# check_base_model NAME: BASE_MODEL is set and (unless it is made here, or in a dry run) a Hugging Face folder.
+check_base_model() {
+  [[ -n $BASE_MODEL ]] || die "set BASE_MODEL to the Hugging Face folder of $1 (or TINY=1)"
+  if [[ $DRY_RUN != 1 && $RANDOM_BASE == 0 && ! -f $BASE_MODEL/config.json ]]; then
+    die "BASE_MODEL=$BASE_MODEL is not a Hugging Face folder (no config.json)"
+  fi
+}
+
+# step NAME CMD...: run CMD unless step NAME finished in an earlier run of this recipe; remember it when it
+# succeeds (markers in $WORK/.done, so a crashed or preempted recipe picks up where it stopped).
+step() {
+  local name=$1 marker=$WORK/.done/$1
+  shift
+  if [[ $DRY_RUN != 1 && -e $marker ]]; then
+    info "skip $name (done before; delete $marker to redo)"
+    return
+  fi
+  run "$@"
+  if [[ $DRY_RUN != 1 ]]; then mkdir -p "$WORK/.done" && touch "$marker"; fi
+}
+
+# fresh_step NAME DIR CMD...: a step whose command refuses to write into an existing DIR; what an
+# unfinished earlier attempt left there is removed first.
+fresh_step() {
+  if [[ $DRY_RUN == 1 || ! -e $WORK/.done/$1 ]]; then run rm -rf "$2"; fi
+  step "$1" "${@:3}"
+}
+
+# make_data PRESET [SHARDS FLAGS...]: synthetic data ($WORK/data/RUN) and its shards ($WORK/shards/RUN)
+# for every data set of the grid; with --template for the template variant.
+make_data() {
+  local preset=$1 r template
+  shift
+  info "== data ($preset)"
+  for r in "${RUNS[@]}"; do
+    template=()
+    if [[ $r == template-* ]]; then template=(--template); fi
+    step "data-$r" "$PYTHON" -m data_gen generate --preset "$preset" --seed "${r##*-seed}" "${template[@]}" \
+      --overwrite --out "$WORK/data/$r"
+    fresh_step "shards-$r" "$WORK/shards/$r" "$PYTHON" -m data_gen shards --input "$WORK/data/$r/train.jsonl" \
+      --out "$WORK/shards/$r" "$@"
+  done
+}
+
+# make_tiny_base PRESET: the random base model of a TINY run (nothing when BASE_MODEL was given).
+make_tiny_base() {
+  if ((RANDOM_BASE)); then
+    step base-tiny "$PYTHON" "$TPU_SCRIPTS_DIR/recipes/make_tiny_base.py" --preset "$1" --out "$BASE_MODEL"
+  fi
+}
+
+# finetune PRESET RUN: train on data set RUN from BASE_MODEL ($CKPT_ROOT/RUN, resuming from its newest
+# checkpoint), then export it as a Hugging Face folder $WORK/hf/RUN. A LoRA run is exported merged into
+# its base, on the host: merging holds the base and the merged model at once, twice what one chip has.
+finetune() {
+  local preset=$1 r=$2 exporter=("$PYTHON") merged=()
+  info "== finetune $r"
+  step "train-$r" "$PYTHON" -m jaxtrain train --model "$preset" --init-from "$BASE_MODEL" --data "$WORK/shards/$r" \
+    --out "$CKPT_ROOT/$r" --epochs "$EPOCHS" --lr "$LR" --global-batch "$GLOBAL_BATCH" --grad-accum "$GRAD_ACCUM" \
+    --resume "${TRAIN_FLAGS[@]}"
+  if ((LORA_RANK > 0)); then exporter=(env JAX_PLATFORMS=cpu "$PYTHON") merged=(--merged); fi
+  fresh_step "export-$r" "$WORK/hf/$r" "${exporter[@]}" -m jaxtrain export --checkpoint "$CKPT_ROOT/$r" \
+    --out "$WORK/hf/$r" "${merged[@]}"
+}
+
+# compare_into DIR RESULTS...: one comparison table of the results.json files, kept in DIR/table.txt too.
+compare_into() {
+  local dir=$1
+  shift
+  if [[ $DRY_RUN == 1 ]]; then
+    run "$PYTHON" -m eval compare "$@" --out "$dir"
+  else
+    mkdir -p "$dir" && run "$PYTHON" -m eval compare "$@" --out "$dir" | tee "$dir/table.txt"
+  fi
+}
