@@ -5,6 +5,7 @@ in a fake home folder, the paper recipe's command list, and the Colab notebook."
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -351,30 +352,61 @@ def test_recipe_tiny_mode_is_the_same_steps_on_cpu_scale(tmp_path):
 
 
 def test_recipe_lora_on_one_chip(tmp_path):
-    """LORA_RANK > 0 (Colab's v5e-1): adapters on the frozen base, LoRA's learning rate, the base-model
-    flags of docs/lora.md, and the adapters merged into the base on the host before evaluation."""
+    """LORA_RANK > 0 (Colab's v5e-1): adapters on the frozen base, LoRA's learning rate, the base-model flags
+    of docs/lora.md; the run itself evaluated (adapters unmerged on the recipe's base) with the base in the
+    dtype it trained in, the base model in that dtype too, one prompt at a time; the merged export last."""
     work, base = "/w", "/m/Mistral-7B-Instruct-v0.1"
+    run = f"{work}/runs/template-seed0"
     cmds = recipe_commands(tmp_path, WORK=work, BASE_MODEL=base, EVAL_DATA="/d", SEEDS="0", VARIANTS="template",
-                           TASKS="mdqa synthetic", LORA_RANK="16", GRAD_ACCUM="16",
-                           EVAL_ARGS="--dtype bfloat16 --batch-size 1")
+                           TASKS="mdqa synthetic", LORA_RANK="16", GRAD_ACCUM="16")
     py = ["python3", "-m"]
     (train,) = [c for c in cmds if c[:4] == [*py, "jaxtrain", "train"]]
     assert train == [*py, "jaxtrain", "train", "--model", "mistral-7b-instruct-v0.1", "--init-from", base, "--data",
-                     f"{work}/shards/template-seed0", "--out", f"{work}/runs/template-seed0", "--epochs", "2",
+                     f"{work}/shards/template-seed0", "--out", run, "--epochs", "2",
                      "--lr", "2e-4", "--global-batch", "16", "--grad-accum", "16", "--resume",
                      "--lora-rank", "16", "--base-dtype", "int8"]
-    export = ["env", "JAX_PLATFORMS=cpu", *py, "jaxtrain", "export", "--checkpoint", f"{work}/runs/template-seed0",
-              "--out", f"{work}/hf/template-seed0", "--merged"]
-    assert cmds[cmds.index(train) + 1] == ["rm", "-rf", f"{work}/hf/template-seed0"]
-    assert cmds[cmds.index(train) + 2] == export
-    evals = [c for c in cmds if c[:3] == [*py, "eval"] and c[3] != "compare"]
-    assert [c[c.index("--model") + 1] for c in evals] == [base, base] + [f"{work}/hf/template-seed0"] * 2
-    assert all(c[-4:] == ["--dtype", "bfloat16", "--batch-size", "1"] for c in evals)
+    synthetic = ["--data-file", f"{work}/data/template-seed0/eval.jsonl"]
+    int8 = ["--base-dtype", "int8"]
+    evals = [[*py, "eval", "mdqa", "--model", base, *int8, "--data-dir", "/d/mdqa", "--label", "base", "--out",
+              f"{work}/results/base/mdqa", "--batch-size", "1"],
+             [*py, "eval", "synthetic", "--model", base, *int8, *synthetic, "--label", "base", "--out",
+              f"{work}/results/base/synthetic-template-seed0", "--batch-size", "1"],
+             [*py, "eval", "mdqa", "--model", run, "--base", base, *int8, "--data-dir", "/d/mdqa", "--label",
+              "template-seed0", "--out", f"{work}/results/template-seed0/mdqa", "--batch-size", "1"],
+             [*py, "eval", "synthetic", "--model", run, "--base", base, *int8, *synthetic, "--label",
+              "template-seed0", "--out", f"{work}/results/template-seed0/synthetic-template-seed0", "--batch-size", "1"]]
+    assert [c for c in cmds if c[:3] == [*py, "eval"] and c[3] != "compare"] == evals
+    assert cmds.index(train) + 1 == cmds.index(evals[2])  # evaluated straight from the run, no export between
+    # the merged Hugging Face folder comes last, after the comparisons, on the host
+    assert cmds[-3][:4] == [*py, "eval", "compare"]
+    assert cmds[-2:] == [["rm", "-rf", f"{work}/hf/template-seed0"],
+                         ["env", "JAX_PLATFORMS=cpu", *py, "jaxtrain", "export", "--checkpoint", run,
+                          "--out", f"{work}/hf/template-seed0", "--merged"]]
+
     bf16 = recipe_commands(tmp_path, WORK=work, BASE_MODEL=base, EVAL_DATA="/d", LORA_RANK="8", BASE_DTYPE="bf16",
-                           LR="1e-4", TRAIN_ARGS="--lora-dropout 0.05")
+                           LR="1e-4", TRAIN_ARGS="--lora-dropout 0.05", EXPORT_MERGED="0", CKPT_ROOT=CKPT,
+                           EVAL_ARGS="--batch-size 2")
     train = next(c for c in bf16 if c[:4] == [*py, "jaxtrain", "train"])
     assert train[train.index("--lr") + 1] == "1e-4"
     assert train[train.index("--resume") + 1:] == ["--lora-rank", "8", "--base-dtype", "bf16", "--lora-dropout", "0.05"]
+    evals = [c for c in bf16 if c[:3] == [*py, "eval"] and c[3] != "compare"]
+    assert len(evals) == (6 + 6) + 6 * (6 + 1)
+    assert all(c[c.index("--base-dtype") + 1] == "bf16" and c[-2:] == ["--batch-size", "2"] for c in evals)
+    assert not any("export" in c for c in bf16)
+    # a run in a bucket is copied here first: python -m eval reads local folders
+    i = bf16.index(train)
+    assert bf16[i + 1:i + 3] == [["rm", "-rf", f"{work}/runs/template-seed0"],
+                                 ["gcloud", "storage", "rsync", "--recursive", f"{CKPT}/template-seed0",
+                                  f"{work}/runs/template-seed0"]]
+    assert bf16[i + 3][4:8] == ["--model", f"{work}/runs/template-seed0", "--base", base]
+
+    # the long-context recipe evaluates its LoRA runs the same way; BASE_EVAL_DTYPE picks the base's dtype
+    proc = sh(SCRIPTS / "recipes" / "paper_mistral7b_v02_24k.sh", "--dry-run",
+              env=clean_env(tmp_path, WORK=work, BASE_MODEL="/m", EVAL_DATA="/d", LORA_RANK="16",
+                            BASE_EVAL_DTYPE="bf16", EXPORT_MERGED="0"))
+    evals = [shlex.split(line) for line in proc.stdout.splitlines() if line.startswith("python3 -m eval synthetic")]
+    assert [c[3:10] for c in evals] == [["synthetic", "--model", "/m", "--base-dtype", "bf16", *synthetic],
+                                        ["synthetic", "--model", run, "--base", "/m", "--base-dtype", "bf16"]]
 
 
 def test_long_context_recipe_shares_the_steps(tmp_path):
@@ -411,6 +443,9 @@ def test_long_context_recipe_shares_the_steps(tmp_path):
     ({"TINY": "1", "EVAL_DATA": "/nonexistent"}, "EVAL_DATA=/nonexistent is not a folder"),
     ({"TINY": "1", "VARIANTS": "templat"}, "VARIANTS takes template and notemplate"),
     ({"TINY": "1", "LORA_RANK": "r16"}, "LORA_RANK must be a whole number"),
+    ({"TINY": "1", "LORA_RANK": "16", "EVAL_ARGS": "--dtype bfloat16"}, "drop --dtype"),
+    ({"TINY": "1", "LORA_RANK": "16", "BASE_EVAL_DTYPE": "fp8"}, "BASE_EVAL_DTYPE takes int8, bf16 or float32"),
+    ({"TINY": "1", "LORA_RANK": "16", "EXPORT_MERGED": "yes"}, "EXPORT_MERGED takes 1"),
 ])
 def test_recipe_refuses_bad_settings(tmp_path, env, message):
     env = {"EVAL_DATA": str(tmp_path), **env}
@@ -453,8 +488,9 @@ def test_notebook_is_valid_and_runs_the_recipe():
     source = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit the notebook without outputs"
     assert '"paper_mistral7b.sh"' in source and 'TINY = os.environ.get("TINY", "0") == "1"' in source
-    # the one-chip path: LoRA on the int8 base, bf16 evaluation one prompt at a time
-    assert "LORA_RANK = 16" in source and 'BASE_DTYPE = "int8"' in source and "--batch-size 1" in source
+    # the one-chip path: LoRA on the int8 base, evaluated on it one prompt at a time, no merged copy on the host
+    assert "LORA_RANK = 16" in source and 'BASE_DTYPE = "int8"' in source and 'EVAL_ARGS = "--batch-size 1"' in source
+    assert "BASE_EVAL_DTYPE = BASE_DTYPE" in source and "EXPORT_MERGED = False" in source
     assert "YOUR-ORG" not in source and 'PROJECT_SOURCE = os.environ.get("PROJECT_SOURCE", "")' in source
     for cell in nb.cells:
         if cell.cell_type == "code":
@@ -502,7 +538,8 @@ def test_notebook_fetches_the_project_from_each_kind_of_source(tmp_path, capsys)
 @pytest.mark.slow
 def test_notebook_executes_top_to_bottom_tiny(tmp_path, monkeypatch):
     """The whole notebook with TINY=1 on CPU: the recipe end to end with the tiny model through the one-chip
-    LoRA path (int8 base, 16 micro-batches, merged export), plot shown inline."""
+    LoRA path (int8 base, 16 micro-batches, the run evaluated with its adapters unmerged on the int8 base,
+    the base model on it too, no merged export), plot shown inline."""
     import nbclient
 
     if not SHARED_DATA.is_dir():
@@ -528,7 +565,13 @@ def test_notebook_executes_top_to_bottom_tiny(tmp_path, monkeypatch):
         _, _, metadata = ckpt.read_json()
     lora, base = run_settings(metadata)
     assert lora.rank == 16 and base["dtype"] == "int8" and base["init_from"] == str(work / "base-tiny")
-    assert (work / "hf" / "template-seed0" / "config.json").is_file()  # the merged export that was evaluated
+    models = {m: json.loads((work / "results" / m / "mdqa" / "results.json").read_text())["model"]
+              for m in ["base", "template-seed0"]}
+    assert models["base"]["kind"] == "hf_folder" and models["base"]["base"]["dtype"] == "int8"
+    finetuned = models["template-seed0"]
+    assert finetuned["kind"] == "lora_run" and finetuned["base"]["dtype"] == "int8"
+    assert finetuned["base"]["path"] == str(work / "base-tiny") and finetuned["adapters"]["merged"] is False
+    assert finetuned["adapters"]["rank"] == 16 and not (work / "hf").exists()  # EXPORT_MERGED = False
 
 
 # ---------------------------------------------------------------- the cost estimate (bench/tpu_cost.py)

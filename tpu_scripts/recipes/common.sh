@@ -1,7 +1,7 @@
 # shellcheck shell=bash
 # What the recipes share (each sources this file): their options, the TINY switch, resumable steps, the
-# grid of data sets, and data generation / finetuning / export / comparison. A recipe keeps only what
-# differs: its presets, its evaluations and which results it compares.
+# grid of data sets, and data generation / finetuning / the models evaluated / export / comparison. A recipe
+# keeps only what differs: its presets, its evaluations and which results it compares.
 # shellcheck source=../lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 
@@ -26,25 +26,33 @@ recipe_init() {
   fi
 }
 
-# recipe_settings FULL_TRAIN_ARGS: the settings every recipe has (after its own defaults), the grid RUNS
-# (<variant>-seed<S> for SEEDS x VARIANTS) and the train flags TRAIN_FLAGS. A full finetune (the paper's:
-# lr 5e-6) gets FULL_TRAIN_ARGS unless TRAIN_ARGS is set; LORA_RANK > 0 trains rank-r adapters on the frozen
-# base in BASE_DTYPE instead (one chip, docs/lora.md: lr 2e-4).
+# recipe_settings FULL_TRAIN_ARGS FULL_EVAL_ARGS: the settings every recipe has (after its own defaults), the
+# grid RUNS (<variant>-seed<S> for SEEDS x VARIANTS), the train flags TRAIN_FLAGS and the eval flags
+# EVAL_FLAGS. A full finetune (the paper's: lr 5e-6) gets FULL_TRAIN_ARGS and FULL_EVAL_ARGS unless
+# TRAIN_ARGS / EVAL_ARGS are set. LORA_RANK > 0 trains rank-r adapters on the frozen base in BASE_DTYPE
+# instead (one chip, docs/lora.md: lr 2e-4) and evaluates on one chip, one prompt at a time, with the base in
+# BASE_EVAL_DTYPE (default: BASE_DTYPE, the base the adapters were trained on), the base model too.
 recipe_settings() {
   local seed variant extra
   : "${BASE_MODEL:=}" "${EVAL_DATA:=}" "${CKPT_ROOT:=$WORK/runs}" "${LIMIT:=}" "${PYTHON:=python3}"
   : "${EPOCHS:=2}" "${GLOBAL_BATCH:=16}" "${GRAD_ACCUM:=1}" "${LORA_RANK:=0}" "${BASE_DTYPE:=int8}"
+  : "${BASE_EVAL_DTYPE:=$BASE_DTYPE}" "${EXPORT_MERGED:=1}"
   CKPT_ROOT=${CKPT_ROOT%/}
   [[ $LORA_RANK =~ ^[0-9]+$ ]] || die "LORA_RANK must be a whole number (0: full finetune), not '$LORA_RANK'"
   if ((LORA_RANK > 0)); then
-    : "${LR:=2e-4}" "${TRAIN_ARGS:=}"
+    : "${LR:=2e-4}" "${TRAIN_ARGS:=}" "${EVAL_ARGS=--batch-size 1}"
+    [[ $BASE_EVAL_DTYPE =~ ^(int8|bf16|float32)$ ]] || die "BASE_EVAL_DTYPE takes int8, bf16 or float32, not '$BASE_EVAL_DTYPE'"
+    [[ " $EVAL_ARGS " != *" --dtype"* ]] || die "EVAL_ARGS='$EVAL_ARGS': with LORA_RANK the weights' dtype is BASE_EVAL_DTYPE (--base-dtype); drop --dtype"
+    [[ $EXPORT_MERGED =~ ^[01]$ ]] || die "EXPORT_MERGED takes 1 (write the merged Hugging Face folders) or 0, not '$EXPORT_MERGED'"
     TRAIN_FLAGS=(--lora-rank "$LORA_RANK" --base-dtype "$BASE_DTYPE")
   else
-    : "${LR:=5e-6}" "${TRAIN_ARGS=$1}"
+    : "${LR:=5e-6}" "${TRAIN_ARGS=$1}" "${EVAL_ARGS=$2}"
     TRAIN_FLAGS=()
   fi
   read -ra extra <<<"$TRAIN_ARGS"
   TRAIN_FLAGS+=("${extra[@]}")
+  # shellcheck disable=SC2034  # the recipes' evaluations use it
+  read -ra EVAL_FLAGS <<<"$EVAL_ARGS"
   RUNS=()
   for seed in $SEEDS; do
     for variant in $VARIANTS; do
@@ -106,17 +114,51 @@ make_tiny_base() {
 }
 
 # finetune PRESET RUN: train on data set RUN from BASE_MODEL ($CKPT_ROOT/RUN, resuming from its newest
-# checkpoint), then export it as a Hugging Face folder $WORK/hf/RUN. A LoRA run is exported merged into
-# its base, on the host: merging holds the base and the merged model at once, twice what one chip has.
+# checkpoint). A full finetune is then exported as the Hugging Face folder $WORK/hf/RUN that is evaluated; a
+# LoRA run is evaluated itself (model_flags), from a local copy $WORK/runs/RUN when CKPT_ROOT is a bucket
+# (python -m eval reads local folders).
 finetune() {
-  local preset=$1 r=$2 exporter=("$PYTHON") merged=()
+  local preset=$1 r=$2
   info "== finetune $r"
   step "train-$r" "$PYTHON" -m jaxtrain train --model "$preset" --init-from "$BASE_MODEL" --data "$WORK/shards/$r" \
     --out "$CKPT_ROOT/$r" --epochs "$EPOCHS" --lr "$LR" --global-batch "$GLOBAL_BATCH" --grad-accum "$GRAD_ACCUM" \
     --resume "${TRAIN_FLAGS[@]}"
-  if ((LORA_RANK > 0)); then exporter=(env JAX_PLATFORMS=cpu "$PYTHON") merged=(--merged); fi
-  fresh_step "export-$r" "$WORK/hf/$r" "${exporter[@]}" -m jaxtrain export --checkpoint "$CKPT_ROOT/$r" \
-    --out "$WORK/hf/$r" "${merged[@]}"
+  if ((LORA_RANK == 0)); then
+    fresh_step "export-$r" "$WORK/hf/$r" "$PYTHON" -m jaxtrain export --checkpoint "$CKPT_ROOT/$r" --out "$WORK/hf/$r"
+  elif [[ $CKPT_ROOT == gs://* ]]; then
+    fresh_step "fetch-$r" "$WORK/runs/$r" gcloud storage rsync --recursive "$CKPT_ROOT/$r" "$WORK/runs/$r"
+  fi
+}
+
+# model_flags LABEL: MODEL_FLAGS, how `python -m eval` loads "base" (BASE_MODEL) or the finetuned model of
+# data set LABEL. A LoRA run is read as it is: its adapters, unmerged, on BASE_MODEL (hash-checked against
+# the base it trained on) in BASE_EVAL_DTYPE, the dtype the base model is evaluated in too, so that before
+# and after differ by the adapters only. int8 (the default with BASE_DTYPE=int8) leaves room on a 16 GiB
+# chip; a merged bf16 copy would need the host memory of two 7B models (export_merged).
+model_flags() {
+  if [[ $1 == base ]]; then
+    MODEL_FLAGS=(--model "$BASE_MODEL")
+  elif ((LORA_RANK == 0)); then
+    MODEL_FLAGS=(--model "$WORK/hf/$1")
+  elif [[ $CKPT_ROOT == gs://* ]]; then
+    MODEL_FLAGS=(--model "$WORK/runs/$1" --base "$BASE_MODEL")
+  else
+    MODEL_FLAGS=(--model "$CKPT_ROOT/$1" --base "$BASE_MODEL")
+  fi
+  if ((LORA_RANK > 0)); then MODEL_FLAGS+=(--base-dtype "$BASE_EVAL_DTYPE"); fi
+}
+
+# export_merged: the last, optional step of a LoRA recipe (EXPORT_MERGED=1): every run merged into its base
+# as a Hugging Face folder $WORK/hf/RUN (for serving elsewhere; the evaluations do not need it). On the
+# host: merging holds the base and the merged model at once, ~27 GiB of host memory for Mistral 7B.
+export_merged() {
+  local r
+  if ((LORA_RANK == 0 || EXPORT_MERGED == 0)); then return; fi
+  info "== merged export"
+  for r in "${RUNS[@]}"; do
+    fresh_step "export-$r" "$WORK/hf/$r" env JAX_PLATFORMS=cpu "$PYTHON" -m jaxtrain export \
+      --checkpoint "$CKPT_ROOT/$r" --out "$WORK/hf/$r" --merged
+  done
 }
 
 # compare_into DIR RESULTS...: one comparison table of the results.json files, kept in DIR/table.txt too.

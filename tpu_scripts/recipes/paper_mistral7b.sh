@@ -11,8 +11,11 @@
 #   2. python -m eval TASK on the base model                              -> $WORK/results/base/
 #   3. python -m jaxtrain train --init-from $BASE_MODEL ... --resume      -> $CKPT_ROOT/<variant>-seed<S>
 #   4. python -m jaxtrain export, then the same evaluations               -> $WORK/results/<variant>-seed<S>/
+#      (LoRA: python -m eval TASK --model $CKPT_ROOT/<run> --base $BASE_MODEL --base-dtype $BASE_EVAL_DTYPE,
+#      the run itself with its adapters unmerged; the base model is evaluated in BASE_EVAL_DTYPE too)
 #   5. python -m eval compare per task                     -> $WORK/results/compare/<task>/table.txt
 #      and the MDQA accuracy-by-position plot, base vs. finetuned: $WORK/results/compare/mdqa/mdqa_compare.png
+#   6. LoRA with EXPORT_MERGED=1: python -m jaxtrain export --merged      -> $WORK/hf/<variant>-seed<S>
 # Environment (all optional but BASE_MODEL):
 #   BASE_MODEL    Hugging Face folder of Mistral-7B-Instruct-v0.1 (the model finetuned, and "before")
 #   EVAL_DATA     folder laid out like the project's shared data (mdqa/, mmlu/, hellaswag/, gsm8k/,
@@ -25,9 +28,13 @@
 #   TRAIN_ARGS, EVAL_ARGS  extra flags for every train / eval command (defaults: TRAIN_ARGS
 #                 "--remat offload_input --offload-state", EVAL_ARGS "--dtype bfloat16 --shard")
 #   LORA_RANK     > 0: LoRA adapters of this rank on the frozen base instead of a full finetune (one chip,
-#                 e.g. Colab's v5e-1: LORA_RANK=16 GRAD_ACCUM=16 EVAL_ARGS="--dtype bfloat16 --batch-size 1");
-#                 LR then defaults to 2e-4, TRAIN_ARGS to none, and the export is merged. BASE_DTYPE (int8)
-#                 is the frozen base's dtype (int8 or bf16; docs/lora.md)
+#                 e.g. Colab's v5e-1: LORA_RANK=16 GRAD_ACCUM=16); LR then defaults to 2e-4, TRAIN_ARGS to
+#                 none and EVAL_ARGS to "--batch-size 1" (no --dtype: BASE_EVAL_DTYPE sets it).
+#                 BASE_DTYPE (int8) is the frozen base's dtype in training (int8 or bf16; docs/lora.md),
+#                 BASE_EVAL_DTYPE (default BASE_DTYPE; int8, bf16 or float32) the base's dtype in evaluation,
+#                 of the base model and under the adapters alike. EXPORT_MERGED (1) ends the recipe with each
+#                 run merged into its base as a Hugging Face folder, on the host (~27 GiB of host memory for
+#                 the 7B; 0 skips it: the run folder keeps the adapters for a later `jaxtrain export`)
 #   PYTHON (python3)
 #   TINY=1        CPU smoke run of the very same steps: a randomly initialised `tiny` model as the base
 #                 (unless BASE_MODEL is given),
@@ -46,12 +53,10 @@ fi
 : "${SEEDS:=0 1 2}" "${VARIANTS:=template notemplate}" "${DATA_PRESET:=paper-simple}"
 : "${MODEL_PRESET:=mistral-7b-instruct-v0.1}"
 : "${TASKS:=mdqa synthetic mmlu hellaswag gsm8k triviaqa nq_open}"
+# What makes the 7B finetune fit a v5e-8 at global batch 16 (python -m jaxtrain aot; README "Will it fit?").
 # Mistral 7B is evaluated in bfloat16, the dtype it is published in (float32 would double the memory), split
 # over the chips: 13.5 GiB of weights and the KV caches of 8 prompts of 4K tokens (4 GiB) exceed one v5e chip.
-: "${EVAL_ARGS=--dtype bfloat16 --shard}"
-# What makes the 7B finetune fit a v5e-8 at global batch 16 (python -m jaxtrain aot; README "Will it fit?").
-recipe_settings "--remat offload_input --offload-state"
-read -ra eval_extra <<<"$EVAL_ARGS"
+recipe_settings "--remat offload_input --offload-state" "--dtype bfloat16 --shard"
 read -ra tasks <<<"$TASKS"
 
 check_base_model Mistral-7B-Instruct-v0.1
@@ -60,17 +65,18 @@ if [[ " ${tasks[*]} " == *" mdqa "* && -z $EVAL_DATA ]]; then
   die "MDQA needs EVAL_DATA (a folder with mdqa/nq-open-20_total_documents_gold_at_{0,4,9,14,19}.jsonl.gz); or drop mdqa from TASKS"
 fi
 
-# evaluate LABEL MODEL KEY: one evaluation into $WORK/results/LABEL/KEY; KEY is a task, or
-# synthetic-<run> for the held-out synthetic samples of that data set.
+# evaluate LABEL KEY: one evaluation of model LABEL (base or a run, model_flags) into $WORK/results/LABEL/KEY;
+# KEY is a task, or synthetic-<run> for the held-out synthetic samples of that data set.
 evaluate() {
-  local label=$1 model=$2 key=$3 task=$3 data=()
+  local label=$1 key=$2 task=$2 data=()
   if [[ $key == synthetic-* ]]; then
     task=synthetic data=(--data-file "$WORK/data/${key#synthetic-}/eval.jsonl")
   elif [[ -n $EVAL_DATA ]]; then
     data=(--data-dir "$EVAL_DATA/$key")
   fi
-  step "eval-$label-$key" "$PYTHON" -m eval "$task" --model "$model" "${data[@]}" ${LIMIT:+--limit "$LIMIT"} \
-    --label "$label" --out "$WORK/results/$label/$key" "${eval_extra[@]}"
+  model_flags "$label"
+  step "eval-$label-$key" "$PYTHON" -m eval "$task" "${MODEL_FLAGS[@]}" "${data[@]}" ${LIMIT:+--limit "$LIMIT"} \
+    --label "$label" --out "$WORK/results/$label/$key" "${EVAL_FLAGS[@]}"
 }
 
 # Keys a model is evaluated on: every task, with "synthetic" on the data sets in $@.
@@ -89,11 +95,11 @@ make_data "$DATA_PRESET"
 
 info "== before finetuning"
 make_tiny_base "$MODEL_PRESET"
-while read -r key; do evaluate base "$BASE_MODEL" "$key"; done < <(eval_keys "${RUNS[@]}")
+while read -r key; do evaluate base "$key"; done < <(eval_keys "${RUNS[@]}")
 
 for r in "${RUNS[@]}"; do
   finetune "$MODEL_PRESET" "$r"
-  while read -r key; do evaluate "$r" "$WORK/hf/$r" "$key"; done < <(eval_keys "$r")
+  while read -r key; do evaluate "$r" "$key"; done < <(eval_keys "$r")
 done
 
 info "== compare"
@@ -104,4 +110,5 @@ while read -r key; do
   done
   compare_into "$WORK/results/compare/$key" "${files[@]}"
 done < <(eval_keys "${RUNS[@]}")
+export_merged
 info "done: tables in $WORK/results/compare/*/table.txt, MDQA plot $WORK/results/compare/mdqa/mdqa_compare.png"

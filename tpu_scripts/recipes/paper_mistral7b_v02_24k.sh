@@ -10,6 +10,7 @@
 #   2. python -m eval mdqa --num-docs 120 ... (+ synthetic, flenqa) on the base model -> $WORK/results/base/
 #   3. python -m jaxtrain train --model mistral-7b-instruct-v0.2 --init-from $BASE_MODEL ... --resume
 #   4. python -m jaxtrain export, then the same evaluations           -> $WORK/results/<variant>-seed<S>/
+#      (LoRA: the run itself is evaluated; the merged export comes last, as in paper_mistral7b.sh)
 #   5. python -m eval compare (all results, one table)                 -> $WORK/results/compare/table.txt
 # Environment (all optional but BASE_MODEL and EVAL_DATA):
 #   BASE_MODEL     Hugging Face folder of Mistral-7B-Instruct-v0.2
@@ -20,7 +21,8 @@
 #   WORK (./needles_work_24k)  CKPT_ROOT ($WORK/runs)  SEEDS ("0")  VARIANTS ("template")
 #   EPOCHS (2)  LR (5e-6)  GLOBAL_BATCH (16)  GRAD_ACCUM (2: fits a v5p-8, not a v5e-8; docs/long_context.md)
 #   LIMIT (first N examples per task)  TRAIN_ARGS, EVAL_ARGS (default --dtype bfloat16 --shard --batch-size 1)
-#   LORA_RANK, BASE_DTYPE (LoRA instead of a full finetune, as in paper_mistral7b.sh)
+#   LORA_RANK, BASE_DTYPE, BASE_EVAL_DTYPE, EXPORT_MERGED (LoRA instead of a full finetune, as in
+#                  paper_mistral7b.sh; EVAL_ARGS then defaults to --batch-size 1)
 #   PYTHON (python3)  DRY_RUN=1 (as --dry-run)
 #   TINY=1         CPU smoke run: random `tiny` base model, demo-simple data, MDQA_DOCS=30, LIMIT=1
 
@@ -36,9 +38,7 @@ fi
 : "${SEEDS:=0}" "${VARIANTS:=template}" "${GRAD_ACCUM:=2}"
 : "${MDQA_DOCS:=120}" "${MDQA_POSITIONS:=0,29,59,89,119}" "${MDQA_RETRIEVAL:=}" "${FLENQA_FILE:=}"
 # 120-document prompts are ~20K tokens: one at a time, weights in bfloat16 split over the chips.
-: "${EVAL_ARGS=--dtype bfloat16 --shard --batch-size 1}"
-recipe_settings ""
-read -ra eval_extra <<<"$EVAL_ARGS"
+recipe_settings "" "--dtype bfloat16 --shard --batch-size 1"
 
 check_base_model Mistral-7B-Instruct-v0.2
 [[ -n $EVAL_DATA && ( -d $EVAL_DATA/mdqa || $DRY_RUN == 1 ) ]] || die "set EVAL_DATA to a folder with mdqa/"
@@ -46,19 +46,21 @@ check_base_model Mistral-7B-Instruct-v0.2
 mdqa_flags=(--data-dir "$EVAL_DATA/mdqa" --num-docs "$MDQA_DOCS" --gold-positions "$MDQA_POSITIONS" --closed-book)
 [[ -z $MDQA_RETRIEVAL ]] || mdqa_flags+=(--retrieval-file "$MDQA_RETRIEVAL")
 
-# evaluate LABEL MODEL RUN: MDQA at $MDQA_DOCS documents, the synthetic samples of RUN, FLenQA (+ CoT).
+# evaluate LABEL RUN: model LABEL (base or a run, model_flags) on MDQA at $MDQA_DOCS documents, the
+# synthetic samples of RUN, FLenQA (+ CoT).
 evaluate() {
-  local label=$1 model=$2 r=$3 dir=$WORK/results/$1
-  step "eval-$label-mdqa" "$PYTHON" -m eval mdqa --model "$model" "${mdqa_flags[@]}" ${LIMIT:+--limit "$LIMIT"} \
-    --label "$label" --out "$dir/mdqa$MDQA_DOCS" "${eval_extra[@]}"
-  step "eval-$label-synthetic-$r" "$PYTHON" -m eval synthetic --model "$model" \
+  local label=$1 r=$2 dir=$WORK/results/$1
+  model_flags "$label"
+  step "eval-$label-mdqa" "$PYTHON" -m eval mdqa "${MODEL_FLAGS[@]}" "${mdqa_flags[@]}" ${LIMIT:+--limit "$LIMIT"} \
+    --label "$label" --out "$dir/mdqa$MDQA_DOCS" "${EVAL_FLAGS[@]}"
+  step "eval-$label-synthetic-$r" "$PYTHON" -m eval synthetic "${MODEL_FLAGS[@]}" \
     --data-file "$WORK/data/$r/eval.jsonl" ${LIMIT:+--limit "$LIMIT"} --label "$label" \
-    --out "$dir/synthetic-$r" "${eval_extra[@]}"
+    --out "$dir/synthetic-$r" "${EVAL_FLAGS[@]}"
   if [[ -n $FLENQA_FILE ]]; then
-    step "eval-$label-flenqa" "$PYTHON" -m eval flenqa --model "$model" --data-file "$FLENQA_FILE" \
-      ${LIMIT:+--limit "$LIMIT"} --label "$label" --out "$dir/flenqa" "${eval_extra[@]}"
-    step "eval-$label-flenqa-cot" "$PYTHON" -m eval flenqa --model "$model" --data-file "$FLENQA_FILE" --cot \
-      ${LIMIT:+--limit "$LIMIT"} --label "$label" --out "$dir/flenqa-cot" "${eval_extra[@]}"
+    step "eval-$label-flenqa" "$PYTHON" -m eval flenqa "${MODEL_FLAGS[@]}" --data-file "$FLENQA_FILE" \
+      ${LIMIT:+--limit "$LIMIT"} --label "$label" --out "$dir/flenqa" "${EVAL_FLAGS[@]}"
+    step "eval-$label-flenqa-cot" "$PYTHON" -m eval flenqa "${MODEL_FLAGS[@]}" --data-file "$FLENQA_FILE" --cot \
+      ${LIMIT:+--limit "$LIMIT"} --label "$label" --out "$dir/flenqa-cot" "${EVAL_FLAGS[@]}"
   fi
 }
 
@@ -66,11 +68,11 @@ make_data "$data_preset" --buckets "${buckets[@]}"
 
 info "== before finetuning"
 make_tiny_base "$model_preset"
-for r in "${RUNS[@]}"; do evaluate base "$BASE_MODEL" "$r"; done
+for r in "${RUNS[@]}"; do evaluate base "$r"; done
 
 for r in "${RUNS[@]}"; do
   finetune "$model_preset" "$r"
-  evaluate "$r" "$WORK/hf/$r" "$r"
+  evaluate "$r" "$r"
 done
 
 info "== compare"
@@ -83,4 +85,5 @@ for r in "${RUNS[@]}"; do
   files+=("$WORK/results/base/synthetic-$r/results.json" "$WORK/results/$r/synthetic-$r/results.json")
 done
 compare_into "$WORK/results/compare" "${files[@]}"
+export_merged
 info "done: $WORK/results/compare/table.txt, MDQA plot $WORK/results/compare/mdqa_compare.png"
