@@ -51,8 +51,9 @@ def export(cfg: ExportConfig) -> None:
 
 Command = (Annotated[TrainConfig, tyro.conf.subcommand("train", description="Finetune on data_gen shards.")]
            | Annotated[ExportConfig, tyro.conf.subcommand("export", description="Checkpoint -> HF folder.")]
-           | Annotated[AotConfig, tyro.conf.subcommand("aot", description="Compile the train step for a TPU "
-                                                                          "slice here; report memory per chip.")])
+           | Annotated[AotConfig, tyro.conf.subcommand("aot", description="Compile a step (full or LoRA "
+                                                                          "train step, or decode) for a TPU slice here; "
+                                                                          "report memory per chip.")])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""Ahead-of-time compilation for a TPU slice we do not have: does the train step fit, and how much room?
+"""Ahead-of-time compilation for a TPU slice we do not have: does a step (a full or LoRA finetune step,
+eval's decoding) fit, and how much room?
 
 `compile_for_topology` lowers and compiles any jitted step for the compile-only devices of a
 `jaxtrain.topology.TpuTopology` (libtpu runs on this CPU machine; no TPU needed) and reads the
@@ -6,16 +7,18 @@ compiler's own per-device memory accounting. The TPU compiler refuses a program 
 alone exceed HBM (we keep its message); the full per-chip sum below is checked here.
 
 Memory accounting (per device; one device per chip except v2/v3, whose TensorCores each own their HBM):
-    per_chip_bytes = argument_bytes + temp_bytes + generated_code_bytes
-With the train state donated, outputs alias arguments (``alias_bytes``), so outputs add nothing beyond
-``output_bytes - alias_bytes`` (the metrics: a few bytes). Arrays placed in host memory
-(``memory_kind="pinned_host"``) are reported separately as ``host_*_bytes`` and do not count.
+    per_chip_bytes = argument_bytes + temp_bytes + generated_code_bytes + (output_bytes - alias_bytes)
+Outputs that alias a donated argument (``alias_bytes``) need no memory of their own: for the train step
+(state donated) the last term is the metrics, a few bytes; a decode prefill's new KV cache counts whole.
+Arrays placed in host memory (``memory_kind="pinned_host"``) are reported separately as ``host_*_bytes``
+and do not count.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import re
 import time
@@ -28,6 +31,7 @@ import jax.numpy as jnp
 import tyro
 
 from jaxtrain.config import MistralConfig
+from jaxtrain.lora import TARGETS, LoraConfig
 from jaxtrain.sharding import MeshConfig
 from jaxtrain.topology import (GIB, TPU_COMPILER_OPTIONS, TpuTopology, parse_accelerator_type,
                                prepare_libtpu_for_compile_only)
@@ -104,8 +108,11 @@ def compile_for_topology(fn: Callable, abstract_args: Sequence[Any], in_sharding
 
 
 def compile_lowered(lower: Callable[[], Any], topology: TpuTopology, *, compiler_options=None,
-                    extra: dict[str, Any] | None = None) -> AotReport:
-    """Run `lower()` (returns a `jax.stages.Lowered` for `topology`'s devices), compile, report."""
+                    extra: dict[str, Any] | None = None, keep: dict | None = None) -> AotReport:
+    """Run `lower()` (returns a `jax.stages.Lowered` for `topology`'s devices), compile, report.
+
+    `keep`, if given, receives the executable as ``keep["compiled"]`` (e.g. for its output shardings).
+    """
     report = AotReport(topology=topology.accelerator_type, chips=topology.chips,
                        devices=topology.num_devices, hbm_bytes=topology.hbm_bytes_per_device, fits=False,
                        extra=dict(extra or {}))
@@ -127,6 +134,8 @@ def compile_lowered(lower: Callable[[], Any], topology: TpuTopology, *, compiler
                 "K": 2**-20, "M": 2**-10, "G": 1.0, "T": 1024.0}[required.group(2)]
         return report
     report.compile_s = round(time.perf_counter() - t1, 2)
+    if keep is not None:
+        keep["compiled"] = compiled
     _fill_memory(report, compiled)
     return report
 
@@ -140,7 +149,8 @@ def _fill_memory(report: AotReport, compiled) -> None:
     report.generated_code_bytes = int(stats.generated_code_size_in_bytes)
     report.host_argument_bytes = int(getattr(stats, "host_argument_size_in_bytes", 0))
     report.host_temp_bytes = int(getattr(stats, "host_temp_size_in_bytes", 0))
-    report.per_chip_bytes = report.argument_bytes + report.temp_bytes + report.generated_code_bytes
+    report.per_chip_bytes = (report.argument_bytes + report.temp_bytes + report.generated_code_bytes
+                             + report.output_bytes - report.alias_bytes)
     report.fits = report.per_chip_bytes <= report.hbm_bytes
     if not report.fits:
         report.error = (f"needs {report.per_chip_bytes / GIB:.2f} GiB per device, "
@@ -170,93 +180,275 @@ def flops_analytic(config: MistralConfig, tokens: int, seq_len: int, logit_token
     return train_step_flops(config, tokens, seq_len, logit_tokens=logit_tokens)
 
 
-# --- the `aot` command: the real train step -----------------------------------------------------------
+# --- the `aot` command: the real train and decode steps ----------------------------------------------
+
+LoraTarget = Literal["q", "k", "v", "o", "gate", "up", "down"]
+
 
 @dataclasses.dataclass
 class AotConfig:
-    """Compile the real train step for a TPU slice on this machine and report its memory per chip."""
+    """Compile a real step (train: full finetune or LoRA; decode: eval's generation) for a TPU slice on
+    this machine and report its memory per chip."""
 
     model: str = "mistral-7b-v0.1"
     """model preset, or a Hugging Face folder (only its config.json is read)"""
     topology: str = "v5e-8"
     """TPU accelerator type: v5e-8 (= v5litepod-8), v5e-16, v4-8, v4-32, v5p-8, v6e-8, v6e-1, v3-8, ..."""
+    step: Literal["train", "decode"] = "train"
+    """train: `python -m jaxtrain train`'s step; decode: `python -m eval`'s generation (the prompt's
+    prefill, then one chunk of single-token steps; the larger of the two programs is reported)"""
     seq_len: int = 4096
-    """row length (one length bucket of the data)"""
+    """train: row length (one length bucket of the data); decode: prompt tokens (the longest prompt of a
+    batch), compiled at the bucket eval pads it to"""
     global_batch: int = 16
-    """rows per step"""
-    answer_tokens: int = 64
-    """loss tokens per row projected onto the vocabulary (answer-only logits; `train` reads the real
-    maximum from the data); 0: logits for every position"""
+    """train: rows per step; decode: prompts per batch (eval's --batch-size)"""
+    answer_tokens: int | None = None
+    """train: loss tokens per row projected onto the vocabulary (answer-only logits; `train` reads the real
+    maximum from the data); 0: logits for every position. Default 64 for a full finetune, 32 with
+    --lora-rank (the figures of the README's and docs/lora.md's tables)"""
     grad_accum: int = 1
-    """micro-batches per step"""
+    """train: micro-batches per step"""
     remat: str | None = None
-    """remat policy override (default: the preset's)"""
+    """train: remat policy override (default: the preset's)"""
+    lora_rank: int = 0
+    """train: rank of LoRA adapters on frozen base weights (0: full finetune); decode: rank of unmerged
+    adapters riding along (0: none)"""
+    lora_targets: tuple[LoraTarget, ...] = tuple(TARGETS)
+    """LoRA: projections that get adapters"""
+    lora_dropout: float = 0.0
+    """LoRA: dropout on the adapters' input during training"""
+    base_dtype: Literal["bf16", "int8", "float32"] = "bf16"
+    """dtype of the weights that are not trained: the LoRA base, or the decoded model's weights (int8:
+    weight-only, one scale per output channel; `train --base-dtype`, `eval --base-dtype`)"""
+    base_on_host: bool = False
+    """LoRA: the frozen base in host memory, copied to HBM a layer at a time (`train --base-on-host`)"""
+    new_tokens: int = 100
+    """decode: tokens generated per prompt (eval's --max-new-tokens; sizes the KV cache)"""
+    prefill_len: int | None = None
+    """decode: compile this prompt bucket instead of the one eval pads --seq-len to (to weigh another
+    bucketing; the splash kernel needs a multiple of 128)"""
     attention: Literal["splash", "xla"] = "splash"
-    """attention implementation compiled for the TPU"""
+    """attention implementation compiled for the TPU (decode steps with a KV cache always run XLA)"""
     optimizer: Annotated[OptimizerConfig, tyro.conf.OmitArgPrefixes] = dataclasses.field(
         default_factory=OptimizerConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    """device mesh: train shards its state over it; decode shards the weights as `eval --shard` does"""
     bf16_propagation: bool = False
     """let XLA:TPU propagate bf16 into the layer loop (XLA's default, which the train step turns off:
     see jaxtrain.topology.TPU_COMPILER_OPTIONS); for measuring what that costs"""
     total_steps: int = 1000
     """length of the learning-rate schedule (no effect on memory)"""
 
+    def lora(self) -> LoraConfig | None:
+        """The LoRA settings (None for a full finetune / plain decode); alpha does not change memory."""
+        if self.lora_rank == 0:
+            return None
+        return LoraConfig(self.lora_rank, 2.0 * self.lora_rank, self.lora_dropout, tuple(self.lora_targets))
+
+    def loss_tokens(self) -> int | None:
+        tokens = self.answer_tokens if self.answer_tokens is not None else (32 if self.lora_rank else 64)
+        return tokens or None
+
+    def check(self) -> None:
+        """Clear errors for options that do not apply to the chosen step, before anything compiles."""
+        if self.lora_rank < 0:
+            raise ValueError(f"--lora-rank must be >= 0 (0: no adapters); got {self.lora_rank}")
+        if self.global_batch < 1 or self.seq_len < 1:
+            raise ValueError(f"--global-batch and --seq-len must be positive (got {self.global_batch}, "
+                             f"{self.seq_len})")
+        if self.step == "decode":
+            misplaced = [flag for flag, given, default in (
+                ("--grad-accum", self.grad_accum, 1), ("--answer-tokens", self.answer_tokens, None),
+                ("--remat", self.remat, None), ("--offload-state", self.optimizer.offload_state, False),
+                ("--state-dtype", self.optimizer.state_dtype, OptimizerConfig.state_dtype),
+                ("--lora-dropout", self.lora_dropout, 0.0), ("--base-on-host", self.base_on_host, False))
+                if given != default]
+            if misplaced:
+                raise ValueError(f"{', '.join(misplaced)}: train-step options; --step decode compiles eval's "
+                                 f"generation (weights, KV cache, no gradients)")
+            if self.new_tokens < 1:
+                raise ValueError(f"--new-tokens must be >= 1 (got {self.new_tokens})")
+        else:
+            if self.prefill_len is not None or self.new_tokens != AotConfig.new_tokens:
+                raise ValueError("--prefill-len / --new-tokens apply to --step decode")
+            if self.base_dtype != "bf16" and not self.lora_rank:
+                raise ValueError(f"--base-dtype {self.base_dtype} applies to LoRA (--lora-rank > 0) and to "
+                                 f"--step decode; a full finetune trains float32 weights")
+            if self.base_on_host and not self.lora_rank:
+                raise ValueError("--base-on-host applies to LoRA (--lora-rank > 0)")
+            if self.answer_tokens is not None and self.answer_tokens < 0:
+                raise ValueError(f"--answer-tokens must be >= 0 (got {self.answer_tokens})")
+            answer = self.loss_tokens()
+            if answer and answer >= self.seq_len:
+                raise ValueError(f"--seq-len must be larger than --answer-tokens (got {self.seq_len}, {answer})")
+
 
 def _model_config(cfg: AotConfig) -> MistralConfig:
     overrides = {"attention_impl": cfg.attention}
     if cfg.remat is not None:
         overrides["remat"] = cfg.remat
+    if cfg.step == "decode":
+        overrides["remat"] = "none"  # no backward pass: nothing to rematerialise
     if Path(cfg.model).is_dir():
         return MistralConfig.from_pretrained(cfg.model, **overrides)
     return MistralConfig.preset(cfg.model).replace(**overrides)
 
 
-def aot_train_step(cfg: AotConfig) -> AotReport:
-    """Lower and compile `jaxtrain.train.make_train_step` for `cfg.topology` from abstract inputs."""
+def _slice(cfg: AotConfig):
+    """(topology, model config, mesh, rules) for `cfg`, with the parameters checked to split evenly."""
     prepare_libtpu_for_compile_only()
-    from jaxtrain import model, train
-    from jaxtrain.checkpoint import abstract_state
-    from jaxtrain.sharding import check_divisible, data_parallel_size, make_mesh, rules_for
+    from jaxtrain import model
+    from jaxtrain.sharding import check_divisible, make_mesh, rules_for
 
+    cfg.check()
     topology = parse_accelerator_type(cfg.topology)
     config = _model_config(cfg)
-    devices = topology.devices()
-    mesh = make_mesh(cfg.mesh, devices)
+    mesh = make_mesh(cfg.mesh, topology.devices())
     rules = rules_for(cfg.mesh.rules)
     check_divisible(model.param_shapes(config), model.param_logical_axes(config), mesh, rules)
+    return topology, config, mesh, rules
+
+
+def _step_name(cfg: AotConfig) -> str:
+    lora = f"LoRA r{cfg.lora_rank} ({cfg.base_dtype} base)" if cfg.lora_rank else ""
+    if cfg.step == "decode":
+        return f"greedy decode, {cfg.base_dtype} weights" + (f" + {lora}" if lora else "")
+    return f"train, {lora}" if lora else "train, full finetune"
+
+
+def aot_train_step(cfg: AotConfig) -> AotReport:
+    """Lower and compile `jaxtrain.train.make_train_step` for `cfg.topology` from abstract inputs: all
+    weights (fp32 state), or with --lora-rank the adapters' state plus the frozen base as a third,
+    non-donated argument (what `train --lora-rank` runs)."""
+    from jaxtrain import lora as lora_lib
+    from jaxtrain import model, train
+    from jaxtrain.checkpoint import abstract_state
+    from jaxtrain.sharding import data_parallel_size
+
+    topology, config, mesh, rules = _slice(cfg)
     rows_per_step = data_parallel_size(mesh) * cfg.grad_accum
     if cfg.global_batch % rows_per_step:
         raise ValueError(f"--global-batch {cfg.global_batch} must be a multiple of {rows_per_step} (the "
                          f"{data_parallel_size(mesh)}-way batch split of the mesh x --grad-accum "
                          f"{cfg.grad_accum}) on {topology.accelerator_type}")
-    if cfg.seq_len <= 0 or (cfg.answer_tokens and cfg.answer_tokens >= cfg.seq_len):
-        raise ValueError(f"--seq-len must be positive and larger than --answer-tokens (got {cfg.seq_len}, "
-                         f"{cfg.answer_tokens})")
     optimizer, schedule = train.make_optimizer(cfg.optimizer, cfg.total_steps)
-    answer = cfg.answer_tokens or None
+    answer, lcfg = cfg.loss_tokens(), cfg.lora()
     fns = train.make_train_step(config, optimizer, schedule, mesh, rules, max_loss_tokens=answer,
-                                grad_accum=cfg.grad_accum)
-    params = model.param_shapes(config)
+                                grad_accum=cfg.grad_accum, lora=lcfg, base_dtype=cfg.base_dtype,
+                                base_on_host=cfg.base_on_host)
+    params = model.param_shapes(config) if lcfg is None else lora_lib.adapter_shapes(config, lcfg)
     shapes = {"params": params, "opt_state": jax.eval_shape(optimizer.init, params),
               "step": jax.ShapeDtypeStruct((), jnp.int32)}
     state = abstract_state(shapes, fns.state_shardings)
+    frozen = None if lcfg is None else abstract_state(lora_lib.base_shapes(config, cfg.base_dtype),
+                                                      fns.frozen_shardings)
     rows, length = cfg.global_batch, cfg.seq_len
     batch = {k: jax.ShapeDtypeStruct((rows, length), jnp.bool_ if k == "loss_mask" else jnp.int32,
                                      sharding=fns.batch_sharding)
              for k in ("input_ids", "loss_mask", "segment_ids", "positions")}
     # Explicit either way: the train step's own jit carries the TPU options, and these override them.
     options = {**TPU_COMPILER_OPTIONS, "xla_jf_bf16_propagation": cfg.bf16_propagation}
-    extra = {
-        "model": cfg.model, "seq_len": length, "global_batch": rows,
-        "flops_analytic": flops_analytic(config, rows * length, length,
-                                         logit_tokens=None if answer is None else rows * answer),
-        "options": {"remat": config.remat, "attention": config.attention_impl,
-                    "param_dtype": config.param_dtype, "optimizer": dataclasses.asdict(cfg.optimizer),
-                    "answer_tokens": cfg.answer_tokens, "grad_accum": cfg.grad_accum,
-                    "mesh": dict(mesh.shape), "rules": cfg.mesh.rules, "compiler_options": options},
-    }
-    return compile_lowered(lambda: fns.lower(state, batch), topology, compiler_options=options, extra=extra)
+    extra = _extra(cfg, config, mesh, options, seq_len=length, answer_tokens=answer or 0, grad_accum=cfg.grad_accum,
+                   optimizer=dataclasses.asdict(cfg.optimizer),
+                   flops_analytic=flops_analytic(config, rows * length, length,
+                                                 logit_tokens=None if answer is None else rows * answer))
+    if lcfg is not None:
+        extra["adapter_params"] = lora_lib.num_params(params)
+    return compile_lowered(lambda: fns.lower(state, batch, frozen), topology, compiler_options=options,
+                           extra=extra)
+
+
+def _extra(cfg: AotConfig, config: MistralConfig, mesh, compiler_options, *, seq_len: int,
+           flops_analytic: float | None = None, **options) -> dict[str, Any]:
+    """The JSON line's fields beyond the compiler's: what was compiled, with which options."""
+    lora = cfg.lora()
+    return {"step": _step_name(cfg), "model": cfg.model, "seq_len": seq_len, "global_batch": cfg.global_batch,
+            "flops_analytic": flops_analytic,
+            "options": {"step": cfg.step, "remat": config.remat, "attention": config.attention_impl,
+                        "param_dtype": config.param_dtype, **options,
+                        "lora": None if lora is None else lora.to_dict(),
+                        "base_dtype": cfg.base_dtype if cfg.step == "decode" or lora else None,
+                        "base_on_host": cfg.base_on_host,
+                        "mesh": dict(mesh.shape), "rules": cfg.mesh.rules, "compiler_options": compiler_options}}
+
+
+_PROGRAM_FIELDS = ("fits", "per_chip_bytes", "argument_bytes", "output_bytes", "alias_bytes", "temp_bytes",
+                   "compile_s", "error")
+
+
+def decode_prefill_length(prompt_tokens: int, new_tokens: int, max_length: int) -> int:
+    """The prompt bucket `eval.decode.Generator.generate` pads a batch whose longest prompt has
+    `prompt_tokens` tokens to (power of two, capped so that prompt + new tokens fit the positions)."""
+    from eval import decode
+
+    return min(decode.bucket_length(prompt_tokens), max_length - new_tokens)
+
+
+def aot_decode_step(cfg: AotConfig) -> AotReport:
+    """Lower and compile eval's generation (`eval.decode`: `_prefill` of a left-padded batch into an empty
+    KV cache, then `_decode_chunk`'s loop of single-token steps, greedy) for `cfg.topology`.
+
+    The two are separate programs on the device, as in eval: the chunk takes the prefill's output state
+    (laid out as the prefill's compiled output shardings say) donated. Weights are sharded over the mesh
+    as `eval --shard` loads them. The report is the program with the larger per-chip figure (or the one
+    the compiler refused); both programs' figures are under "programs".
+    """
+    import flax.linen as nn
+
+    from eval import decode
+    from jaxtrain import lora as lora_lib
+    from jaxtrain.checkpoint import abstract_state
+    from jaxtrain.sharding import logical_to_sharding
+
+    topology, config, mesh, rules = _slice(cfg)
+    if cfg.seq_len + cfg.new_tokens > config.max_position_embeddings:
+        raise ValueError(f"--seq-len {cfg.seq_len} + --new-tokens {cfg.new_tokens} exceeds {cfg.model}'s "
+                         f"{config.max_position_embeddings} positions")
+    length = cfg.prefill_len or decode_prefill_length(cfg.seq_len, cfg.new_tokens, config.max_position_embeddings)
+    if not cfg.seq_len <= length <= config.max_position_embeddings - cfg.new_tokens:
+        raise ValueError(f"--prefill-len {length} must hold the prompt (--seq-len {cfg.seq_len}) and leave room "
+                         f"for --new-tokens {cfg.new_tokens} in {config.max_position_embeddings} positions")
+    params = abstract_state(lora_lib.base_shapes(config, cfg.base_dtype),
+                            lora_lib.base_shardings(config, cfg.base_dtype, mesh, rules))
+    lcfg, adapters = cfg.lora(), None
+    if lcfg is not None:
+        adapter_shardings = logical_to_sharding(lora_lib.adapter_logical_axes(config, lcfg), mesh, rules)
+        adapters = lora_lib.Adapters(abstract_state(lora_lib.adapter_shapes(config, lcfg), adapter_shardings),
+                                     lcfg)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    ids = jax.ShapeDtypeStruct((cfg.global_batch, length), jnp.int32, sharding=replicated)
+    scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
+    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
+    static = dict(config=config, greedy=True)
+    options = {**TPU_COMPILER_OPTIONS, "xla_jf_bf16_propagation": cfg.bf16_propagation}
+    extra = _extra(cfg, config, mesh, options, seq_len=cfg.seq_len, chunk_steps=decode.CHUNK_STEPS)
+    extra.update(prefill_len=length, new_tokens=cfg.new_tokens)
+
+    def lower(fn, *args, **kwargs):
+        def run():
+            with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+                return fn.lower(*args, **kwargs)
+        return run
+
+    prefill_args = (params, adapters, ids, ids, ids, rng, scalar, scalar)
+    kept: dict = {}
+    prefill = compile_lowered(lower(decode._prefill, *prefill_args, max_new_tokens=cfg.new_tokens, **static),
+                              topology, compiler_options=options, extra=extra, keep=kept)
+    reports = {"prefill": prefill}
+    if prefill.per_chip_bytes is not None:
+        out_shapes = jax.eval_shape(functools.partial(decode._prefill, max_new_tokens=cfg.new_tokens, **static),
+                                    *prefill_args)
+        state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                             out_shapes, kept["compiled"].output_shardings)
+        reports["decode_chunk"] = compile_lowered(
+            lower(decode._decode_chunk, params, adapters, state, scalar, scalar, **static), topology,
+            compiler_options=options, extra=extra)
+    worst = max(reports.values(), key=lambda r: (r.per_chip_bytes is None, r.per_chip_bytes or 0))
+    worst.extra = {**extra, "program": next(k for k, r in reports.items() if r is worst),
+                   "programs": {k: {key: getattr(r, key) for key in _PROGRAM_FIELDS} for k, r in reports.items()}}
+    worst.lower_s = round(sum(r.lower_s for r in reports.values()), 2)
+    worst.compile_s = round(sum(r.compile_s for r in reports.values()), 2)
+    return worst
 
 
 def _gib(n: int | None) -> str:
@@ -266,21 +458,26 @@ def _gib(n: int | None) -> str:
 def summary(report: AotReport) -> str:
     """Two human lines: the verdict, and where the memory goes."""
     d = report.as_dict()
-    head = (f"{d['topology']} ({d['chips']} chips, {d['hbm_gib']} GiB HBM per device): {d.get('model')} "
-            f"seq {d.get('seq_len')} x batch {d.get('global_batch')}: ")
+    shape = f"seq {d.get('seq_len')} x batch {d.get('global_batch')}"
+    if d.get("prefill_len") is not None:
+        shape = (f"prompt {d['seq_len']} (bucket {d['prefill_len']}) + {d.get('new_tokens')} new tokens x batch "
+                 f"{d['global_batch']} (larger program: {d.get('program')})")
+    head = (f"{d['topology']} ({d['chips']} chips, {d['hbm_gib']} GiB HBM per device): {d.get('step', 'step')} "
+            f"of {d.get('model')}, {shape}: ")
     if report.per_chip_bytes is None:
         return head + f"DOES NOT FIT ({report.error})"
     verdict = "fits" if report.fits else "DOES NOT FIT"
     return (head + f"{d['per_chip_gib']} GiB per chip, {verdict} ({d['headroom_gib']} GiB to spare)\n"
             f"  arguments {_gib(report.argument_bytes)} + temporaries {_gib(report.temp_bytes)} + code "
-            f"{_gib(report.generated_code_bytes)} GiB; host memory per chip: arguments "
+            f"{_gib(report.generated_code_bytes)} + outputs {_gib(report.output_bytes - report.alias_bytes)} GiB "
+            f"(not aliased to a donated argument); host memory per chip: arguments "
             f"{_gib(report.host_argument_bytes)} + temporaries {_gib(report.host_temp_bytes)} GiB; "
             f"lowered in {report.lower_s} s, compiled in {report.compile_s} s")
 
 
 def main(cfg: AotConfig) -> int:
     """`python -m jaxtrain aot`: the summary, then the report as one JSON line (exit 0 fit or not)."""
-    report = aot_train_step(cfg)
+    report = aot_decode_step(cfg) if cfg.step == "decode" else aot_train_step(cfg)
     print(summary(report))
     print(report.to_json())
     return 0

@@ -284,21 +284,41 @@ def load_peft(path: str | Path, config: MistralConfig) -> Adapters:
 BASE_DTYPES = ("bf16", "int8", "float32")
 
 
-def base_shardings(config: MistralConfig, base_dtype: str, mesh, rules):
-    """Shardings of the frozen base (int8: `qwix.QArray`s of shardings), laid out as in training."""
-    from jaxtrain import model, quant
+def base_shardings(config: MistralConfig, base_dtype: str, mesh, rules, *, on_host: bool = False):
+    """Shardings of the frozen base (int8: `qwix.QArray`s of shardings), laid out as in training.
+
+    `on_host`: the layers' projection weights, the embedding and the LM head live in host memory
+    (``pinned_host``); the model copies each to the accelerator where it is used, the layers one at a
+    time inside the layer scan (`jaxtrain.model.on_device`). The norms' small [layers, hidden] stacks
+    stay on the device (see `jaxtrain.offload.stacked_layers`). Not for int8: XLA:TPU reads int8 slices
+    from host memory in another tiling than the argument's, so it would first copy the whole int8
+    stack into HBM (no saving; and the int8 base of a 7B fits one v5e chip anyway).
+    """
+    from jaxtrain import model, offload, quant
     from jaxtrain.sharding import logical_to_sharding
+    if on_host and base_dtype == "int8":
+        raise ValueError("--base-on-host needs --base-dtype bf16 or float32: an int8 base in host memory "
+                         "would be copied whole into HBM by the TPU compiler (int8 fits on the chip: drop "
+                         "--base-on-host)")
     shardings = logical_to_sharding(model.param_logical_axes(config), mesh, rules)
+    if on_host:
+        stacked = offload.stacked_layers(model.param_shapes(config))
+
+        def place(key, tree):
+            return jax.tree.map(lambda s, big: s.with_memory_kind(offload.HOST)
+                                if big or key in ("embed", "lm_head") else s, tree, stacked[key])
+        shardings = {key: place(key, tree) for key, tree in shardings.items()}
     return quant.quantized_shardings(shardings) if base_dtype == "int8" else shardings
 
 
 def base_shapes(config: MistralConfig, base_dtype: str):
+    """Shapes and dtypes of the frozen base as `load_base` builds it: int8 projections (the embedding,
+    LM head and norms in the compute dtype, as `quant.load_quantized` reads them), or all bf16 / fp32."""
     from jaxtrain import model, quant
     shapes = model.param_shapes(config)
-    if base_dtype == "int8":
-        return quant.quantized_shapes(shapes)
-    dtype = jnp.dtype("bfloat16" if base_dtype == "bf16" else "float32")
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), shapes)
+    dtype = jnp.dtype({"bf16": "bfloat16", "float32": "float32"}.get(base_dtype, config.dtype))
+    shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), shapes)
+    return quant.quantized_shapes(shapes) if base_dtype == "int8" else shapes
 
 
 def base_fingerprint(init_from: str | None, seed: int) -> str:
@@ -339,7 +359,8 @@ def load_base(config: MistralConfig, *, init_from: str | None, base_dtype: str, 
         return load_pretrained(init_from, shardings=shardings, dtype=dtype, config_overrides=overrides)[1]
     params = model.init_params(config, jax.random.key(seed))
     if base_dtype == "int8":
-        params = quant.quantize_params(params)
+        params = jax.tree.map(lambda x: x if quant.is_quantized(x) else x.astype(config.dtype),
+                              quant.quantize_params(params), is_leaf=quant.is_quantized)
     else:
         params = jax.tree.map(lambda x: x.astype("bfloat16" if base_dtype == "bf16" else "float32"), params)
     return params if shardings is None else jax.device_put(params, shardings)

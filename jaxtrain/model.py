@@ -63,10 +63,22 @@ def _compute(x, cfg: MistralConfig):
     return x.astype(jnp.dtype(cfg.dtype))
 
 
+def on_device(w):
+    """`w` (an array or an int8 `QArray`) copied to the accelerator when it lives in host memory.
+
+    A LoRA run may keep its frozen base in host memory (`jaxtrain.lora.base_shardings(on_host=True)`):
+    inside the layer scan each layer's weights are then read from the host where they are used, one
+    layer at a time (again in the rematerialised backward pass), so HBM never holds the whole base.
+    """
+    def move(a):
+        return jax.device_put(a, jax.memory.Space.Device) if jax.typeof(a).memory_space == jax.memory.Space.Host else a
+    return jax.tree.map(move, w)
+
+
 def _project(module: nn.Module, name: str, spec: str, x, shape: tuple[int, ...], axes: tuple[str, ...]):
     """x times the weight `name` (einsum `spec`, weight input dims first): an int8 weight is dequantised
     inside the matmul, and the LoRA branch is added when the module's `lora` config adapts `name`."""
-    w = _param(module, name, shape, axes)
+    w = on_device(_param(module, name, shape, axes))
     y = quant.einsum(spec, x, w, jnp.dtype(module.config.dtype))
     if module.lora is not None and module.lora.adapts(name):
         y = y + lora_lib.branch(module, name, spec, x, shape, axes)
@@ -194,7 +206,7 @@ class Mistral(nn.Module):
         `empty_cache`: the cache holds nothing yet (a prefill), so there is nothing in it to attend to.
         """
         cfg = self.config
-        x = _compute(jnp.take(self.embed, input_ids, axis=0), cfg)
+        x = _compute(jnp.take(on_device(self.embed), input_ids, axis=0), cfg)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         layer_cache, cache_positions = None, None
         if cache is not None:
@@ -209,7 +221,7 @@ class Mistral(nn.Module):
 
     def logits(self, hidden):
         """Vocabulary logits in float32 for any [..., D] slice of hidden states (answer-only losses)."""
-        kernel = self.embed.T if self.config.tie_word_embeddings else self.lm_head_kernel
+        kernel = on_device(self.embed).T if self.config.tie_word_embeddings else on_device(self.lm_head_kernel)
         logits = jnp.einsum("...d,dv->...v", hidden, _compute(kernel, self.config),
                             preferred_element_type=jnp.float32)
         return logits

@@ -77,7 +77,8 @@ def quantized_shardings(shardings: dict) -> dict:
     def convert(name, sharding):
         spec = tuple(sharding.spec) + (None,) * max(0, 1 + INPUT_DIMS[name] - len(sharding.spec))
         scale_spec = PartitionSpec(spec[0], *([None] * INPUT_DIMS[name]), *spec[1 + INPUT_DIMS[name]:])
-        return qwix.QArray(sharding, jax.sharding.NamedSharding(sharding.mesh, scale_spec), qtype=jnp.int8)
+        scale = jax.sharding.NamedSharding(sharding.mesh, scale_spec, memory_kind=sharding.memory_kind)
+        return qwix.QArray(sharding, scale, qtype=jnp.int8)
     return quantize_params_like(shardings, convert)
 
 

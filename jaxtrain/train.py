@@ -109,6 +109,10 @@ class TrainConfig:
     """LoRA: projections that get adapters"""
     base_dtype: Literal["bf16", "int8", "float32"] = "bf16"
     """LoRA: dtype of the frozen base weights (int8: weight-only, one scale per output channel)"""
+    base_on_host: bool = False
+    """LoRA: keep the frozen base (bf16/float32) in host memory and copy each layer to the accelerator
+    inside the layer scan (HBM holds about one layer of it: what fits a bf16 7B on one 16 GiB v5e; costs
+    host-to-device bandwidth, twice the base per step)"""
 
     def lora(self) -> lora_lib.LoraConfig | None:
         if self.lora_rank <= 0:
@@ -255,7 +259,7 @@ def state_shardings(config: MistralConfig, optimizer, mesh, rules, lora: lora_li
 
 def make_train_step(config: MistralConfig, optimizer, schedule, mesh, rules, *, max_loss_tokens: int | None,
                     grad_accum: int = 1, lora: lora_lib.LoraConfig | None = None, base_dtype: str = "bf16",
-                    seed: int = 0) -> StepFunctions:
+                    base_on_host: bool = False, seed: int = 0) -> StepFunctions:
     shardings = state_shardings(config, optimizer, mesh, rules, lora)
     batch_shard = batch_sharding(mesh, rules)
     body = jax.tree_util.Partial(train_step, config=config, optimizer=optimizer, schedule=schedule,
@@ -269,7 +273,7 @@ def make_train_step(config: MistralConfig, optimizer, schedule, mesh, rules, *, 
     in_shardings = (shardings, batch_shard)
     frozen_shardings = None
     if lora is not None:
-        frozen_shardings = lora_lib.base_shardings(config, base_dtype, mesh, rules)
+        frozen_shardings = lora_lib.base_shardings(config, base_dtype, mesh, rules, on_host=base_on_host)
         in_shardings += (frozen_shardings,)
     jitted = jax.jit(step, in_shardings=in_shardings, out_shardings=(shardings, replicated), donate_argnums=0,
                      compiler_options=compiler_options_for(list(mesh.devices.flat)))
@@ -410,7 +414,8 @@ def train(cfg: TrainConfig) -> dict:
     answer_tokens = max_answer_tokens(batches)
     lora = cfg.lora()
     fns = make_train_step(config, optimizer, schedule, mesh, rules, max_loss_tokens=answer_tokens,
-                          grad_accum=cfg.grad_accum, lora=lora, base_dtype=cfg.base_dtype, seed=cfg.seed)
+                          grad_accum=cfg.grad_accum, lora=lora, base_dtype=cfg.base_dtype,
+                          base_on_host=cfg.base_on_host, seed=cfg.seed)
     metadata = {"train_config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str))}
     if lora is not None:
         metadata.update(_lora_metadata(cfg, lora))

@@ -25,6 +25,15 @@ def _torch_logits(module, ids):
         return module(torch.tensor(ids, dtype=torch.long)).logits.float().numpy()
 
 
+def _answer_batch(vocab, rows=2, length=16):
+    """A training batch whose loss falls on the last six tokens of each row."""
+    ids = _ids(vocab, (rows, length))
+    mask = np.zeros_like(ids, bool)
+    mask[:, 10:] = True
+    return {"input_ids": ids, "loss_mask": mask, "segment_ids": np.ones_like(ids),
+            "positions": np.tile(np.arange(length, dtype=np.int32), (rows, 1))}
+
+
 def _randomise_b(adapters: lora.Adapters, seed=1) -> lora.Adapters:
     """Non-zero B everywhere (fresh adapters have B = 0, which would make every parity test trivial)."""
     keys = iter(jax.random.split(jax.random.key(seed), 64))
@@ -132,11 +141,7 @@ def test_train_step_updates_adapters_only_with_adapter_sized_optimizer_state(bas
     base_shapes = {x.shape for x in jax.tree.leaves(params)}
     assert not any(x.shape in base_shapes for x in moments if x.size > 4 * 96)
 
-    ids = _ids(config.vocab_size, (2, 16))
-    mask = np.zeros_like(ids, bool)
-    mask[:, 10:] = True
-    batch = {"input_ids": ids, "loss_mask": mask, "segment_ids": np.ones_like(ids),
-             "positions": np.tile(np.arange(16, dtype=np.int32), (2, 1))}
+    batch = _answer_batch(config.vocab_size)
     losses = []
     for _ in range(3):
         state, metrics = fns.step(state, batch)
@@ -145,3 +150,79 @@ def test_train_step_updates_adapters_only_with_adapter_sized_optimizer_state(bas
     assert all(float(jnp.abs(ab["b"]).max()) > 0 for sub in state["params"]["layers"].values() for ab in sub.values())
     for x, y in zip(jax.tree.leaves(fns.frozen), jax.tree.leaves(before)):
         assert np.array_equal(np.asarray(x), y)
+
+
+def _lora_step(config, cfg, base_dtype, base_on_host, mesh=None):
+    from jaxtrain.sharding import MeshConfig, make_mesh, rules_for
+    from jaxtrain.train import OptimizerConfig, make_optimizer, make_train_step
+
+    optimizer, schedule = make_optimizer(OptimizerConfig(lr=1e-2, warmup_ratio=0.0), 10)
+    mesh = mesh or make_mesh(MeshConfig(fsdp=1), devices=jax.devices()[:1])
+    fns = make_train_step(config, optimizer, schedule, mesh, rules_for("fsdp"), max_loss_tokens=8, lora=cfg,
+                          base_dtype=base_dtype, base_on_host=base_on_host)
+    return fns, optimizer
+
+
+def test_base_in_host_memory_trains_exactly_like_a_base_on_device(base):
+    """--base-on-host: the frozen base is read from host memory, layer by layer inside the (remat) scan;
+    the steps give the same losses and adapters as with the whole base in device memory."""
+    folder, _, config, _ = base
+    config = config.replace(remat="full")  # the backward pass recomputes each layer, reading it again
+    cfg = lora.LoraConfig(rank=4, alpha=8, dropout=0.1)
+    batch = _answer_batch(config.vocab_size)
+    results = []
+    for on_host in (False, True):
+        fns, optimizer = _lora_step(config, cfg, "float32", on_host)
+        fns.frozen = lora.load_base(config, init_from=str(folder), base_dtype="float32",
+                                    shardings=fns.frozen_shardings)
+        adapters = lora.init_adapters(config, cfg, jax.random.key(0))
+        state = {"params": adapters, "opt_state": optimizer.init(adapters), "step": jnp.int32(0)}
+        losses = []
+        for _ in range(2):
+            state, metrics = fns.step(state, batch)
+            losses.append(float(metrics["loss"]))
+        results.append((losses, state["params"], fns.frozen))
+    (ref_losses, ref_adapters, _), (losses, adapters, frozen) = results
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
+    assert losses[-1] < losses[0]
+    for want, got in zip(jax.tree.leaves(ref_adapters), jax.tree.leaves(adapters)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-7)
+    kind = lambda x: x.sharding.memory_kind  # noqa: E731
+    layers = frozen["layers"]
+    assert {kind(x) for x in jax.tree.leaves((layers["attn"], layers["mlp"], frozen["embed"],
+                                              frozen["lm_head"]))} == {"pinned_host"}
+    assert {kind(x) for x in jax.tree.leaves((layers["attn_norm"], frozen["final_norm"]))} == {"device"}
+    with pytest.raises(ValueError, match="--base-on-host needs --base-dtype bf16 or float32"):
+        _lora_step(config, cfg, "int8", True)
+
+
+def test_base_on_host_keeps_about_one_layer_of_it_in_hbm_on_tpu():
+    """Compiled for one v5e chip (bf16 base): the base is a host argument, and the step's device
+    temporaries stay well below the layer stack (each layer is copied in where it is used, never the
+    whole stack at once)."""
+    from jaxtrain import aot, quant
+    from jaxtrain.checkpoint import abstract_state
+    from jaxtrain.config import MistralConfig
+    from jaxtrain.sharding import MeshConfig, make_mesh
+    from jaxtrain.topology import parse_accelerator_type
+
+    topology = parse_accelerator_type("v5e-1")
+    config = MistralConfig(vocab_size=1024, hidden_size=512, intermediate_size=2048, num_layers=8, num_heads=4,
+                           num_kv_heads=2, head_dim=128, rope_theta=1e4, sliding_window=None,
+                           max_position_embeddings=4096, rms_norm_eps=1e-5, remat="full", attention_impl="xla")
+    cfg = lora.LoraConfig(rank=4, alpha=8)
+    fns, optimizer = _lora_step(config, cfg, "bf16", True, make_mesh(MeshConfig(), topology.devices()))
+    adapters = lora.adapter_shapes(config, cfg)
+    state = abstract_state({"params": adapters, "opt_state": jax.eval_shape(optimizer.init, adapters),
+                            "step": jax.ShapeDtypeStruct((), jnp.int32)}, fns.state_shardings)
+    shapes = lora.base_shapes(config, "bf16")
+    tokens = jax.ShapeDtypeStruct((1, 256), jnp.int32, sharding=fns.batch_sharding)
+    batch = {"input_ids": tokens, "loss_mask": jax.ShapeDtypeStruct((1, 256), jnp.bool_, sharding=fns.batch_sharding),
+             "segment_ids": tokens, "positions": tokens}
+    report = aot.compile_lowered(lambda: fns.lower(state, batch, abstract_state(shapes, fns.frozen_shardings)),
+                                 topology)
+    stack = quant.nbytes({k: v for k, v in shapes["layers"].items() if k in ("attn", "mlp")})
+    on_host = stack + quant.nbytes((shapes["embed"], shapes["lm_head"]))
+    assert report.host_argument_bytes >= on_host
+    assert report.argument_bytes < 0.1 * on_host
+    assert report.temp_bytes < 0.35 * stack  # one layer is 1/8 of the stack

@@ -73,3 +73,16 @@ def test_int8_greedy_next_tokens_agree_with_fp32(models):
         full = np.asarray([prompt + generation.token_ids], np.int32)
         greedy = np.asarray(jnp.argmax(model.forward(config, int8, full), -1))[0, len(prompt) - 1:-1]
         assert generation.token_ids and greedy.tolist() == generation.token_ids
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_base_shapes_describe_the_int8_base_the_loader_builds(models, dtype):
+    """What AOT compiles and restores against (`lora.base_shapes`) is what `load_quantized` returns:
+    int8 projections with float32 scales, the embedding, LM head and norms in the compute dtype."""
+    folder = models[0]
+    config, loaded = quant.load_quantized(folder, config_overrides=dict(dtype=dtype))
+    shapes = lora.base_shapes(config, "int8")
+    assert jax.tree.structure(shapes) == jax.tree.structure(loaded)
+    for want, got in zip(jax.tree.leaves(shapes), jax.tree.leaves(loaded)):
+        assert (want.shape, want.dtype) == (got.shape, got.dtype)
+    assert loaded["embed"].dtype == jnp.dtype(dtype)

@@ -26,8 +26,9 @@ def test_tiny_train_step_compiles_for_v5e_8(capsys):
                              "--global-batch", "8", "--answer-tokens", "16")
     assert report["fits"] is True and report["error"] is None
     assert (report["topology"], report["chips"], report["seq_len"], report["global_batch"]) == ("v5e-8", 8, 256, 8)
-    assert report["per_chip_bytes"] == (report["argument_bytes"] + report["temp_bytes"]
-                                        + report["generated_code_bytes"])
+    assert report["per_chip_bytes"] == (report["argument_bytes"] + report["temp_bytes"] + report["generated_code_bytes"]
+                                        + report["output_bytes"] - report["alias_bytes"])
+    assert report["output_bytes"] - report["alias_bytes"] < 2**16  # the metrics: the state updates in place
     # Arguments per chip: fp32 params + two fp32 Adam moments, FSDP-split 8 ways, plus 1/8 of the batch
     # (4 arrays of 8 x 256; TPU tiling pads these small shards, hence the tolerance).
     n = MistralConfig.preset("tiny").num_params
@@ -92,3 +93,75 @@ def test_flops_analytic_against_a_hand_count():
     attention = 12 * 32 * 32 * 128 * (seq / 2) * tokens
     got = aot.flops_analytic(config, tokens, seq, logit_tokens=rows * answer)
     assert got == pytest.approx(body + head + attention, rel=1e-4)
+
+
+# --- the other steps a user must fit: LoRA on a quantised base, and eval's decoding -------------------
+
+def model_folder(tmp_path, hidden: int) -> tuple[MistralConfig, list[str]]:
+    """A config.json-only model folder whose weights are large next to TPU tile padding (with `hidden` / 8
+    >= 128 even their 8-way shards fill whole tiles), so that hand counts of argument bytes hold to a few
+    per cent; and its --model flag."""
+    config = MistralConfig.preset("tiny").replace(vocab_size=1024, hidden_size=hidden, intermediate_size=2 * hidden,
+                                                  num_heads=hidden // 128, num_kv_heads=2, head_dim=128,
+                                                  max_position_embeddings=4096)
+    (tmp_path / "config.json").write_text(json.dumps(config.to_hf_dict()))
+    return config, ["--model", str(tmp_path)]
+
+
+def test_decode_step_compiles_for_v5e_8(capsys, tmp_path):
+    """Eval's generation (prefill, then a chunk of cached steps) with bf16 weights split over 8 chips."""
+    config, model = model_folder(tmp_path, hidden=1024)
+    lines, report = run_main(capsys, *model, "--topology", "v5e-8", "--step", "decode", "--seq-len", "200",
+                             "--global-batch", "8", "--new-tokens", "20")
+    assert report["fits"] is True and report["error"] is None
+    assert report["prefill_len"] == 256                    # eval pads a 200-token prompt to 256
+    assert set(report["programs"]) == {"prefill", "decode_chunk"}
+    prefill, chunk = report["programs"]["prefill"], report["programs"]["decode_chunk"]
+    # Prefill arguments: bf16 weights split 8 ways, plus 3 replicated [8, 256] int32 inputs.
+    assert prefill["argument_bytes"] == pytest.approx(2 * config.num_params / 8 + 3 * 8 * 256 * 4, rel=0.05)
+    # The prefill's new bf16 KV cache (k and v: layers x rows x (256 + 20 slots) x kv heads x head dim) is
+    # an output of its own and counts; the chunk receives it as an argument.
+    cache = 2 * config.num_layers * 8 * 276 * config.num_kv_heads * config.head_dim * 2
+    assert prefill["output_bytes"] >= cache / 8 and prefill["alias_bytes"] == 0
+    assert prefill["per_chip_bytes"] >= prefill["argument_bytes"] + prefill["output_bytes"]
+    assert chunk["argument_bytes"] >= 2 * config.num_params / 8 + cache / 8
+    assert report["per_chip_bytes"] == max(prefill["per_chip_bytes"], chunk["per_chip_bytes"])
+    assert report["options"]["remat"] == "none" and report["options"]["base_dtype"] == "bf16"
+    assert "greedy decode" in lines[0] and "prompt 200 (bucket 256) + 20 new tokens" in lines[0]
+
+
+def test_lora_step_on_an_int8_base_compiles_for_v5e_1(capsys, tmp_path):
+    """`train --lora-rank` on an int8 base: the frozen base is an int8 argument, the state the adapters."""
+    config, model = model_folder(tmp_path, hidden=256)
+    lines, report = run_main(capsys, *model, "--topology", "v5e-1", "--seq-len", "256", "--global-batch", "2",
+                             "--lora-rank", "8", "--base-dtype", "int8")
+    assert report["fits"] is True and report["options"]["answer_tokens"] == 32
+    d, f, layers, r = config.hidden_size, config.intermediate_size, config.num_layers, 8
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    projections = layers * (2 * d * q + 2 * d * kv + 3 * d * f)            # int8, one byte each
+    scales = layers * (q + 2 * kv + d + 2 * f + d)                          # fp32, one per output channel
+    floats = config.num_params - projections           # embedding, head, norms: bf16 (the compute dtype)
+    adapters = layers * r * ((d + q) * 2 + (d + kv) * 2 + 2 * (d + f) + (f + d))
+    assert report["adapter_params"] == adapters
+    batch = 4 * 2 * 256 * 4
+    expected = projections + 4 * scales + 2 * floats + 3 * 4 * adapters + batch  # adapters + 2 Adam moments
+    assert report["argument_bytes"] == pytest.approx(expected, rel=0.05)
+    assert report["alias_bytes"] >= 0.95 * 3 * 4 * adapters                 # only the adapter state is donated
+    assert "LoRA r8 (int8 base)" in lines[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--step", "decode", "--grad-accum", "2"], "--grad-accum: train-step options"),
+    (["--step", "decode", "--offload-state"], "--offload-state: train-step options"),
+    (["--step", "decode", "--new-tokens", "0"], "--new-tokens must be >= 1"),
+    (["--step", "decode", "--seq-len", "32700", "--new-tokens", "100"], "exceeds tiny's 32768 positions"),
+    (["--lora-rank", "-1"], "--lora-rank must be >= 0"),
+    (["--base-dtype", "int8"], "--base-dtype int8 applies to LoRA"),
+    (["--base-on-host"], "--base-on-host applies to LoRA"),
+    (["--seq-len", "32", "--answer-tokens", "32"], "--seq-len must be larger than --answer-tokens"),
+])
+def test_options_that_do_not_apply_are_clear_errors(capsys, args, message):
+    from jaxtrain.__main__ import main
+
+    assert main(["aot", "--model", "tiny", "--topology", "v5e-1", "--global-batch", "1", *args]) == 1
+    assert message in capsys.readouterr().err

@@ -364,7 +364,7 @@ def test_recipe_lora_on_one_chip(tmp_path):
     assert train == [*py, "jaxtrain", "train", "--model", "mistral-7b-instruct-v0.1", "--init-from", base, "--data",
                      f"{work}/shards/template-seed0", "--out", run, "--epochs", "2",
                      "--lr", "2e-4", "--global-batch", "16", "--grad-accum", "16", "--resume",
-                     "--lora-rank", "16", "--base-dtype", "int8"]
+                     "--lora-rank", "16", "--base-dtype", "int8", "--remat", "offload_input"]
     synthetic = ["--data-file", f"{work}/data/template-seed0/eval.jsonl"]
     int8 = ["--base-dtype", "int8"]
     evals = [[*py, "eval", "mdqa", "--model", base, *int8, "--data-dir", "/d/mdqa", "--label", "base", "--out",
