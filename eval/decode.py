@@ -23,7 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from data_gen.tokenizer import EOS_ID, decode
-from jaxtrain import model
+from jaxtrain import attention, model
 from jaxtrain.config import MistralConfig
 
 MIN_BUCKET = 32
@@ -36,9 +36,29 @@ class Generation:
     token_ids: list[int]
 
 
+@dataclasses.dataclass
+class Timings:
+    """Wall seconds of one `generate` call by phase, each phase timed until its result reached the host
+    (where the generator waits anyway), so decoding is measured directly, not as total minus prefill.
+    The first call of a shape includes its compilation."""
+    prefill_s: float = 0.0
+    prompt_tokens: int = 0      # real (unpadded) prompt tokens prefilled
+    decode_s: float = 0.0
+    decode_steps: int = 0       # single-token steps, each for a whole batch of `batch_size` rows
+
+
 def bucket_length(n: int, minimum: int = MIN_BUCKET) -> int:
     """Smallest power of two >= n (at least `minimum`): few shapes, so few compilations."""
     return max(minimum, 1 << max(0, n - 1).bit_length())
+
+
+def prompt_bucket(longest: int, limit: int) -> int:
+    """The prompt length a batch is padded to: its power-of-two bucket, capped at `limit` (the positions
+    left for the prompt) rounded down to the TPU's 128-token tile, so that a long prompt near the model's
+    context still prefills through the splash kernel rather than XLA's [T, T] scores (a 24K prompt of a
+    32K-context model: 135 GiB of scores per chip without the kernel). Never shorter than the prompt."""
+    tile = attention.SPLASH_MIN_BLOCK
+    return min(bucket_length(longest), max(longest, limit - limit % tile))
 
 
 def left_pad(rows: Sequence[Sequence[int]], length: int, batch: int):
@@ -140,6 +160,7 @@ class Generator:
         self.config, self.params, self.batch_size, self.mesh = config, params, batch_size, mesh
         self.adapters = adapters
         self.max_length = max_length or config.max_position_embeddings
+        self.timings = Timings()   # of the last `generate` call
 
     def _batches(self, lengths: Sequence[int], desc: str, progress: bool):
         """Indices grouped into batches of similar length (longest first), with a progress bar."""
@@ -167,17 +188,28 @@ class Generator:
         greedy = temperature == 0.0
         results: list[Generation | None] = [None] * len(prompts)
         rng = jax.random.key(seed)
+        self.timings = timings = Timings()
         for chunk in self._batches([len(p) for p in prompts], "generate", progress):
             rows = [prompts[i] for i in chunk]
-            length = min(bucket_length(max(map(len, rows))), self.max_length - max_new_tokens)
+            length = prompt_bucket(max(map(len, rows)), self.max_length - max_new_tokens)
             ids, positions, segments = left_pad(rows, length, self.batch_size)
             rng, sub = jax.random.split(rng)
             kwargs = dict(config=self.config, greedy=greedy)
+            start = time.perf_counter()
             state = _prefill(self.params, self.adapters, ids, positions, segments, sub, temperature, top_p,
                              max_new_tokens=max_new_tokens, **kwargs)
+            prefill, steps_before = True, 1
             stopped = [False] * len(rows)
             while True:
                 done = np.asarray(state["done"])
+                if prefill:
+                    timings.prefill_s += time.perf_counter() - start
+                    timings.prompt_tokens += sum(map(len, rows))
+                else:
+                    step = int(state["step"])
+                    timings.decode_s += time.perf_counter() - start
+                    timings.decode_steps += step - steps_before
+                    steps_before = step
                 if stop_strings:
                     tokens, counts = np.asarray(state["tokens"]), np.asarray(state["count"])
                     for r in range(len(rows)):
@@ -187,6 +219,7 @@ class Generator:
                         state["done"] = jnp.asarray(done | np.pad(stopped, (0, len(done) - len(rows))))
                 if bool(np.asarray(state["done"]).all()) or int(state["step"]) >= max_new_tokens:
                     break
+                start, prefill = time.perf_counter(), False
                 state = _decode_chunk(self.params, self.adapters, state, temperature, top_p, **kwargs)
             tokens, counts = np.asarray(state["tokens"]), np.asarray(state["count"])
             for r, i in enumerate(chunk):

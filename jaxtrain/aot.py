@@ -378,10 +378,10 @@ _PROGRAM_FIELDS = ("fits", "per_chip_bytes", "argument_bytes", "output_bytes", "
 
 def decode_prefill_length(prompt_tokens: int, new_tokens: int, max_length: int) -> int:
     """The prompt bucket `eval.decode.Generator.generate` pads a batch whose longest prompt has
-    `prompt_tokens` tokens to (power of two, capped so that prompt + new tokens fit the positions)."""
+    `prompt_tokens` tokens to (`eval.decode.prompt_bucket`)."""
     from eval import decode
 
-    return min(decode.bucket_length(prompt_tokens), max_length - new_tokens)
+    return decode.prompt_bucket(prompt_tokens, max_length - new_tokens)
 
 
 def aot_decode_step(cfg: AotConfig) -> AotReport:

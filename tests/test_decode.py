@@ -9,7 +9,7 @@ import torch
 from data_gen.tokenizer import EOS_ID
 from eval.decode import Generator, bucket_length
 from hf_reference import hf_model, tiny_config
-from jaxtrain import model
+from jaxtrain import attention, model
 from jaxtrain.hf_io import load_pretrained
 
 
@@ -34,15 +34,22 @@ def _hf_greedy(reference, prompt, max_new_tokens):
     return ids[:ids.index(EOS_ID)] if EOS_ID in ids else ids
 
 
-def test_greedy_matches_transformers_including_prompts_longer_than_the_window(models):
+@pytest.mark.parametrize("impl", ["xla", "chunked"])
+def test_greedy_matches_transformers_including_prompts_longer_than_the_window(models, impl, monkeypatch):
+    """Both CPU attention paths of the prefill (the chunked one in blocks of 8 queries) decode exactly
+    like transformers; `timings` accounts for every prompt token and decode step."""
     reference, config, params = models
+    monkeypatch.setattr(attention, "CHUNK", 8)
     rng = np.random.default_rng(0)
     prompts = [[1] + rng.integers(3, 32000, size=n).tolist() for n in (3, 20, 11, 5, 30)]
-    gen = Generator(config, params, batch_size=4)
+    gen = Generator(config.replace(attention_impl=impl), params, batch_size=4)
     ours = gen.generate(prompts, max_new_tokens=12, progress=False)
     for prompt, got in zip(prompts, ours):
         assert len(got.token_ids) == 12, "the test needs rows that run to the token limit"
         assert got.token_ids == _hf_greedy(reference, prompt, 12), f"prompt of {len(prompt)} tokens"
+    assert gen.timings.prompt_tokens == sum(map(len, prompts))
+    assert gen.timings.decode_steps == 2 * 11   # two batches, 11 steps after the prefill's token
+    assert gen.timings.prefill_s > 0 and gen.timings.decode_s > 0
 
 
 def test_stop_strings_cut_each_row(models):
@@ -96,3 +103,11 @@ def test_bad_requests_are_refused(models):
     with pytest.raises(ValueError, match="empty continuation"):
         gen.loglikelihood([([1, 2], [])], progress=False)
     assert bucket_length(33) == 64 and bucket_length(1) == 32
+
+
+def test_prompt_bucket_keeps_long_prompts_on_the_kernel_tile():
+    from eval.decode import prompt_bucket
+
+    assert prompt_bucket(100, 4000) == 128                 # power-of-two buckets
+    assert prompt_bucket(20_000, 32_768 - 100) == 32_640   # capped: 32,668 rounded down to 128s
+    assert prompt_bucket(32_650, 32_768 - 100) == 32_650   # never shorter than the prompt

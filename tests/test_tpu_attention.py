@@ -1,13 +1,18 @@
-"""Attention kernels against the XLA path: mask semantics, numerics (Pallas interpreter on CPU), TPU compile."""
+"""Attention kernels and the chunked CPU path against the XLA path: mask semantics, numerics (Pallas
+interpreter on CPU), TPU compile; the chunked path inside the model against transformers."""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from hf_reference import hf_model, tiny_config
 from jaxtrain import attention as A
+from jaxtrain import model
+from jaxtrain.hf_io import load_pretrained
 from jaxtrain.sharding import FSDP_RULES, MeshConfig, make_mesh
 from jaxtrain.topology import parse_accelerator_type
 
@@ -85,8 +90,85 @@ def test_cudnn_argument_mapping_matches_xla(window):
     np.testing.assert_allclose(got, _xla(q, k, v, seg, pos, window), atol=1e-5, rtol=1e-5)
 
 
+def _left_padded(seq_len, pads):
+    """Rows as the generator prefills them: padding (segment 0, negative positions) then the prompt."""
+    seg = np.stack([(np.arange(seq_len) >= p).astype(np.int32) for p in pads])
+    pos = np.stack([np.arange(seq_len) - p for p in pads]).astype(np.int32)
+    return jnp.asarray(seg), jnp.asarray(pos)
+
+
+CHUNKED_CASES = {  # (seq_len, heads, kv_heads, window, chunk, layout)
+    "packed rows, GQA 2, window < chunk": (256, 4, 2, 37, 64, "packed"),
+    "packed rows, MQA, no window, chunk not dividing T": (300, 4, 1, None, 64, "packed"),
+    "left padding, MHA, window spanning chunks": (300, 2, 2, 100, 32, "left"),
+    "left padding, GQA 4, window 1": (130, 8, 2, 1, 64, "left"),
+    "one block, window beyond T": (96, 4, 2, 4096, 128, "packed"),
+}
+
+
+@pytest.mark.parametrize("case", list(CHUNKED_CASES))
+def test_chunked_matches_xla_forward_and_gradients(case):
+    """Every output (padding rows too) and the q/k/v gradients of the chunked path equal the XLA path's."""
+    seq_len, heads, kv_heads, window, chunk, layout = CHUNKED_CASES[case]
+    q, k, v, seg, pos = _inputs(seed=2, seq_len=seq_len, heads=heads, kv_heads=kv_heads, head_dim=16)
+    if layout == "left":
+        seg, pos = _left_padded(seq_len, [seq_len // 3, 0])
+    chunked = lambda q, k, v: A.chunked_attention(q, k, v, pos, pos, seg, seg, window, chunk=chunk)
+    xla = lambda q, k, v: _xla(q, k, v, seg, pos, window)
+    np.testing.assert_allclose(chunked(q, k, v), xla(q, k, v), atol=1e-5, rtol=1e-5)
+    loss = lambda fn: lambda q, k, v: (fn(q, k, v) * jnp.cos(jnp.arange(q.shape[-1]))).sum()
+    got = jax.grad(loss(chunked), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(loss(xla), argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kv_heads, window", [(2, None), (1, 5), (4, 40)])
+def test_one_query_attention_matches_xla(kv_heads, window):
+    """The decode-step path (one query per row) against `xla_attention`, over a ring-buffer-like cache:
+    slots out of position order, empty slots (-1, segment 0), and a padding row that sees nothing."""
+    rng = np.random.default_rng(3)
+    batch, slots, heads, head_dim = 3, 64, 4, 16
+    q = jnp.asarray(rng.standard_normal((batch, 1, heads, head_dim)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((batch, slots, kv_heads, head_dim)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((batch, slots, kv_heads, head_dim)), jnp.float32)
+    kv_pos = np.stack([rng.permutation(slots) + 30 for _ in range(batch)]).astype(np.int32)
+    kv_pos[:, :7] = -1
+    kv_seg = (kv_pos >= 0).astype(np.int32)
+    q_pos = jnp.asarray([[80], [60], [-5]], jnp.int32)
+    q_seg = jnp.asarray([[1], [1], [0]], jnp.int32)
+    mask = A.attention_mask(q_pos, jnp.asarray(kv_pos), q_seg, jnp.asarray(kv_seg), window)
+    got = A.one_query_attention(q, k, v, mask)
+    np.testing.assert_allclose(got, A.xla_attention(q, k, v, mask), atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(got[2], 0.0)
+
+
+def test_chunked_model_matches_transformers(tmp_path, monkeypatch):
+    """The whole model on the chunked path (16-query blocks, window 7, GQA, a left-padded row) against
+    transformers' PyTorch Mistral."""
+    monkeypatch.setattr(A, "CHUNK", 16)
+    config = tiny_config(sliding_window=7, num_kv_heads=2)
+    reference = hf_model(config)
+    reference.save_pretrained(tmp_path)
+    ours, params = load_pretrained(tmp_path, config_overrides=dict(dtype="float32", remat="none",
+                                                                   attention_impl="chunked"))
+    seq_len, pad = 50, 13
+    ids = np.random.default_rng(5).integers(3, config.vocab_size, size=(2, seq_len))
+    seg, pos = _left_padded(seq_len, [pad, 0])
+    got = np.asarray(model.forward(ours, params, jnp.asarray(ids, jnp.int32), positions=pos, segment_ids=seg))
+    with torch.no_grad():
+        full = reference(torch.tensor(ids[1:])).logits.numpy()[0]
+        alone = reference(torch.tensor(ids[:1, pad:])).logits.numpy()[0]
+    np.testing.assert_allclose(got[1], full, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got[0, pad:], alone, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("impl, platform, q_len, kv_len, want", [
-    ("auto", "cpu", 256, 256, "xla"), ("auto", "tpu", 256, 256, "splash"), ("auto", "gpu", 256, 256, "cudnn"),
+    ("auto", "cpu", 256, 256, "xla"), ("auto", "cpu", 4096, 4096, "chunked"),
+    ("auto", "cpu", 1, 4097, "one_query"),      # a CPU decode step
+    ("xla", "cpu", 1, 4097, "xla"), ("splash", "cpu", 1, 4097, "xla"),  # named: never the CPU-only path
+    ("chunked", "tpu", 300, 300, "chunked"), ("chunked", "cpu", 1, 5, "xla"),
+    ("auto", "tpu", 256, 256, "splash"), ("auto", "gpu", 256, 256, "cudnn"),
     ("auto", "tpu", 1, 4097, "xla"),            # decoding with a cache
     ("auto", "tpu", 100, 100, "xla"),           # not a multiple of the 128-wide tiles
     ("splash", "cpu", 512, 512, "splash"), ("splash", "cpu", 1, 1, "xla"), ("xla", "tpu", 256, 256, "xla"),
@@ -133,3 +215,22 @@ def test_splash_compiles_for_tpu_under_fsdp_mesh():
     assert "all-gather" not in hlo
     assert compiled.memory_analysis().argument_size_in_bytes == sum(
         np.prod(s) // 8 * 2 for s in shapes) + 512 * 4
+
+
+def test_splash_runs_one_row_under_an_eight_chip_mesh():
+    """One long prompt on a v5e-8 (`eval --shard --batch-size 1`): the row cannot split 8 ways, so every
+    chip runs it for its own heads instead of shard_map failing on the batch."""
+    topo = parse_accelerator_type("v5e-8")
+    mesh = make_mesh(MeshConfig(fsdp=-1), topo.devices())
+    replicated = NamedSharding(mesh, P())
+    args = [jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=replicated)
+            for s in [(1, 1024, 8, 128), (1, 1024, 2, 128), (1, 1024, 2, 128)]]
+    args.append(jax.ShapeDtypeStruct((1, 1024), jnp.int32, sharding=replicated))
+
+    def forward(q, k, v, seg):
+        return A.attention(q, k, v, q_positions=seg, kv_positions=seg, q_segment_ids=seg, kv_segment_ids=seg,
+                           sliding_window=None, impl="splash")
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(FSDP_RULES):
+        hlo = jax.jit(forward).lower(*args).compile().as_text()
+    assert hlo.count("tpu_custom_call") == 1
