@@ -1,31 +1,30 @@
 """`make demo` (`python -m jaxtrain.demo`): the whole pipeline on CPU in about ten minutes.
 
-generate (data_gen's task, multi-question training chats; copy-task sequences) → shards → pretrain a tiny
-Mistral from scratch on the copy task, export it, finetune it on the retrieval chats (both with
-`jaxtrain.train.train`, the code behind `python -m jaxtrain train`) → held-out retrieval accuracy at each
-stage (greedy decoding with `eval.decode.Generator`, single-question prompts in the paper's format, exact
-match of value / dictionary / both) → export to a Hugging Face folder → reload it with
-`transformers` and check its logits match ours → a summary table.
+generate (data_gen's task as multi-question training chats) → shards → pretrain a tiny Mistral from scratch
+on a copy task, then finetune it on key-value retrieval (both with `jaxtrain.train.train`, the code behind
+`python -m jaxtrain train`) → held-out retrieval accuracy at each stage (greedy decoding with
+`eval.decode.Generator`, single-question prompts in the paper's format, exact match of value / dictionary /
+both) → LoRA on a harder variant of the task, on a float32 and on an int8 base → export to a Hugging Face
+folder → reload it with `transformers` and check its logits.
 
-Why multi-question training chats: the key → value lookup is an induction-style circuit (match the two
-key digits, copy what follows the colon) that a from-scratch model only forms once it gets many
-supervised lookups per sequence, and only after a copy-task warm-up has built the induction circuit;
-without either it stays at chance within a CPU budget (docs/demo.md has the measurements). The held-out
-evaluation is the paper's single-question format.
+Why multi-question training chats and the copy task: the key → value lookup is an induction-style circuit
+(match the two key digits, copy what follows the colon) that a from-scratch model only forms once it gets
+many supervised lookups per sequence, and only after a copy-task warm-up has built the induction circuit;
+without either it stays at chance within a CPU budget. Even so it forms slowly: docs/demo.md has the
+measurements. `--base HF_DIR` finetunes an existing model instead, the paper's own setting.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import random
 import time
 from pathlib import Path
 
 import numpy as np
 
 from data_gen.chat import encode_chat
-from data_gen.tasks import TaskConfig, _DRAW, _place, dumps_record, generate_split
+from data_gen.tasks import TaskConfig, dumps_record, generate_split, multi_question_split
 from jaxtrain.config import MistralConfig
 
 # The demo model: plain Mistral architecture (exports to Hugging Face), 2 layers of width 64, 8 heads of 8.
@@ -34,36 +33,6 @@ DEMO_MODEL = MistralConfig.preset("demo")
 # The demo task: the paper's simple task with 3 dictionaries of 2-3 entries, 2-digit keys and values.
 DEMO_TASK = TaskConfig(num_train=6000, num_eval=200, num_dicts=3, gold_dict_size=2, dict_size_range=(2, 3),
                        key_digits=(2, 2), value_digits=(2, 2), max_tokens=1024)
-
-
-def follow_up_text(cfg: TaskConfig, key: int) -> str:
-    """A follow-up question: the paper's question without its first sentence (shorter chats, same answer)."""
-    text = f"Report the value of key {key} and the dictionary it is in."
-    if cfg.template:
-        text += (f" Answer in the following template:\nThe value of key {key} is <fill-in-value> and it is in "
-                 "Dictionary [<fill-in-dictionary-name>].")
-    return text
-
-
-def multi_question_split(cfg: TaskConfig, seed: int, split: str, n: int, questions: int):
-    """Yield n chat records: a paper-format prompt and answer, then `questions - 1` follow-up turns asking
-    the same question about other keys of the same dictionaries (each answer supervised)."""
-    rng = random.Random(f"needles/demo-multi/seed={seed}/{split}")
-    for i in range(n):
-        draw = _DRAW["simple"](cfg, rng)
-        position = rng.randint(1, cfg.num_dicts)
-        prompt, answer = _place(cfg, draw, position)
-        dicts = draw.dicts[1:]
-        dicts.insert(position - 1, draw.dicts[0])
-        others = [(k, v, d) for d, entries in enumerate(dicts, 1) for k, v in entries if k != draw.gold_key]
-        rng.shuffle(others)
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
-        for key, value, d in others[:questions - 1]:
-            messages += [{"role": "user", "content": follow_up_text(cfg, key)},
-                         {"role": "assistant", "content": f"The value of key {key} is {value} and it is in "
-                                                          f"Dictionary [{d}]."}]
-        yield {"messages": messages,
-               "meta": {"id": f"demo-multi-seed{seed}-{split}-{i:05d}", "num_questions": len(messages) // 2}}
 
 
 def copy_task_examples(seed: int, n: int, length: int):
@@ -92,11 +61,15 @@ def copy_task_examples(seed: int, n: int, length: int):
 
 @dataclasses.dataclass
 class DemoConfig:
-    """Generate → shard → pretrain a tiny Mistral on a copy task → finetune it on key-value retrieval →
-    evaluate → export → reload with transformers."""
+    """Generate → shard → finetune a tiny Mistral on key-value retrieval → evaluate → LoRA on a harder
+    variant (float32 and int8 base) → export → reload with transformers."""
 
     out: str = "demo_out"
     """working folder (data, shards, runs, Hugging Face model, summary.json); must not hold an earlier demo"""
+    base: str = "scratch"
+    """the model to finetune: "scratch" (a fresh model, pretrained on the copy task first) or a Hugging Face
+    folder, e.g. one exported from a longer run of this demo (`python -m jaxtrain export --checkpoint
+    demo_out/run --out BASE --dtype float32`)"""
     seed: int = 0
     """data and initialisation seed"""
     num_train: int = DEMO_TASK.num_train
@@ -106,7 +79,7 @@ class DemoConfig:
     num_eval: int = DEMO_TASK.num_eval
     """held-out single-question prompts (paper format)"""
     copy_steps: int = 150
-    """pretraining steps on the copy task (0: skip pretraining, train the retrieval task from scratch)"""
+    """--base scratch: pretraining steps on the copy task"""
     copy_batch: int = 16
     """sequences per copy-task step"""
     copy_length: int = 24
@@ -116,14 +89,27 @@ class DemoConfig:
     global_batch: int = 8
     """chats per finetuning step"""
     lr: float = 5e-3
-    """peak learning rate of both runs (AdamW, cosine decay to 10%)"""
+    """peak learning rate of the pretraining and the finetune (AdamW, cosine decay to 10%)"""
     warmup_ratio: float = 0.05
     """fraction of each run's steps spent warming up"""
     weight_decay: float = 0.05
     b2: float = 0.98
     """Adam's second-moment decay"""
+    lora_steps: int = 60
+    """LoRA stage: steps on the harder variant, once on a float32 and once on an int8 base (0: skip)"""
+    lora_dicts: int = 5
+    """LoRA stage: dictionaries per prompt of the harder variant"""
+    lora_rank: int = 8
+    lora_lr: float = 3e-3
     progress: bool = True
     """progress bars"""
+
+    def __post_init__(self):
+        if self.base != "scratch" and not (Path(self.base) / "config.json").is_file():
+            raise ValueError(f"--base {self.base!r}: neither 'scratch' nor a Hugging Face folder (no config.json there)")
+        if self.base == "scratch" and self.copy_steps < 1:
+            raise ValueError("--copy-steps must be >= 1 with --base scratch: without the copy-task pretraining the "
+                             "lookup does not form (docs/demo.md)")
 
 
 class _Stages:
@@ -143,7 +129,8 @@ class _Stages:
             self._name = None
 
 
-def _train_config(cfg: DemoConfig, data: Path, out: Path, steps: int, batch: int, init_from: Path | None):
+def _train_config(cfg: DemoConfig, data: Path, out: Path, steps: int, batch: int, init_from: Path | None, *,
+                  lr: float | None = None, **lora):
     from jaxtrain.checkpoint import CheckpointConfig
     from jaxtrain.train import OptimizerConfig, TrainConfig
 
@@ -151,9 +138,9 @@ def _train_config(cfg: DemoConfig, data: Path, out: Path, steps: int, batch: int
         data=str(data), out=str(out), model="demo", init_from=str(init_from) if init_from else None,
         dtype="float32", remat="none", epochs=10**6, max_steps=steps, global_batch=batch, seed=cfg.seed,
         log_every=10, progress=cfg.progress,
-        optimizer=OptimizerConfig(lr=cfg.lr, schedule="cosine", warmup_ratio=cfg.warmup_ratio, final_lr_ratio=0.1,
-                                  weight_decay=cfg.weight_decay, b2=cfg.b2),
-        checkpoint=CheckpointConfig(save_every=10**9, keep=1))
+        optimizer=OptimizerConfig(lr=lr or cfg.lr, schedule="cosine", warmup_ratio=cfg.warmup_ratio,
+                                  final_lr_ratio=0.1, weight_decay=cfg.weight_decay, b2=cfg.b2),
+        checkpoint=CheckpointConfig(save_every=10**9, keep=1), **lora)
 
 
 def write_data(cfg: DemoConfig, task: TaskConfig, data_dir: Path) -> tuple[Path, Path]:
@@ -198,7 +185,7 @@ def write_demo_shards(train_file: Path, shard_dir: Path, progress: bool) -> dict
     return write_shards(examples, shard_dir, buckets=(bucket,), progress=progress)
 
 
-def retrieval_accuracy(config: MistralConfig, params, eval_file: Path, progress: bool) -> dict:
+def retrieval_accuracy(config: MistralConfig, params, eval_file: Path, progress: bool, adapters=None) -> dict:
     """Greedy answers to the held-out prompts, scored like `python -m eval synthetic`."""
     from data_gen.tokenizer import encode
     from eval.decode import Generator
@@ -208,8 +195,8 @@ def retrieval_accuracy(config: MistralConfig, params, eval_file: Path, progress:
     examples = read_synthetic(eval_file)
     prompts = [encode_generation_prompt(ex.prompt, chat=True) for ex in examples]
     max_new = max(len(encode(ex.reference)) for ex in examples) + 4
-    generations = Generator(config.replace(dtype="float32", remat="none"), params, batch_size=50).generate(
-        prompts, max_new_tokens=max_new, progress=progress)
+    generator = Generator(config.replace(dtype="float32", remat="none"), params, batch_size=50, adapters=adapters)
+    generations = generator.generate(prompts, max_new_tokens=max_new, progress=progress)
     value = dictionary = both = 0
     for ex, gen in zip(examples, generations, strict=True):
         v, d = parse_answer(gen.text, ex.gold_key)
@@ -244,65 +231,139 @@ def check_hf_reload(hf_dir: Path, eval_file: Path) -> dict:
             "ok": diff < 1e-3, "architecture": type(hf).__name__, "tokens": len(ids)}
 
 
+def write_task(cfg: DemoConfig, task: TaskConfig, out: Path) -> tuple[Path, Path]:
+    """Training chats and held-out prompts of `task` under `out`, the chats as shards: (shards, eval.jsonl)."""
+    train_file, eval_file = write_data(cfg, task, out / "data")
+    manifest = write_demo_shards(train_file, out / "shards", cfg.progress)
+    print(f"{manifest['num_examples']} training chats in bucket {manifest['buckets'][0]['max_len']}, "
+          f"{task.num_eval} held-out prompts")
+    return out / "shards", eval_file
+
+
+def pretrain_from_scratch(cfg: DemoConfig, out: Path) -> Path:
+    """The copy-task pretraining of `--base scratch`, exported as float32 Hugging Face folder."""
+    from data_gen.shards import write_shards
+    from jaxtrain.__main__ import ExportConfig, export
+    from jaxtrain.train import train
+
+    n = cfg.copy_steps * cfg.copy_batch
+    write_shards(copy_task_examples(cfg.seed, n, cfg.copy_length), out / "copy_shards",
+                 buckets=(2 * cfg.copy_length + 1,), progress=cfg.progress)
+    print(f"{n} copy-task sequences of {cfg.copy_length} digits")
+    train(_train_config(cfg, out / "copy_shards", out / "pretrain_run", cfg.copy_steps, cfg.copy_batch, None))
+    export(ExportConfig(checkpoint=str(out / "pretrain_run"), out=str(out / "pretrained_hf"), dtype="float32"))
+    return out / "pretrained_hf"
+
+
+def int8_agreement(hf_dir: Path, eval_file: Path) -> dict:
+    """How often the int8 model's greedy next token equals the float32 model's, teacher-forced over every
+    position of the held-out prompts and their reference answers (issue: >= 99%)."""
+    import jax.numpy as jnp
+
+    from data_gen.chat import encode_chat
+    from eval.synthetic import read_synthetic
+    from jaxtrain import model, quant
+    from jaxtrain.hf_io import load_pretrained
+
+    overrides = dict(dtype="float32", remat="none")
+    models = [load_pretrained(hf_dir, dtype="float32", config_overrides=overrides),
+              quant.load_quantized(hf_dir, dtype="float32", config_overrides=overrides)]
+    rows = [encode_chat([{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": ex.reference}]
+                        ).input_ids for ex in read_synthetic(eval_file)]
+    width = -(-max(map(len, rows)) // 64) * 64            # one padded shape: one compilation per model
+    ids = np.zeros((len(rows), width), np.int32)
+    segments = np.zeros((len(rows), width), np.int32)     # right padding: segment 0, ignored below
+    for i, row in enumerate(rows):
+        ids[i, :len(row)], segments[i, :len(row)] = row, 1
+    positions = np.broadcast_to(np.arange(width, dtype=np.int32), ids.shape)
+    greedy = [np.asarray(model.forward(c, p, jnp.asarray(ids), positions=jnp.asarray(positions),
+                                       segment_ids=jnp.asarray(segments)).argmax(-1)) for c, p in models]
+    real = segments == 1
+    return {"agreement": float((greedy[0] == greedy[1])[real].mean()), "positions": int(real.sum())}
+
+
+def lora_stage(cfg: DemoConfig, finetuned_hf: Path, out: Path) -> dict:
+    """LoRA on a harder variant of the task (more dictionaries), once on the float32 finetuned model and
+    once on its int8 quantisation: held-out accuracy before and after each."""
+    from jaxtrain import lora, quant
+    from jaxtrain.hf_io import load_pretrained
+    from jaxtrain.train import train
+
+    task = DEMO_TASK.replace(num_dicts=cfg.lora_dicts, num_train=cfg.num_train, num_eval=cfg.num_eval)
+    shards, eval_file = write_task(cfg, task, out)
+    overrides = dict(dtype="float32", remat="none")
+    acc = {"finetuned": retrieval_accuracy(*load_pretrained(finetuned_hf, dtype="float32",
+                                                            config_overrides=overrides), eval_file, cfg.progress),
+           "finetuned, int8": retrieval_accuracy(*quant.load_quantized(finetuned_hf, dtype="float32",
+                                                                      config_overrides=overrides),
+                                                 eval_file, cfg.progress)}
+    for base_dtype, name in (("float32", "+ LoRA"), ("int8", "+ LoRA, int8 base")):
+        run_dir = out / f"run_{base_dtype}"
+        print(f"LoRA rank {cfg.lora_rank} on the {base_dtype} base: {cfg.lora_steps} steps")
+        train(_train_config(cfg, shards, run_dir, cfg.lora_steps, cfg.global_batch, finetuned_hf, lr=cfg.lora_lr,
+                            lora_rank=cfg.lora_rank, base_dtype=base_dtype))
+        config, params, adapters, _ = lora.load_run(run_dir)
+        acc[name] = retrieval_accuracy(config, params, eval_file, cfg.progress, adapters=adapters)
+    return {"task": task.to_dict(), "accuracy": acc, "int8_vs_float32": int8_agreement(finetuned_hf, eval_file)}
+
+
 def run(cfg: DemoConfig) -> dict:
     import jax
 
-    from data_gen.shards import write_shards
     from jaxtrain import model
     from jaxtrain.__main__ import ExportConfig, export
     from jaxtrain.checkpoint import load_params_from_run
+    from jaxtrain.hf_io import load_pretrained
     from jaxtrain.train import train
 
     out = Path(cfg.out)
     task = DEMO_TASK.replace(num_train=cfg.num_train, num_eval=cfg.num_eval)
-    stage = _Stages(7 if cfg.copy_steps else 6)
+    stage = _Stages(6 + (cfg.base == "scratch") + bool(cfg.lora_steps))
     start = time.perf_counter()
     acc: dict[str, dict] = {}
 
-    stage("generate", f"generate: {cfg.num_train} training chats of {cfg.questions} questions, {cfg.num_eval} "
-                      f"held-out single-question prompts ({task.num_dicts} dictionaries of {task.dict_size_range[0]}-"
-                      f"{task.dict_size_range[1]} entries, 2-digit keys and values)")
-    train_file, eval_file = write_data(cfg, task, out / "data")
+    stage("generate", f"generate and shard: {cfg.num_train} training chats of {cfg.questions} questions, "
+                      f"{cfg.num_eval} held-out single-question prompts ({task.num_dicts} dictionaries of "
+                      f"{task.dict_size_range[0]}-{task.dict_size_range[1]} entries, 2-digit keys and values)")
+    shards, eval_file = write_task(cfg, task, out)
 
-    stage("shards", "shards")
-    manifest = write_demo_shards(train_file, out / "shards", cfg.progress)
-    print(f"{manifest['num_examples']} retrieval chats in bucket {manifest['buckets'][0]['max_len']}")
-    if cfg.copy_steps:
-        n = cfg.copy_steps * cfg.copy_batch
-        write_shards(copy_task_examples(cfg.seed, n, cfg.copy_length), out / "copy_shards",
-                     buckets=(2 * cfg.copy_length + 1,), progress=cfg.progress)
-        print(f"{n} copy-task sequences of {cfg.copy_length} digits")
-
-    stage("eval_init", "held-out accuracy of the random initialisation")
+    stage("eval_init", "held-out accuracy of a random initialisation")
     acc["random init"] = retrieval_accuracy(DEMO_MODEL, model.init_params(DEMO_MODEL, jax.random.key(cfg.seed)),
                                             eval_file, cfg.progress)
-    base = None
-    if cfg.copy_steps:
+    if cfg.base == "scratch":
         stage("pretrain", f"pretrain from scratch on the copy task: {DEMO_MODEL.num_params / 1e6:.1f}M parameters, "
                           f"{cfg.copy_steps} steps of {cfg.copy_batch} sequences")
-        train(_train_config(cfg, out / "copy_shards", out / "pretrain_run", cfg.copy_steps, cfg.copy_batch, None))
-        base = out / "pretrained_hf"
-        export(ExportConfig(checkpoint=str(out / "pretrain_run"), out=str(base), dtype="float32"))
-        config, params = load_params_from_run(out / "pretrain_run")
-        acc["after pretraining"] = retrieval_accuracy(config, params, eval_file, cfg.progress)
+        base = pretrain_from_scratch(cfg, out)
+    else:
+        base = Path(cfg.base)
+    stage("eval_base", f"held-out accuracy of the base model ({base})")
+    acc["base model"] = retrieval_accuracy(*load_pretrained(base, dtype="float32", config_overrides=dict(
+        dtype="float32", remat="none")), eval_file, cfg.progress)
 
-    stage("finetune", f"{'finetune' if base else 'train from scratch'} on key-value retrieval: {cfg.steps} steps "
-                      f"of {cfg.global_batch} chats, lr {cfg.lr}")
-    last = train(_train_config(cfg, out / "shards", out / "run", cfg.steps, cfg.global_batch, base))
+    stage("finetune", f"finetune on key-value retrieval: {cfg.steps} steps of {cfg.global_batch} chats, lr {cfg.lr}")
+    last = train(_train_config(cfg, shards, out / "run", cfg.steps, cfg.global_batch, base))
 
-    stage("eval_after", "held-out accuracy after training")
+    stage("eval_after", "held-out accuracy after finetuning")
     config, params = load_params_from_run(out / "run")
     acc["after finetuning"] = retrieval_accuracy(config, params, eval_file, cfg.progress)
+    finetuned_hf = out / "finetuned_hf"
+    export(ExportConfig(checkpoint=str(out / "run"), out=str(finetuned_hf), dtype="float32"))
 
-    stage("export_reload", "export to Hugging Face and reload with transformers")
+    lora = None
+    if cfg.lora_steps:
+        stage("lora", f"LoRA on a harder variant ({cfg.lora_dicts} dictionaries), float32 and int8 base")
+        lora = lora_stage(cfg, finetuned_hf, out / "lora")
+
+    stage("export_reload", "export to Hugging Face (bf16) and reload with transformers")
     hf_dir = out / "hf"
     export(ExportConfig(checkpoint=str(out / "run"), out=str(hf_dir)))
     reload = check_hf_reload(hf_dir, eval_file)
     stage.done()
     stage.times["total"] = round(time.perf_counter() - start, 1)
 
-    summary = {"config": dataclasses.asdict(cfg), "task": task.to_dict(), "model": json.loads(DEMO_MODEL.to_json()),
-               "accuracy": acc, "final_train_metrics": last, "hf_reload": reload, "seconds": stage.times}
+    summary = {"config": dataclasses.asdict(cfg), "task": task.to_dict(), "model": json.loads(config.to_json()),
+               "base": str(base), "accuracy": acc, "lora": lora, "final_train_metrics": last, "hf_reload": reload,
+               "seconds": stage.times}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print_summary(summary, out)
     if not reload["ok"]:
@@ -310,15 +371,25 @@ def run(cfg: DemoConfig) -> dict:
     return summary
 
 
+def _accuracy_table(title: str, acc: dict) -> None:
+    n = next(iter(acc.values()))["n"]
+    print(f"\n{title} ({n} single-question prompts, paper format, greedy decoding)")
+    print(f"  {'exact match of':<16}" + "".join(f"{name:>20}" for name in acc))
+    for metric in ("value", "dictionary", "both"):
+        print(f"  {metric:<16}" + "".join(f"{a[metric]:>20.1%}" for a in acc.values()))
+
+
 def print_summary(s: dict, out: Path) -> None:
     acc = s["accuracy"]
     last = acc["after finetuning"]
-    print(f"\nheld-out retrieval accuracy ({last['n']} single-question prompts, paper format, greedy decoding)")
-    print(f"  {'exact match of':<20}" + "".join(f"{name:>20}" for name in acc))
-    for metric in ("value", "dictionary", "both"):
-        print(f"  {metric:<20}" + "".join(f"{a[metric]:>20.1%}" for a in acc.values()))
+    _accuracy_table("held-out retrieval accuracy", acc)
     print(f"  example: ...{last['example']['prompt_tail']!r}\n    -> {last['example']['output']!r}"
           f"\n    (reference {last['example']['reference']!r})")
+    if s["lora"]:
+        _accuracy_table(f"harder variant, {s['lora']['task']['num_dicts']} dictionaries", s["lora"]["accuracy"])
+        q = s["lora"]["int8_vs_float32"]
+        print(f"  int8 vs float32 finetuned model: same greedy next token at {q['agreement']:.2%} of "
+              f"{q['positions']} held-out positions")
     r = s["hf_reload"]
     print(f"transformers reload: {r['architecture']}, max |logit difference| {r['max_abs_logit_diff']:.1e} over "
           f"{r['tokens']} tokens, same argmax: {r['same_argmax']}")
