@@ -131,7 +131,7 @@ def run_task(task: Task, args: CommonArgs) -> dict:
                         base_dtype=args.base_dtype, merge_adapters=args.merge_adapters,
                         compute_dtype=args.compute_dtype)
     generator = Generator(loaded.config, loaded.params, batch_size=args.batch_size, mesh=mesh,
-                          adapters=loaded.adapters)
+                          rules=args.mesh.rules, adapters=loaded.adapters)
     t1 = time.perf_counter()
     evaluation = task.evaluate(args, data, generator)
     t2 = time.perf_counter()

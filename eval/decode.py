@@ -12,6 +12,7 @@ The weights may be int8 (`jaxtrain.quant`) and LoRA adapters may ride along unme
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -153,14 +154,28 @@ def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
 class Generator:
     """Greedy / sampled generation and continuation scoring for one model, batch by batch."""
 
-    def __init__(self, config: MistralConfig, params, *, batch_size: int = 8, mesh=None,
+    def __init__(self, config: MistralConfig, params, *, batch_size: int = 8, mesh=None, rules: str = "fsdp",
                  max_length: int | None = None, adapters=None):
         """`params` may hold int8 weights (`jaxtrain.quant`); `adapters` (`jaxtrain.lora.Adapters`) are
-        applied unmerged."""
-        self.config, self.params, self.batch_size, self.mesh = config, params, batch_size, mesh
+        applied unmerged. With `mesh` (params sharded on it), decoding runs under the mesh and the named
+        logical-axis `rules`, as training does, so the model's sharding constraints (the KV cache's
+        included) apply."""
+        self.config, self.params, self.batch_size, self.mesh, self.rules = config, params, batch_size, mesh, rules
         self.adapters = adapters
         self.max_length = max_length or config.max_position_embeddings
         self.timings = Timings()   # of the last `generate` call
+
+    def _sharding(self) -> contextlib.AbstractContextManager:
+        if self.mesh is None:
+            return contextlib.nullcontext()
+        import flax.linen as nn
+
+        from jaxtrain.sharding import rules_for
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(nn.logical_axis_rules(rules_for(self.rules)))
+        return stack
 
     def _batches(self, lengths: Sequence[int], desc: str, progress: bool):
         """Indices grouped into batches of similar length (longest first), with a progress bar."""
@@ -188,7 +203,14 @@ class Generator:
         greedy = temperature == 0.0
         results: list[Generation | None] = [None] * len(prompts)
         rng = jax.random.key(seed)
-        self.timings = timings = Timings()
+        self.timings = Timings()
+        with self._sharding():
+            self._generate(prompts, max_new_tokens, stop_strings, temperature, top_p, rng, greedy, results,
+                           progress)
+        return results  # type: ignore[return-value]
+
+    def _generate(self, prompts, max_new_tokens, stop_strings, temperature, top_p, rng, greedy, results, progress):
+        timings = self.timings
         for chunk in self._batches([len(p) for p in prompts], "generate", progress):
             rows = [prompts[i] for i in chunk]
             length = prompt_bucket(max(map(len, rows)), self.max_length - max_new_tokens)
@@ -228,7 +250,6 @@ class Generator:
                     ids_out = ids_out[:ids_out.index(EOS_ID)]
                 text, _ = _cut_at_stop(decode(ids_out), stop_strings)
                 results[i] = Generation(text=text, token_ids=ids_out)
-        return results  # type: ignore[return-value]
 
     def loglikelihood(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
                       progress: bool = True) -> list[tuple[float, bool]]:
@@ -244,6 +265,11 @@ class Generator:
             rows.append(full[-self.max_length:])
             spans.append(len(continuation))
         results: list[tuple[float, bool] | None] = [None] * len(rows)
+        with self._sharding():
+            self._loglikelihood(rows, spans, results, progress)
+        return results  # type: ignore[return-value]
+
+    def _loglikelihood(self, rows, spans, results, progress):
         for chunk in self._batches([len(r) for r in rows], "loglikelihood", progress):
             batch_rows = [rows[i] for i in chunk]
             length = min(bucket_length(max(map(len, batch_rows))), self.max_length)
@@ -256,4 +282,3 @@ class Generator:
             for r, i in enumerate(chunk):
                 n = spans[i]
                 results[i] = (float(logprobs[r, -n:].sum()), bool(greedy[r, -n:].all()))
-        return results  # type: ignore[return-value]

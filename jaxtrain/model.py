@@ -9,7 +9,8 @@ the one rules table in `jaxtrain.sharding`), key activations are constrained by 
 layers run under `nn.scan` (compile time independent of depth) with a named remat policy, and parameters
 are stored in `param_dtype` (fp32 master weights) while matmuls run in `dtype` (bf16).
 
-The same module serves training (no cache) and decoding (a per-layer KV ring buffer, see `init_cache`).
+The same module serves training (no cache) and decoding (a KV ring buffer of all layers, see `init_cache`,
+updated in place: the layer scan carries it whole and each layer writes only its new keys and values).
 Every projection goes through `_project`, the one place where int8 base weights (`jaxtrain.quant`) and
 low-rank adapters (`jaxtrain.lora`, a separate "lora" collection) enter.
 """
@@ -112,7 +113,9 @@ class Attention(nn.Module):
     lora: LoraConfig | None = None
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, cache=None, cache_positions=None):
+    def __call__(self, x, positions, segment_ids, cache=None, layer=None, cache_positions=None):
+        """`cache`: the whole stacked cache; this layer (index `layer`) reads its slice and returns the
+        stack with its new keys and values written in."""
         cfg = self.config
         d, h, kvh, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q = _project(self, "wq", "btd,dhk->bthk", x, (d, h, hd), ("embed", "heads", "head_dim"))
@@ -126,21 +129,19 @@ class Attention(nn.Module):
         k = rotary(k, positions, cfg.rope_theta)
 
         kv_positions, kv_segments, keys, values = positions, segment_ids, k, v
-        new_cache = None
-        if cache is not None:
-            new_cache = write_cache(cache, k, v, positions, segment_ids)
         if cache_positions is not None:
             # Attend over what the cache held before this step plus this step's own keys; the window
             # mask drops whatever the ring buffer has already moved past. (A prefill into an empty cache
             # passes no positions and attends over its own keys only: half the work, and a fused kernel.)
             old_pos = cache_positions
-            keys = jnp.concatenate([cache["k"], k.astype(cache["k"].dtype)], axis=1)
-            values = jnp.concatenate([cache["v"], v.astype(cache["v"].dtype)], axis=1)
+            keys = jnp.concatenate([cache["k"][layer], k.astype(cache["k"].dtype)], axis=1)
+            values = jnp.concatenate([cache["v"][layer], v.astype(cache["v"].dtype)], axis=1)
             kv_positions = jnp.concatenate([old_pos, positions], axis=1)
             kv_segments = jnp.concatenate([(old_pos >= 0).astype(jnp.int32), segment_ids], axis=1)
         out = attention(q, keys.astype(q.dtype), values.astype(q.dtype), q_positions=positions,
                         kv_positions=kv_positions, q_segment_ids=segment_ids, kv_segment_ids=kv_segments,
                         sliding_window=cfg.sliding_window, impl=cfg.attention_impl)
+        new_cache = None if cache is None else write_cache(cache, layer, k, v, positions, segment_ids)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         out = _project(self, "wo", "bthk,hkd->btd", out, (h, hd, d), ("heads", "head_dim", "embed"))
         return checkpoint_name(out, ATTN_OUT), new_cache
@@ -163,20 +164,25 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """One pre-norm block; shaped `(carry, scanned) -> (carry, scanned)` for `nn.scan`."""
+    """One pre-norm block; shaped `(carry, scanned) -> (carry, scanned)` for `nn.scan`.
+
+    The carry is the hidden state and the whole KV cache (None when training): a cache scanned in and out
+    layer by layer would be a second, stacked copy of it; carried, XLA updates the donated buffer in place.
+    """
 
     config: MistralConfig
     lora: LoraConfig | None = None
 
     @nn.compact
-    def __call__(self, x, cache, positions, segment_ids, cache_positions):
+    def __call__(self, carry, layer, positions, segment_ids, cache_positions):
+        x, cache = carry
         x = checkpoint_name(x, LAYER_INPUT)
-        attn_out, new_cache = Attention(self.config, self.lora, name="attn")(
-            RMSNorm(self.config, name="attn_norm")(x), positions, segment_ids, cache, cache_positions)
+        attn_out, cache = Attention(self.config, self.lora, name="attn")(
+            RMSNorm(self.config, name="attn_norm")(x), positions, segment_ids, cache, layer, cache_positions)
         x = x + attn_out
         x = x + MLP(self.config, self.lora, name="mlp")(RMSNorm(self.config, name="mlp_norm")(x))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        return x, new_cache
+        return (x, cache), None
 
 
 class Mistral(nn.Module):
@@ -208,16 +214,17 @@ class Mistral(nn.Module):
         cfg = self.config
         x = _compute(jnp.take(on_device(self.embed), input_ids, axis=0), cfg)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        layer_cache, cache_positions = None, None
+        kv, cache_positions = None, None
         if cache is not None:
-            layer_cache = {"k": cache["k"], "v": cache["v"]}
+            cache = constrain_cache(cache)
+            kv = {"k": cache["k"], "v": cache["v"]}
             cache_positions = None if empty_cache else cache["positions"]
-        x, new_layer_cache = self.layers(x, layer_cache, positions, segment_ids, cache_positions)
+        layer_index = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        (x, kv), _ = self.layers((x, kv), layer_index, positions, segment_ids, cache_positions)
         x = self.final_norm(x)
         if cache is None:
             return x, None
-        return x, {**new_layer_cache,
-                   "positions": write_positions(cache["positions"], positions, segment_ids)}
+        return x, constrain_cache({**kv, "positions": write_positions(cache["positions"], positions, segment_ids)})
 
     def logits(self, hidden):
         """Vocabulary logits in float32 for any [..., D] slice of hidden states (answer-only losses)."""
@@ -232,7 +239,7 @@ class Mistral(nn.Module):
         return logits, new_cache
 
 
-# --- KV cache: a ring buffer per layer, shared slot positions ----------------------------------------
+# --- KV cache: a ring buffer per layer (stacked), shared slot positions --------------------------------
 
 def init_cache(config: MistralConfig, batch: int, max_len: int, dtype=None) -> dict:
     """An empty cache holding up to `max_len` tokens, or only the sliding window when that is shorter.
@@ -245,6 +252,15 @@ def init_cache(config: MistralConfig, batch: int, max_len: int, dtype=None) -> d
     shape = (config.num_layers, batch, size, config.num_kv_heads, config.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
             "positions": jnp.full((batch, size), -1, jnp.int32)}
+
+
+def constrain_cache(cache: dict) -> dict:
+    """The cache laid out by its logical axes, the same going into a step as coming out (under a mesh),
+    so that a donated cache can be updated in place rather than resharded into a new buffer."""
+    kv_axes = ("layers", "batch", "length", "kv_heads", "head_dim")
+    return {"k": nn.with_logical_constraint(cache["k"], kv_axes),
+            "v": nn.with_logical_constraint(cache["v"], kv_axes),
+            "positions": nn.with_logical_constraint(cache["positions"], ("batch", "length"))}
 
 
 def _cache_slots(size: int, positions, segment_ids):
@@ -262,12 +278,13 @@ def write_positions(cache_positions, positions, segment_ids):
     return cache_positions.at[rows, slots].set(positions, mode="drop")
 
 
-def write_cache(cache, k, v, positions, segment_ids):
-    size = cache["k"].shape[1]
+def write_cache(cache, layer, k, v, positions, segment_ids):
+    """The stacked cache with layer `layer`'s new keys and values scattered into their slots (in place)."""
+    size = cache["k"].shape[2]
     slots = _cache_slots(size, positions, segment_ids)
     rows = jnp.arange(positions.shape[0])[:, None]
-    return {"k": cache["k"].at[rows, slots].set(k.astype(cache["k"].dtype), mode="drop"),
-            "v": cache["v"].at[rows, slots].set(v.astype(cache["v"].dtype), mode="drop")}
+    return {"k": cache["k"].at[layer, rows, slots].set(k.astype(cache["k"].dtype), mode="drop"),
+            "v": cache["v"].at[layer, rows, slots].set(v.astype(cache["v"].dtype), mode="drop")}
 
 
 # --- Functional API -----------------------------------------------------------------------------------

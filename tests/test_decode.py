@@ -52,6 +52,21 @@ def test_greedy_matches_transformers_including_prompts_longer_than_the_window(mo
     assert gen.timings.prefill_s > 0 and gen.timings.decode_s > 0
 
 
+def test_sharded_generator_decodes_like_transformers(models):
+    """Parameters split fsdp-wise over 8 CPU devices and decoding under the mesh and its rules (what
+    `eval --shard` runs, KV cache sharding constraints included): the same tokens as transformers."""
+    from jaxtrain.sharding import MeshConfig, logical_to_sharding, make_mesh
+
+    reference, config, params = models
+    mesh = make_mesh(MeshConfig(fsdp=-1), jax.devices()[:8])
+    sharded = jax.device_put(params, logical_to_sharding(model.param_logical_axes(config), mesh))
+    rng = np.random.default_rng(1)
+    prompts = [[1] + rng.integers(3, 32000, size=n).tolist() for n in (9, 17)]
+    ours = Generator(config, sharded, batch_size=8, mesh=mesh).generate(prompts, max_new_tokens=6, progress=False)
+    for prompt, got in zip(prompts, ours):
+        assert got.token_ids == _hf_greedy(reference, prompt, 6)
+
+
 def test_stop_strings_cut_each_row(models):
     _, config, params = models
     gen = Generator(config, params, batch_size=2)
