@@ -20,7 +20,7 @@ import numpy as np
 
 IMPLEMENTATIONS = ("auto", "xla", "chunked", "splash", "cudnn")
 CHUNK = 128                 # queries per block of the chunked path (measured: 64-256 all alike on CPU)
-CHUNKED_MIN_LEN = 1024      # "auto" on CPU chunks self-attention from this length on
+CHUNKED_MIN_LEN = 256      # "auto" on CPU chunks self-attention from this length on
 
 
 def attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids, sliding_window):

@@ -185,6 +185,15 @@ class DecoderLayer(nn.Module):
         return (x, cache), None
 
 
+def scan_unroll(config: MistralConfig) -> int:
+    """Layers per iteration of the layer scan: one (compile time independent of depth), except for a
+    shallow model on XLA:CPU ("auto" attention on the CPU backend, as in the CPU demo), where the loop's
+    stacked residuals and their zero-filled buffers cost a quarter of a training step; unrolled, the
+    parameters keep their stacked layout."""
+    shallow_cpu = config.attention_impl == "auto" and jax.default_backend() == "cpu" and config.num_layers <= 4
+    return config.num_layers if shallow_cpu else 1
+
+
 class Mistral(nn.Module):
     config: MistralConfig
     lora: LoraConfig | None = None   # adapters in the "lora" collection (jaxtrain.lora)
@@ -197,7 +206,7 @@ class Mistral(nn.Module):
         self.layers = nn.scan(
             layer, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True, "dropout": True},
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"})(cfg, self.lora, name="layers")
+            metadata_params={nn.PARTITION_NAME: "layers"}, unroll=scan_unroll(cfg))(cfg, self.lora, name="layers")
         self.embed = self.param("embed", nn.with_logical_partitioning(init_normal, ("vocab", "embed")),
                                 (cfg.vocab_size, cfg.hidden_size), jnp.dtype(cfg.param_dtype))
         self.final_norm = RMSNorm(cfg)
