@@ -9,6 +9,10 @@ Each record is msgpack of {"id": str, "input_ids": int32 little-endian bytes, "l
 Every example lands in the smallest bucket that holds it, so a trainer pads each batch only up to its
 bucket's length. `open_shards` refuses files whose sha256 or record count disagrees with the manifest:
 silently training on stale or corrupted data is worse than stopping.
+
+Shards are written to a local folder and read from a local folder or a `gs://` one: every read of the
+manifest and the files goes through `etils.epath` (gs:// through gcsfs, `pip install 'etils[epath-gcs]'`,
+part of the `tpu` extra), and the ArrayRecord reader (array_record >= 0.8.3) opens `gs://` objects itself.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Literal
 
@@ -25,6 +30,7 @@ import msgpack
 import numpy as np
 import tqdm
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+from etils import epath
 
 from data_gen.chat import ChatFormatError, encode_chat
 from data_gen.tokenizer import BOS_ID, load_tokenizer, tokenizer_file, tokenizer_sha256
@@ -39,6 +45,24 @@ _WRITER_OPTIONS = "group_size:1"
 
 class ShardError(ValueError):
     """Shards or their input that cannot be trusted; the message names the file (and line/record)."""
+
+
+# "gs://bucket/x", and "gs:/bucket/x", what pathlib.Path makes of it.
+_URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):(/{1,2})")
+_READ_SCHEMES = ("gs",)
+
+
+def _url_scheme(path: str | os.PathLike) -> tuple[str, bool] | None:
+    """(scheme, whether the path lost a slash) for a URL like gs://bucket/x; None for a local path."""
+    match = _URL.match(os.fspath(path))
+    return (match.group(1).lower(), match.group(2) == "/") if match else None
+
+
+def _remote_hint(root: str | os.PathLike) -> str:
+    if not _url_scheme(root):
+        return ""
+    return ("; for gs:// check the credentials (`gcloud auth application-default login`, or the TPU VM's service "
+            "account needs read access to the bucket), or copy the shards to a local folder and pass that")
 
 
 @dataclasses.dataclass
@@ -76,9 +100,9 @@ def decode_record(data: bytes) -> dict:
 # ---------------------------------------------------------------------------------------------- writing
 
 
-def _sha256(path: pathlib.Path) -> str:
+def _sha256(path: pathlib.Path | epath.Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -210,6 +234,10 @@ def write_shards(
         raise ShardError(f"overflow must be 'reject' or 'truncate', got {overflow!r}")
     if records_per_shard < 1:
         raise ShardError(f"records_per_shard must be >= 1, got {records_per_shard}")
+    if scheme := _url_scheme(out_dir):
+        raise ShardError(f"{os.fspath(out_dir)}: shards are written to a local folder (the ArrayRecord writer "
+                         f"writes local files only); write them here, then copy the folder: "
+                         f"gcloud storage cp -r DIR {scheme[0]}://BUCKET/PATH (training reads gs:// shards)")
     out = pathlib.Path(out_dir)
     if (out / MANIFEST).exists() or any(out.glob("bucket_*")):
         raise ShardError(f"{out} already holds shards; choose an empty output directory")
@@ -299,7 +327,7 @@ class ShardSource:
     """A grain `RandomAccessDataSource` (len/getitem, picklable for worker processes) over one bucket's files:
     item i is {"id": str, "input_ids": int32[n], "loss_mask": bool[n]}."""
 
-    def __init__(self, root: pathlib.Path, shards: list[dict], max_len: int):
+    def __init__(self, root: epath.Path, shards: list[dict], max_len: int):
         self._files = [root / s["file"] for s in shards]
         self._ends = np.cumsum([s["num_records"] for s in shards])
         self._max_len = max_len
@@ -309,7 +337,7 @@ class ShardSource:
             self._source = ArrayRecordDataSource([str(f) for f in self._files])
         except Exception as e:  # noqa: BLE001 - the C++ reader reports corruption as various errors
             raise ShardError(f"{root}: cannot open the shard files of bucket {max_len} ({e}); "
-                             "open_shards(verify=True) names the bad file") from e
+                             f"open_shards(verify=True) names the bad file{_remote_hint(root)}") from e
 
     def __len__(self) -> int:
         return len(self._source)
@@ -356,12 +384,12 @@ class Bucket:
 
 @dataclasses.dataclass
 class ShardSet:
-    path: pathlib.Path
+    path: epath.Path
     manifest: dict
     buckets: list[Bucket]
 
 
-def _read_manifest(root: pathlib.Path) -> dict:
+def _read_manifest(root: epath.Path) -> dict:
     path = root / MANIFEST
     if not path.is_file():
         raise ShardError(f"{path} not found: {root} is not a shard directory (create one with `python -m data_gen shards`)")
@@ -379,9 +407,10 @@ def _read_manifest(root: pathlib.Path) -> dict:
     return manifest
 
 
-def _verify_bucket(root: pathlib.Path, bucket: dict) -> None:
+def _verify_bucket(root: epath.Path, bucket: dict) -> None:
     listed = {s["file"] for s in bucket["shards"]}
-    on_disk = {p.relative_to(root).as_posix() for p in (root / f"bucket_{bucket['max_len']:05d}").glob("*.array_record")}
+    folder = f"bucket_{bucket['max_len']:05d}"
+    on_disk = {f"{folder}/{p.name}" for p in (root / folder).glob("*.array_record")}
     if extra := sorted(on_disk - listed):
         raise ShardError(f"{root / extra[0]}: shard file not listed in {root / MANIFEST}")
     if sum(s["num_records"] for s in bucket["shards"]) != bucket["num_examples"]:
@@ -393,7 +422,10 @@ def _verify_bucket(root: pathlib.Path, bucket: dict) -> None:
         if digest != shard["sha256"]:
             raise ShardError(f"{path}: sha256 {digest} does not match the manifest's {shard['sha256']} "
                              "(file corrupted or replaced); regenerate the shards")
-        reader = ArrayRecordReader(str(path))
+        try:
+            reader = ArrayRecordReader(str(path))
+        except Exception as e:  # noqa: BLE001 - the C++ reader reports a bad or unreachable file as various errors
+            raise ShardError(f"{path}: the ArrayRecord reader cannot open it ({e}){_remote_hint(root)}") from e
         try:
             count = reader.num_records()
         finally:
@@ -402,11 +434,38 @@ def _verify_bucket(root: pathlib.Path, bucket: dict) -> None:
             raise ShardError(f"{path}: holds {count} records but the manifest says {shard['num_records']}")
 
 
+def shard_root(path: str | os.PathLike) -> epath.Path:
+    """The shard folder `path` (local, or gs://bucket/...) as an `etils.epath.Path`; other URLs, and a gs://
+    URL that went through pathlib.Path (which turns it into gs:/bucket/...), are refused naming the path."""
+    text = os.fspath(path)
+    if scheme := _url_scheme(text):
+        name, lost_slash = scheme
+        if lost_slash:
+            raise ShardError(f"{text}: a URL that lost a slash (pathlib.Path turns {name}://bucket/x into "
+                             f"{name}:/bucket/x); pass {name}://... as a string or an etils.epath.Path")
+        if name not in _READ_SCHEMES:
+            raise ShardError(f"{text}: shards are read from a local folder or gs:// only (the ArrayRecord reader "
+                             "opens local files and gs:// objects); copy them to a local folder first")
+    return epath.Path(text)
+
+
 def open_shards(path: str | os.PathLike, *, verify: bool = True) -> ShardSet:
-    """Open a shard directory. With verify=True (default) every file's sha256 and record count is checked
-    against the manifest first (reads every byte once); any mismatch raises `ShardError` naming the file."""
-    root = pathlib.Path(path)
-    manifest = _read_manifest(root)
+    """Open a shard directory, a local folder or gs://bucket/path. With verify=True (default) every file's
+    sha256 and record count is checked against the manifest first (reads every byte once); any mismatch
+    raises `ShardError` naming the file."""
+    root = shard_root(path)
+    try:
+        manifest = _read_manifest(root)
+    except ShardError:
+        raise
+    except Exception as e:  # noqa: BLE001 - GCS reports a missing backend, credentials or access in many ways
+        if not _url_scheme(root):
+            raise
+        if isinstance(e, ImportError):  # epath reads gs:// through gcsfs (or TensorFlow's gfile)
+            raise ShardError(f"{root}: reading gs:// needs gcsfs ({e}): pip install 'etils[epath-gcs]' (part of "
+                             f"the project's tpu extra), or copy the shards to a local folder (gcloud storage cp "
+                             f"-r {root} DIR) and pass that") from e
+        raise ShardError(f"{root}: cannot read {MANIFEST} ({type(e).__name__}: {e}){_remote_hint(root)}") from e
     buckets = []
     for b in manifest["buckets"]:
         for shard in b["shards"]:

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, Protocol
 
 import grain
@@ -69,7 +69,7 @@ def _seed(*parts: int) -> np.random.Generator:
 
 
 def _as_buckets(shards) -> list[BucketLike]:
-    if isinstance(shards, (str, Path)):
+    if isinstance(shards, (str, os.PathLike)):  # a local folder or gs://... (read through etils.epath)
         from data_gen.shards import open_shards
 
         shards = open_shards(shards)
@@ -91,7 +91,8 @@ class BucketedBatches:
     def __init__(self, shards, config: BatchConfig = BatchConfig(), *, row_multiple: int = 1,
                  process_index: int | None = None, process_count: int | None = None,
                  num_epochs: int | None = None):
-        """``shards``: a ``data_gen.shards.ShardSet``, its path, or a sequence of buckets.
+        """``shards``: a ``data_gen.shards.ShardSet``, its path (a local folder or ``gs://bucket/...``), or a
+        sequence of buckets.
 
         ``row_multiple``: rows of every batch are a multiple of this (pass the mesh's data-parallel size,
         ``jaxtrain.sharding.data_parallel_size(mesh)``). ``num_epochs``: stop after this many (None:

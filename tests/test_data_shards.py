@@ -1,8 +1,10 @@
 """Shards: bucketing and efficiency figures on a hand-made set, read-back through grain, checksum and manifest
-verification, and JSONL error reporting."""
+verification, JSONL error reporting, and shards read from a gs:// bucket."""
 
 import hashlib
 import json
+import os
+import pathlib
 import pickle
 
 import grain
@@ -184,3 +186,118 @@ def test_shards_command_on_chat_jsonl(tmp_path, capsys):
     want = encode_chat(_chat(2)["messages"])
     np.testing.assert_array_equal(got["q2"]["input_ids"], want.input_ids)
     np.testing.assert_array_equal(got["q2"]["loss_mask"], want.loss_mask)
+
+
+# ---------------------------------------------------------------- shards in a gs:// bucket
+
+BUCKET_URL = "gs://fake-bucket"
+
+
+@pytest.fixture
+def fake_bucket(tmp_path, monkeypatch):
+    """gs://fake-bucket/... served from a local folder, offline: etils.epath's test mock answers the Python
+    side (manifest, checksums, listing), and the native ArrayRecord reader, which opens gs:// objects itself
+    (array_record >= 0.8.3), is wrapped to map the URL the same way. Yields the folder and the paths the
+    native reader was given."""
+    from array_record.python import array_record_module
+    from etils.epath import testing as epath_testing
+
+    import data_gen.shards
+
+    folder = tmp_path / "bucket"
+    folder.mkdir()
+
+    def to_local(path) -> str:
+        text = os.fspath(path)
+        return str(folder) + text[len(BUCKET_URL):] if text.startswith(BUCKET_URL + "/") else text
+
+    def mapped(original, path, *args, **kwargs):
+        return original(to_local(path), *args, **kwargs)
+
+    def glob(original, pattern):
+        found = original(to_local(pattern))
+        if not os.fspath(pattern).startswith(BUCKET_URL):
+            return found
+        return [BUCKET_URL + os.fspath(p)[len(str(folder)):] for p in found]
+
+    opened = []
+    native = array_record_module.ArrayRecordReader
+
+    def reader(path, *args, **kwargs):
+        opened.append(path)
+        return native(to_local(path), *args, **kwargs)
+
+    monkeypatch.setattr(array_record_module, "ArrayRecordReader", reader)
+    monkeypatch.setattr(data_gen.shards, "ArrayRecordReader", reader)
+    with epath_testing.mock_epath(open=mapped, exists=mapped, isdir=mapped, glob=glob, stat=mapped):
+        yield folder, opened
+
+
+def test_shards_in_a_gs_bucket_read_like_local_ones(fake_bucket):
+    """--data gs://bucket/shards: the manifest and checksums are read through etils.epath, the record files by
+    the ArrayRecord reader given the gs:// URL intact, and training batches equal those of a local copy."""
+    from jaxtrain.batches import BatchConfig, BucketedBatches
+
+    folder, opened = fake_bucket
+    write_shards([_example(i, 5 + i % 9) for i in range(12)], folder / "shards", buckets=BUCKETS,
+                 records_per_shard=3, progress=False)
+    url = f"{BUCKET_URL}/shards"
+    remote = open_shards(url)
+    files = [f"{url}/{s['file']}" for b in remote.manifest["buckets"] for s in b["shards"]]
+    assert sorted(set(opened)) == sorted(files)  # every record file, opened by its gs:// URL
+    local = open_shards(folder / "shards")
+    assert str(remote.path) == url and remote.manifest == local.manifest
+    for r, l in zip(remote.buckets, local.buckets, strict=True):
+        assert [r.source[i]["id"] for i in range(len(r.source))] == [l.source[i]["id"] for i in range(len(l.source))]
+    assert repr(remote.buckets[0].source).startswith(f"ShardSource({url}/bucket_00008")
+
+    config = BatchConfig(global_batch=4, seed=3, prefetch=0)
+    got = list(BucketedBatches(url, config, process_index=0, process_count=1, num_epochs=1))
+    want = list(BucketedBatches(local, config, process_index=0, process_count=1, num_epochs=1))
+    assert len(got) == len(want) == 4
+    for g, w in zip(got, want):
+        assert g["example_ids"].tolist() == w["example_ids"].tolist()
+        np.testing.assert_array_equal(g["input_ids"], w["input_ids"])
+
+    victim = folder / "shards" / remote.manifest["buckets"][0]["shards"][0]["file"]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=rf"{url}/bucket_00008/shard_00000\.array_record: sha256 .* does not match"):
+        open_shards(url)
+
+
+def test_gs_shards_that_cannot_be_read_are_a_clear_error(tmp_path):
+    """What cannot work is named with the path and what to do, never a deep traceback: epath without its gs://
+    backend (gcsfs), a bucket it may not read, a gs:// URL mangled by pathlib.Path, another kind of URL, and
+    writing shards to a bucket (the ArrayRecord writer writes local files)."""
+    from etils.epath import testing as epath_testing
+
+    def no_gcsfs(original, path):
+        raise ImportError("Install gcsfs to access Google Storage")
+
+    def forbidden(original, path):
+        raise PermissionError("403 caller does not have storage.objects.get access")
+
+    url = f"{BUCKET_URL}/shards"
+    with epath_testing.mock_epath(exists=no_gcsfs), pytest.raises(ShardError) as info:
+        open_shards(url)
+    assert str(info.value).startswith(f"{url}: reading gs:// needs gcsfs")
+    assert "pip install 'etils[epath-gcs]'" in str(info.value) and f"gcloud storage cp -r {url} DIR" in str(info.value)
+    with epath_testing.mock_epath(exists=forbidden), pytest.raises(ShardError) as info:
+        open_shards(url)
+    assert str(info.value).startswith(f"{url}: cannot read manifest.json (PermissionError: 403")
+    assert "gcloud auth application-default login" in str(info.value)
+
+    with pytest.raises(ShardError, match=r"gs:/fake-bucket/shards: a URL that lost a slash .* pass gs://\.\.\. as a"):
+        open_shards(pathlib.Path(url))
+    with pytest.raises(ShardError, match=r"s3://b/shards: shards are read from a local folder or gs:// only"):
+        open_shards("s3://b/shards")
+    with pytest.raises(ShardError, match=rf"{url}: shards are written to a local folder .* gcloud storage cp -r DIR"):
+        write_shards([_example(0, 5)], url, progress=False)
+    # the command line: tyro's pathlib.Path drops a slash, the refusal still says what to do
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps(_chat(0)) + "\n")
+    with pytest.raises(SystemExit, match=r"error: gs:/fake-bucket/shards: shards are written to a local folder"):
+        main(["shards", "--input", str(data), "--out", url, "--no-progress"])
+    assert not (pathlib.Path.cwd() / "gs:").exists()
