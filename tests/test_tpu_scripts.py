@@ -1,7 +1,8 @@
 """tpu_scripts/: static checks of every script, their --dry-run output against the gcloud commands written
 out by hand from gcloud's reference (`gcloud compute tpus tpu-vm create|ssh|scp|delete`,
 `gcloud [alpha] compute tpus queued-resources create|delete`), the remote command lines executed for real
-in a fake home folder, the paper recipe's command list, and the Colab notebook."""
+in a fake home folder, the paper recipe's command list, both recipes run for real with TINY=1 (slow), and the
+Colab notebook."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -477,6 +479,83 @@ def test_recipe_rerun_skips_finished_steps(tmp_path):
         ["jaxtrain", "export", "--checkpoint"], ["eval", "mdqa", "--model"], ["eval", "synthetic", "--model"],
         ["eval", "compare", f"{tmp_path}/w/results/base/mdqa/results.json"],
         ["eval", "compare", f"{tmp_path}/w/results/base/synthetic-template-seed0/results.json"]]
+
+
+def run_recipe_for_real(recipe: Path, tmp_path: Path, **env: str) -> Path:
+    """Run a recipe with TINY=1 on the CPU, every step for real, with this interpreter and the shared
+    evaluation data; returns its WORK folder."""
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"shared evaluation data not found at {SHARED_DATA}")
+    work = tmp_path / "work"
+    passed = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TPU_ACCELERATOR_TYPE",
+                                         "ALLOW_MULTIPLE_LIBTPU_LOAD") if k in os.environ}
+    # no XLA_FLAGS: one CPU device, as a single-chip run would have (conftest forces 8 in this process)
+    full_env = clean_env(tmp_path, **passed, TINY="1", EVAL_DATA=str(SHARED_DATA), WORK=str(work),
+                         PYTHON=sys.executable, JAX_PLATFORMS="cpu", **env)
+    proc = subprocess.run(["bash", str(recipe)], capture_output=True, text=True, env=full_env, timeout=1800,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, f"{recipe.name} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    assert "done: " in proc.stdout + proc.stderr
+    return work
+
+
+def check_full_finetune(work: Path, run: str, num_steps: int) -> None:
+    """The full-finetune path's products: the run's final checkpoint, and its Hugging Face export that holds
+    the trained weights (not the base's)."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from jaxtrain.checkpoint import latest_step
+
+    assert latest_step(work / "runs" / run) == num_steps
+    hf = work / "hf" / run
+    assert (hf / "config.json").is_file() and (hf / "tokenizer.model").is_file()
+    (exported,) = hf.glob("*.safetensors")
+    (base,) = (work / "base-tiny").glob("*.safetensors")
+    exported, base = load_file(exported), load_file(base)
+    assert exported.keys() == base.keys()
+    assert any(not np.array_equal(exported[k].astype(np.float32), base[k].astype(np.float32)) for k in base)
+
+
+@pytest.mark.slow
+def test_recipe_tiny_runs_end_to_end_full_finetune(tmp_path):
+    """TINY=1 paper_mistral7b.sh for real on the CPU through the full-finetune path (the notebook's test takes
+    the LoRA one): data and shards, the random tiny base evaluated on every task, `jaxtrain train`,
+    `jaxtrain export`, the exported folder evaluated on every task, one comparison table per task and the
+    MDQA plot."""
+    work = run_recipe_for_real(RECIPE, tmp_path)
+    run = "template-seed0"
+    manifest = json.loads((work / "shards" / run / "manifest.json").read_text())
+    check_full_finetune(work, run, num_steps=2 * -(-manifest["num_examples"] // 16))  # 2 epochs of batch 16
+    tasks = ["mdqa", "mmlu", "hellaswag", "gsm8k", "triviaqa", "nq_open", f"synthetic-{run}"]
+    for key in tasks:
+        table = (work / "results" / "compare" / key / "table.txt").read_text()
+        assert "base" in table and run in table, key
+        finetuned = json.loads((work / "results" / run / key / "results.json").read_text())["model"]
+        assert finetuned["kind"] == "hf_folder" and finetuned["path"] == str(work / "hf" / run), key
+    assert "gold at 20" in (work / "results" / "compare" / "mdqa" / "table.txt").read_text()
+    plot = work / "results" / "compare" / "mdqa" / "mdqa_compare.png"
+    assert plot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+@pytest.mark.slow
+def test_long_context_recipe_tiny_runs_end_to_end(tmp_path):
+    """TINY=1 paper_mistral7b_v02_24k.sh for real on the CPU: the same full-finetune path (train, export,
+    the exported folder evaluated) with its own evaluations, MDQA at 30 documents (gold first and last,
+    closed-book and oracle too) and the synthetic samples, in one table, and the MDQA plot."""
+    work = run_recipe_for_real(SCRIPTS / "recipes" / "paper_mistral7b_v02_24k.sh", tmp_path)
+    run = "template-seed0"
+    manifest = json.loads((work / "shards" / run / "manifest.json").read_text())
+    assert manifest["bucket_boundaries"] == [256]
+    check_full_finetune(work, run, num_steps=2 * -(-manifest["num_examples"] // 16))
+    table = (work / "results" / "compare" / "table.txt").read_text()
+    for row in ["mdqa/30", "gold at 1 ", "gold at 30", "closed-book", "oracle", "synthetic"]:
+        assert row in table, row
+    for key in ["mdqa30", f"synthetic-{run}"]:
+        finetuned = json.loads((work / "results" / run / key / "results.json").read_text())["model"]
+        assert finetuned["kind"] == "hf_folder" and finetuned["path"] == str(work / "hf" / run), key
+    plot = work / "results" / "compare" / "mdqa_compare.png"
+    assert plot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
 # ---------------------------------------------------------------- the Colab notebook
