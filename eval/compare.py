@@ -47,13 +47,20 @@ def _entry(m: dict, name: str) -> tuple[float, float | None]:
     return m[name], m.get(f"{name}_stderr")
 
 
+NOT_PERCENT = {"flenqa": ("coverage",)}
+"""Scalar metrics that are no fraction and stay out of the percent table (FLenQA's `coverage` counts facts;
+`coverage_rate` is the same as a fraction)."""
+
+
 def headline_metrics(results: dict) -> dict[str, tuple[float, float | None]]:
     """{metric: (value, stderr)} of the scalar metrics worth a row; MDQA adds one row per gold position
     (and oracle, closed book), FLenQA one row per context size."""
     metrics = results["metrics"]
+    skip = NOT_PERCENT.get(results["task"], ())
     rows = {}
     for name, value in metrics.items():
-        if isinstance(value, int | float) and not name.endswith("_stderr") and not isinstance(value, bool):
+        if (isinstance(value, int | float) and not name.endswith("_stderr") and not isinstance(value, bool)
+                and name not in skip):
             rows[name] = (value, metrics.get(f"{name}_stderr"))
     if results["task"] == "mdqa":
         for pos, m in sorted(metrics["by_gold_position"].items(), key=lambda kv: int(kv[0])):
@@ -96,11 +103,12 @@ def format_table(runs: list[dict], labels: list[str]) -> str:
                 keys.append((key, metric))
         examples[column] = examples.get(column, 0) + run["num_examples"]
 
-    def order(k: tuple[str, str]) -> tuple[int, int, str]:
+    def order(k: tuple[str, str]) -> tuple[int, int, str, tuple[int, int]]:
         base = k[0].split("/")[0]
-        return TASK_ORDER.index(base) if base in TASK_ORDER else len(TASK_ORDER), _doc_count(k[0]), k[0]
+        return (TASK_ORDER.index(base) if base in TASK_ORDER else len(TASK_ORDER), _doc_count(k[0]), k[0],
+                _metric_rank(k[1]))
 
-    keys = sorted(keys, key=order)  # stable: each task's metrics keep their order
+    keys = sorted(keys, key=order)  # stable: a task's plain metrics keep their order
     two = len(columns) == 2
     header = ["task", "metric (%)", *columns] + (["B - A"] if two else [])
     body = []
@@ -119,15 +127,54 @@ def format_table(runs: list[dict], labels: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _metric_rank(metric: str) -> tuple[int, int]:
+    """Rows of one task: its plain metrics first, then the gold positions / context sizes in numeric order
+    (whichever model has them), then oracle and closed book."""
+    words = metric.split()
+    if metric.startswith("gold at ") and words[-1].isdigit():
+        return 1, int(words[-1])
+    if len(words) == 2 and words[1] == "tokens" and words[0].isdigit():
+        return 1, int(words[0])
+    return {"oracle": (2, 0), "closed-book": (3, 0)}.get(metric, (0, 0))
+
+
 def _doc_count(key: str) -> int:
     tail = key.split("/")[-1]
     return int(tail) if tail.isdigit() else 0
+
+
+_GROUPS = {"mdqa": ("by_gold_position", "best_subspan_em"), "flenqa": ("by_ctx_size", "accuracy")}
+
+
+def check_metrics(path: Path, results: dict) -> None:
+    """The metrics the table and plots read, so that a hand-edited or foreign file is refused by name."""
+    metrics, task = results["metrics"], results["task"]
+    if not isinstance(metrics, dict):
+        raise DataError(f"{path}: 'metrics' must be an object")
+    if task not in _GROUPS:
+        return
+    group, name = _GROUPS[task]
+    entries = metrics.get(group)
+    if not isinstance(entries, dict):
+        raise DataError(f"{path}: {task} results without metrics.{group}")
+    for key in entries:
+        if not key.isdigit():
+            raise DataError(f"{path}: metrics.{group}: {key!r} is not a number")
+    checked = {f"{group}.{k}": v for k, v in entries.items()}
+    if task == "mdqa":
+        checked.update({k: metrics[k] for k in ("oracle", "closedbook") if k in metrics})
+    for key, entry in checked.items():
+        value = entry.get(name) if isinstance(entry, dict) else None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise DataError(f"{path}: metrics.{key} has no number '{name}'")
 
 
 def compare(args: CompareArgs) -> str:
     if not args.results:
         raise DataError("give at least one results.json")
     runs = [load_results(p) for p in args.results]
+    for path, run in zip(args.results, runs, strict=True):
+        check_metrics(path, run)
     if args.labels is not None:
         if len(args.labels) != len(runs):
             raise DataError(f"{len(args.labels)} --labels for {len(runs)} results files")

@@ -66,3 +66,214 @@ def test_compare_rejects_bad_files(files, tmp_path, capsys):
     assert "not a results.json" in capsys.readouterr().err
     with pytest.raises(DataError, match="no such file"):
         load_results(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("task, metrics, message", [
+    ("mdqa", {"best_subspan_em": 0.5}, "mdqa results without metrics.by_gold_position"),
+    ("mdqa", {"by_gold_position": {"middle": {"best_subspan_em": 0.5}}}, "by_gold_position: 'middle' is not a number"),
+    ("mdqa", {"by_gold_position": {"1": {"n": 3}}}, "metrics.by_gold_position.1 has no number 'best_subspan_em'"),
+    ("mdqa", {"by_gold_position": {}, "oracle": {"best_subspan_em": "0.8"}}, "metrics.oracle has no number"),
+    ("flenqa", {"accuracy": 0.5, "by_ctx_size": {"250": {"accuracy": True}}},
+     "by_ctx_size.250 has no number 'accuracy'"),
+    ("flenqa", {"accuracy": 0.5}, "flenqa results without metrics.by_ctx_size"),
+    ("mmlu", [0.5], "'metrics' must be an object"),
+])
+def test_compare_names_the_bad_metric(tmp_path, capsys, task, metrics, message):
+    (tmp_path / "results.json").write_text(json.dumps(_results(task, "x", metrics)))
+    with pytest.raises(SystemExit):
+        main(["compare", str(tmp_path), "--out", str(tmp_path)])
+    assert f"error: {tmp_path}: " in (err := capsys.readouterr().err) and message in err
+
+
+# --- one table of everything: MDQA at 20 and 120 documents, FLenQA, synthetic, the five benchmarks ----------
+def _mean(name, value, stderr, **extra):
+    return {name: value, f"{name}_stderr": stderr, **extra}
+
+
+def _mdqa_run(label, num_docs, positions, oracle, closedbook, n=40):
+    """MDQA results as `eval.mdqa.evaluate` writes them: {1-based position: (accuracy, stderr)}."""
+    tokens = {"min": 100 * num_docs, "mean": 110.0 * num_docs, "max": 120 * num_docs}
+    by_pos = {str(p): _mean("best_subspan_em", a, s, n=n, prompt_tokens=tokens) for p, (a, s) in positions.items()}
+    mean = sum(a for a, _ in positions.values()) / len(positions)
+    metrics = {**_mean("best_subspan_em", mean, 0.03), "by_gold_position": by_pos,
+               "oracle": _mean("best_subspan_em", *oracle, n=n, prompt_tokens={"min": 150, "mean": 180.0, "max": 210}),
+               "closedbook": _mean("best_subspan_em", *closedbook, n=n,
+                                   prompt_tokens={"min": 15, "mean": 18.0, "max": 21})}
+    settings = {"num_documents": num_docs, "gold_positions": [int(p) for p in positions],
+                "built": None if num_docs == 20 else {"from_documents": 20, "from_gold_position": 1,
+                                                      "distractors": "random", "distractor_seed": 0},
+                "oracle": True, "closed_book": True, "prompt_tokens": tokens, "max_new_tokens": 100}
+    return "mdqa", label, metrics, settings, n * (len(positions) + 2)
+
+
+def _flenqa_run(label, cot, overall, refusal, true_rate, by_ctx, cot_rates=None, n=20):
+    """FLenQA results as `eval.flenqa.evaluate` writes them: by_ctx_size {ctx: (accuracy, stderr)}."""
+    def group(acc, stderr, count):
+        return {**_mean("accuracy", acc, stderr), "refusal_rate": refusal, "true_rate": true_rate,
+                **(cot_rates or {}), "n": count}
+
+    metrics = {**_mean("accuracy", *overall), "refusal_rate": refusal, "true_rate": true_rate, **(cot_rates or {}),
+               "by_ctx_size": {str(c): group(a, s, n) for c, (a, s) in by_ctx.items()},
+               "by_dataset": {"PIR": group(overall[0], 0.05, n * len(by_ctx))},
+               "by_dispersion": {"random": group(overall[0], 0.05, n * len(by_ctx))},
+               "by_ctx_size_dataset_dispersion": {str(c): {"PIR": {"random": group(a, s, n)}}
+                                                  for c, (a, s) in by_ctx.items()}}
+    return "flenqa", label, metrics, {"cot": cot, "max_new_tokens": 400 if cot else 100}, n * len(by_ctx)
+
+
+def _all_runs():
+    """(task, label, metrics, settings, num_examples) of a base and a finetuned model. The finetuned model
+    was also run at two more 120-document positions (60, 120) and with chain of thought."""
+    runs = [
+        _mdqa_run("base", 20, {1: (0.675, 0.075), 5: (0.55, 0.08), 10: (0.5, 0.08), 15: (0.525, 0.08),
+                               20: (0.6, 0.078)}, (0.8, 0.064), (0.35, 0.076)),
+        _mdqa_run("ft", 20, {1: (0.7, 0.073), 5: (0.65, 0.076), 10: (0.625, 0.078), 15: (0.65, 0.076),
+                             20: (0.675, 0.075)}, (0.825, 0.061), (0.325, 0.075)),
+        _mdqa_run("base", 120, {1: (0.45, 0.08), 2: (0.4, 0.078), 5: (0.35, 0.076), 10: (0.3, 0.073), 15: (0.3, 0.073),
+                                20: (0.325, 0.075)}, (0.8, 0.064), (0.35, 0.076)),
+        _mdqa_run("ft", 120, {1: (0.5, 0.08), 2: (0.475, 0.08), 5: (0.45, 0.08), 10: (0.425, 0.079), 15: (0.4, 0.078),
+                              20: (0.4, 0.078), 60: (0.375, 0.078), 120: (0.45, 0.08)}, (0.825, 0.061), (0.325, 0.075)),
+        _flenqa_run("base", False, (0.63, 0.049), 0.04, 0.55,
+                    {250: (0.75, 0.099), 500: (0.7, 0.105), 1000: (0.65, 0.109), 2000: (0.55, 0.114),
+                     3000: (0.5, 0.115)}),
+        _flenqa_run("ft", False, (0.73, 0.045), 0.01, 0.5,
+                    {250: (0.8, 0.092), 500: (0.75, 0.099), 1000: (0.75, 0.099), 2000: (0.7, 0.105),
+                     3000: (0.65, 0.109)}),
+        _flenqa_run("ft", True, (0.76, 0.043), 0.02, 0.48,
+                    {250: (0.85, 0.082), 500: (0.8, 0.092), 1000: (0.75, 0.099), 2000: (0.7, 0.105),
+                     3000: (0.7, 0.105)},
+                    cot_rates={"coverage": 1.6, "coverage_rate": 0.8, "early_answer_rate": 0.15}),
+        ("synthetic", "base", {**_mean("value_em", 0.1, 0.021), **_mean("dict_em", 0.35, 0.034),
+                               **_mean("both_em", 0.05, 0.015),
+                               "by_gold_position": {"1-2": {**_mean("value_em", 0.1, 0.03), "n": 100}}},
+         {"position_bins": 5}, 200),
+        ("synthetic", "ft", {**_mean("value_em", 0.9, 0.021), **_mean("dict_em", 0.95, 0.015),
+                             **_mean("both_em", 0.875, 0.023),
+                             "by_gold_position": {"1-2": {**_mean("value_em", 0.9, 0.03), "n": 100}}},
+         {"position_bins": 5}, 200),
+        ("mmlu", "base", {**_mean("acc", 0.6, 0.004), "acc_macro": 0.61,
+                          "by_subject": {"anatomy": _mean("acc", 0.55, 0.043, n=135)}}, {"num_fewshot": 5}, 14042),
+        ("mmlu", "ft", {**_mean("acc", 0.595, 0.004), "acc_macro": 0.605,
+                        "by_subject": {"anatomy": _mean("acc", 0.55, 0.043, n=135)}}, {"num_fewshot": 5}, 14042),
+        ("hellaswag", "base", {**_mean("acc", 0.6, 0.005), **_mean("acc_norm", 0.8, 0.004)}, {"num_fewshot": 0}, 10042),
+        ("hellaswag", "ft", {**_mean("acc", 0.605, 0.005), **_mean("acc_norm", 0.795, 0.004)}, {"num_fewshot": 0},
+         10042),
+        ("gsm8k", "base", {**_mean("exact_match_strict", 0.36, 0.013), **_mean("exact_match_flexible", 0.38, 0.013)},
+         {"num_fewshot": 5}, 1319),
+        ("gsm8k", "ft", {**_mean("exact_match_strict", 0.35, 0.013), **_mean("exact_match_flexible", 0.37, 0.013)},
+         {"num_fewshot": 5}, 1319),
+        ("triviaqa", "base", {**_mean("exact_match", 0.62, 0.028), **_mean("exact_match_squad", 0.63, 0.028)},
+         {"num_fewshot": 0}, 300),
+        ("triviaqa", "ft", {**_mean("exact_match", 0.615, 0.028), **_mean("exact_match_squad", 0.625, 0.028)},
+         {"num_fewshot": 0}, 300),
+        ("nq_open", "base", {**_mean("exact_match", 0.28, 0.026), **_mean("exact_match_squad", 0.3, 0.026)},
+         {"num_fewshot": 0}, 300),
+        ("nq_open", "ft", {**_mean("exact_match", 0.275, 0.026), **_mean("exact_match_squad", 0.29, 0.026)},
+         {"num_fewshot": 0}, 300),
+    ]
+    return runs
+
+
+# Worked out by hand from _all_runs: percent (± stderr), B - A = ft - base, "-" where a model has no value.
+EXPECTED_TABLE = [
+    ("mdqa/20", "best_subspan_em", "57.0 ± 3.0", "66.0 ± 3.0", "+9.0"),        # mean of the positions
+    ("mdqa/20", "gold at 1", "67.5 ± 7.5", "70.0 ± 7.3", "+2.5"),
+    ("mdqa/20", "gold at 5", "55.0 ± 8.0", "65.0 ± 7.6", "+10.0"),
+    ("mdqa/20", "gold at 10", "50.0 ± 8.0", "62.5 ± 7.8", "+12.5"),
+    ("mdqa/20", "gold at 15", "52.5 ± 8.0", "65.0 ± 7.6", "+12.5"),
+    ("mdqa/20", "gold at 20", "60.0 ± 7.8", "67.5 ± 7.5", "+7.5"),
+    ("mdqa/20", "oracle", "80.0 ± 6.4", "82.5 ± 6.1", "+2.5"),
+    ("mdqa/20", "closed-book", "35.0 ± 7.6", "32.5 ± 7.5", "-2.5"),
+    ("mdqa/120", "best_subspan_em", "35.4 ± 3.0", "43.4 ± 3.0", "+8.0"),      # 2.125/6 and 3.475/8
+    ("mdqa/120", "gold at 1", "45.0 ± 8.0", "50.0 ± 8.0", "+5.0"),
+    ("mdqa/120", "gold at 2", "40.0 ± 7.8", "47.5 ± 8.0", "+7.5"),
+    ("mdqa/120", "gold at 5", "35.0 ± 7.6", "45.0 ± 8.0", "+10.0"),
+    ("mdqa/120", "gold at 10", "30.0 ± 7.3", "42.5 ± 7.9", "+12.5"),
+    ("mdqa/120", "gold at 15", "30.0 ± 7.3", "40.0 ± 7.8", "+10.0"),
+    ("mdqa/120", "gold at 20", "32.5 ± 7.5", "40.0 ± 7.8", "+7.5"),
+    ("mdqa/120", "gold at 60", "-", "37.5 ± 7.8", "-"),
+    ("mdqa/120", "gold at 120", "-", "45.0 ± 8.0", "-"),
+    ("mdqa/120", "oracle", "80.0 ± 6.4", "82.5 ± 6.1", "+2.5"),
+    ("mdqa/120", "closed-book", "35.0 ± 7.6", "32.5 ± 7.5", "-2.5"),
+    ("flenqa", "accuracy", "63.0 ± 4.9", "73.0 ± 4.5", "+10.0"),
+    ("flenqa", "refusal_rate", "4.0", "1.0", "-3.0"),
+    ("flenqa", "true_rate", "55.0", "50.0", "-5.0"),
+    ("flenqa", "250 tokens", "75.0 ± 9.9", "80.0 ± 9.2", "+5.0"),
+    ("flenqa", "500 tokens", "70.0 ± 10.5", "75.0 ± 9.9", "+5.0"),
+    ("flenqa", "1000 tokens", "65.0 ± 10.9", "75.0 ± 9.9", "+10.0"),
+    ("flenqa", "2000 tokens", "55.0 ± 11.4", "70.0 ± 10.5", "+15.0"),
+    ("flenqa", "3000 tokens", "50.0 ± 11.5", "65.0 ± 10.9", "+15.0"),
+    ("flenqa/cot", "accuracy", "-", "76.0 ± 4.3", "-"),
+    ("flenqa/cot", "refusal_rate", "-", "2.0", "-"),
+    ("flenqa/cot", "true_rate", "-", "48.0", "-"),
+    ("flenqa/cot", "coverage_rate", "-", "80.0", "-"),                          # coverage (1.6 facts) is no percentage
+    ("flenqa/cot", "early_answer_rate", "-", "15.0", "-"),
+    ("flenqa/cot", "250 tokens", "-", "85.0 ± 8.2", "-"),
+    ("flenqa/cot", "500 tokens", "-", "80.0 ± 9.2", "-"),
+    ("flenqa/cot", "1000 tokens", "-", "75.0 ± 9.9", "-"),
+    ("flenqa/cot", "2000 tokens", "-", "70.0 ± 10.5", "-"),
+    ("flenqa/cot", "3000 tokens", "-", "70.0 ± 10.5", "-"),
+    ("synthetic", "value_em", "10.0 ± 2.1", "90.0 ± 2.1", "+80.0"),
+    ("synthetic", "dict_em", "35.0 ± 3.4", "95.0 ± 1.5", "+60.0"),
+    ("synthetic", "both_em", "5.0 ± 1.5", "87.5 ± 2.3", "+82.5"),
+    ("mmlu", "acc", "60.0 ± 0.4", "59.5 ± 0.4", "-0.5"),
+    ("mmlu", "acc_macro", "61.0", "60.5", "-0.5"),
+    ("hellaswag", "acc", "60.0 ± 0.5", "60.5 ± 0.5", "+0.5"),
+    ("hellaswag", "acc_norm", "80.0 ± 0.4", "79.5 ± 0.4", "-0.5"),
+    ("gsm8k", "exact_match_strict", "36.0 ± 1.3", "35.0 ± 1.3", "-1.0"),
+    ("gsm8k", "exact_match_flexible", "38.0 ± 1.3", "37.0 ± 1.3", "-1.0"),
+    ("triviaqa", "exact_match", "62.0 ± 2.8", "61.5 ± 2.8", "-0.5"),
+    ("triviaqa", "exact_match_squad", "63.0 ± 2.8", "62.5 ± 2.8", "-0.5"),
+    ("nq_open", "exact_match", "28.0 ± 2.6", "27.5 ± 2.6", "-0.5"),
+    ("nq_open", "exact_match_squad", "30.0 ± 2.6", "29.0 ± 2.6", "-1.0"),
+]
+# Scored examples per model: MDQA 40 x 7 + 40 x 8 (base), 40 x 7 + 40 x 10 (ft); FLenQA 100 (+ 100 CoT);
+# synthetic 200; MMLU 14042; HellaSwag 10042; GSM8K 1319; TriviaQA 300; NQ-Open 300.
+EXPECTED_EXAMPLES = ("26903", "27083")
+
+
+def _split_row(line, widths):
+    """The cells of a table line, cut at the column widths of its '---' line."""
+    cells, start = [], 0
+    for w in widths:
+        cells.append(line[start:start + w].strip())
+        start += w + 2
+    return cells
+
+
+def test_one_table_of_every_task(tmp_path, monkeypatch, capsys):
+    from eval import plots
+    from eval.results import write_results
+
+    paths = []
+    for i, (task, label, metrics, settings, n) in enumerate(_all_runs()):
+        out = tmp_path / "results" / f"{i:02d}-{label}-{task}"
+        write_results(out, _results(task, label, metrics, n=n, settings={"limit": None, **settings},
+                                    environment={"jax": "0", "backend": "cpu", "devices": 1},
+                                    predictions="predictions.jsonl"))
+        paths.append(out / "results.json")
+    # Any order on the command line (here: benchmarks first, MDQA last); the base model's file comes first.
+    order = [*range(9, len(paths)), *range(9)]
+    plotted = []
+
+    def spy(runs, path, **kwargs):
+        plotted.append((path.name, [(r["label"], r["settings"]["num_documents"]) for r in runs]))
+        return real(runs, path, **kwargs)
+
+    real = plots.plot_mdqa
+    monkeypatch.setattr(plots, "plot_mdqa", spy)
+    table = main(["compare", *(str(paths[i]) for i in order), "--out", str(tmp_path / "cmp")])
+    lines = table.splitlines()
+    widths = [len(dashes) for dashes in lines[1].split("  ")]
+    assert _split_row(lines[0], widths) == ["task", "metric (%)", "base", "ft", "B - A"]
+    assert [tuple(_split_row(line, widths)) for line in lines[2:-1]] == EXPECTED_TABLE
+    assert _split_row(lines[-1], widths) == ["", "examples", *EXPECTED_EXAMPLES, ""]
+
+    assert sorted(plotted) == [("mdqa_compare_120docs.png", [("base", 120), ("ft", 120)]),
+                               ("mdqa_compare_20docs.png", [("base", 20), ("ft", 20)])]
+    written = sorted(p.name for p in (tmp_path / "cmp").iterdir())
+    assert written == ["flenqa_compare.png", "mdqa_compare_120docs.png", "mdqa_compare_20docs.png"]
+    pngs = [(tmp_path / "cmp" / name).read_bytes() for name in written]
+    assert all(png[:8] == b"\x89PNG\r\n\x1a\n" for png in pngs) and len(set(pngs)) == 3
+    out = capsys.readouterr().out
+    assert table in out and all(f"wrote {tmp_path / 'cmp' / name}" in out for name in written)
