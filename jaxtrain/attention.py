@@ -161,7 +161,7 @@ def resolve_impl(impl: str, *, q_len: int, kv_len: int, dtype=jnp.bfloat16, plat
 
     "splash" / "cudnn" name a preferred kernel; "auto" prefers splash on TPU and cuDNN on GPU (the
     default backend, or `platform`), and on CPU the chunked XLA path for self-attention of at least
-    `CHUNKED_MIN_LEN` tokens (shorter rows, like the CPU demo's training rows, keep the plain path) and
+    `CHUNKED_MIN_LEN` tokens (it is faster there than the plain path, and never builds the [T, T] scores) and
     `one_query_attention` for a decode step. A kernel runs only for self-attention whose length it tiles
     (a multiple of 128), and cuDNN only in 16-bit dtypes; everything else (decoding with a cache, model
     init on one token, odd lengths, a float32 model on GPU) runs the exact XLA path, so a config that

@@ -164,7 +164,7 @@ def test_chunked_model_matches_transformers(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("impl, platform, q_len, kv_len, want", [
-    ("auto", "cpu", 256, 256, "xla"), ("auto", "cpu", 4096, 4096, "chunked"),
+    ("auto", "cpu", 255, 255, "xla"), ("auto", "cpu", 256, 256, "chunked"), ("auto", "cpu", 4096, 4096, "chunked"),
     ("auto", "cpu", 1, 4097, "one_query"),      # a CPU decode step
     ("xla", "cpu", 1, 4097, "xla"), ("splash", "cpu", 1, 4097, "xla"),  # named: never the CPU-only path
     ("chunked", "tpu", 300, 300, "chunked"), ("chunked", "cpu", 1, 5, "xla"),
