@@ -113,9 +113,11 @@ class Attention(nn.Module):
     lora: LoraConfig | None = None
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, cache=None, layer=None, cache_positions=None):
+    def __call__(self, x, positions, segment_ids, cache=None, layer=None, cache_positions=None, step_cache=None):
         """`cache`: the whole stacked cache; this layer (index `layer`) reads its slice and returns the
-        stack with its new keys and values written in."""
+        stack with its new keys and values written in. `step_cache` (a decode step): the stacked cache,
+        only read; the step's new keys and values are returned instead, for `write_step` after the scan.
+        Returns (output, updated cache or None, new keys and values or None)."""
         cfg = self.config
         d, h, kvh, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q = _project(self, "wq", "btd,dhk->bthk", x, (d, h, hd), ("embed", "heads", "head_dim"))
@@ -133,18 +135,20 @@ class Attention(nn.Module):
             # Attend over what the cache held before this step plus this step's own keys; the window
             # mask drops whatever the ring buffer has already moved past. (A prefill into an empty cache
             # passes no positions and attends over its own keys only: half the work, and a fused kernel.)
-            old_pos = cache_positions
-            keys = jnp.concatenate([cache["k"][layer], k.astype(cache["k"].dtype)], axis=1)
-            values = jnp.concatenate([cache["v"][layer], v.astype(cache["v"].dtype)], axis=1)
+            old_pos, held = cache_positions, cache if step_cache is None else step_cache
+            keys = jnp.concatenate([held["k"][layer], k.astype(held["k"].dtype)], axis=1)
+            values = jnp.concatenate([held["v"][layer], v.astype(held["v"].dtype)], axis=1)
             kv_positions = jnp.concatenate([old_pos, positions], axis=1)
             kv_segments = jnp.concatenate([(old_pos >= 0).astype(jnp.int32), segment_ids], axis=1)
         out = attention(q, keys.astype(q.dtype), values.astype(q.dtype), q_positions=positions,
                         kv_positions=kv_positions, q_segment_ids=segment_ids, kv_segment_ids=kv_segments,
                         sliding_window=cfg.sliding_window, impl=cfg.attention_impl)
         new_cache = None if cache is None else write_cache(cache, layer, k, v, positions, segment_ids)
+        step_kv = None if step_cache is None else {"k": k.astype(step_cache["k"].dtype),
+                                                   "v": v.astype(step_cache["v"].dtype)}
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         out = _project(self, "wo", "bthk,hkd->btd", out, (h, hd, d), ("heads", "head_dim", "embed"))
-        return checkpoint_name(out, ATTN_OUT), new_cache
+        return checkpoint_name(out, ATTN_OUT), new_cache, step_kv
 
 
 class MLP(nn.Module):
@@ -166,23 +170,27 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """One pre-norm block; shaped `(carry, scanned) -> (carry, scanned)` for `nn.scan`.
 
-    The carry is the hidden state and the whole KV cache (None when training): a cache scanned in and out
-    layer by layer would be a second, stacked copy of it; carried, XLA updates the donated buffer in place.
+    The carry is the hidden state and, for a prefill, the whole KV cache (None when training): a cache
+    scanned in and out layer by layer would be a second, stacked copy of it; carried, XLA updates the
+    donated buffer in place. A decode step instead reads the cache as a broadcast (`step_cache`) and
+    scans out only its one new key and value per layer, written by `write_step` after the loop: carried
+    through a one-token step, XLA:CPU copied the whole stacked cache twice in every layer.
     """
 
     config: MistralConfig
     lora: LoraConfig | None = None
 
     @nn.compact
-    def __call__(self, carry, layer, positions, segment_ids, cache_positions):
+    def __call__(self, carry, layer, positions, segment_ids, cache_positions, step_cache):
         x, cache = carry
         x = checkpoint_name(x, LAYER_INPUT)
-        attn_out, cache = Attention(self.config, self.lora, name="attn")(
-            RMSNorm(self.config, name="attn_norm")(x), positions, segment_ids, cache, layer, cache_positions)
+        attn_out, cache, step_kv = Attention(self.config, self.lora, name="attn")(
+            RMSNorm(self.config, name="attn_norm")(x), positions, segment_ids, cache, layer, cache_positions,
+            step_cache)
         x = x + attn_out
         x = x + MLP(self.config, self.lora, name="mlp")(RMSNorm(self.config, name="mlp_norm")(x))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        return (x, cache), None
+        return (x, cache), step_kv
 
 
 def scan_unroll(config: MistralConfig) -> int:
@@ -205,7 +213,7 @@ class Mistral(nn.Module):
             layer = nn.remat(layer, policy=remat_policy(cfg.remat), prevent_cse=False)
         self.layers = nn.scan(
             layer, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True, "dropout": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"}, unroll=scan_unroll(cfg))(cfg, self.lora, name="layers")
         self.embed = self.param("embed", nn.with_logical_partitioning(init_normal, ("vocab", "embed")),
                                 (cfg.vocab_size, cfg.hidden_size), jnp.dtype(cfg.param_dtype))
@@ -229,7 +237,11 @@ class Mistral(nn.Module):
             kv = {"k": cache["k"], "v": cache["v"]}
             cache_positions = None if empty_cache else cache["positions"]
         layer_index = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-        (x, kv), _ = self.layers((x, kv), layer_index, positions, segment_ids, cache_positions)
+        if cache_positions is not None and input_ids.shape[1] == 1:   # a decode step
+            (x, _), step_kv = self.layers((x, None), layer_index, positions, segment_ids, cache_positions, kv)
+            kv = write_step(kv, step_kv, positions, segment_ids)
+        else:
+            (x, kv), _ = self.layers((x, kv), layer_index, positions, segment_ids, cache_positions, None)
         x = self.final_norm(x)
         if cache is None:
             return x, None
@@ -294,6 +306,15 @@ def write_cache(cache, layer, k, v, positions, segment_ids):
     rows = jnp.arange(positions.shape[0])[:, None]
     return {"k": cache["k"].at[layer, rows, slots].set(k.astype(cache["k"].dtype), mode="drop"),
             "v": cache["v"].at[layer, rows, slots].set(v.astype(cache["v"].dtype), mode="drop")}
+
+
+def write_step(cache, step_kv, positions, segment_ids):
+    """The stacked cache with every layer's new keys and values ([layers, B, T, Hkv, D], as a decode
+    step's scan returns them) scattered into their slots in one update (in place when donated)."""
+    size = cache["k"].shape[2]
+    slots = _cache_slots(size, positions, segment_ids)
+    rows = jnp.arange(positions.shape[0])[:, None]
+    return {name: cache[name].at[:, rows, slots].set(step_kv[name], mode="drop") for name in ("k", "v")}
 
 
 # --- Functional API -----------------------------------------------------------------------------------
