@@ -116,7 +116,7 @@ class Attention(nn.Module):
     def __call__(self, x, positions, segment_ids, cache=None, layer=None, cache_positions=None, step_cache=None):
         """`cache`: the whole stacked cache; this layer (index `layer`) reads its slice and returns the
         stack with its new keys and values written in. `step_cache` (a decode step): the stacked cache,
-        only read; the step's new keys and values are returned instead, for `write_step` after the scan.
+        only read; the step's new keys and values are returned instead, written after the scan.
         Returns (output, updated cache or None, new keys and values or None)."""
         cfg = self.config
         d, h, kvh, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -144,8 +144,7 @@ class Attention(nn.Module):
                         kv_positions=kv_positions, q_segment_ids=segment_ids, kv_segment_ids=kv_segments,
                         sliding_window=cfg.sliding_window, impl=cfg.attention_impl)
         new_cache = None if cache is None else write_cache(cache, layer, k, v, positions, segment_ids)
-        step_kv = None if step_cache is None else {"k": k.astype(step_cache["k"].dtype),
-                                                   "v": v.astype(step_cache["v"].dtype)}
+        step_kv = None if step_cache is None else {"k": k, "v": v}
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         out = _project(self, "wo", "bthk,hkd->btd", out, (h, hd, d), ("heads", "head_dim", "embed"))
         return checkpoint_name(out, ATTN_OUT), new_cache, step_kv
@@ -173,7 +172,7 @@ class DecoderLayer(nn.Module):
     The carry is the hidden state and, for a prefill, the whole KV cache (None when training): a cache
     scanned in and out layer by layer would be a second, stacked copy of it; carried, XLA updates the
     donated buffer in place. A decode step instead reads the cache as a broadcast (`step_cache`) and
-    scans out only its one new key and value per layer, written by `write_step` after the loop: carried
+    scans out only its one new key and value per layer, written for all layers after the loop: carried
     through a one-token step, XLA:CPU copied the whole stacked cache twice in every layer.
     """
 
@@ -239,7 +238,7 @@ class Mistral(nn.Module):
         layer_index = jnp.arange(cfg.num_layers, dtype=jnp.int32)
         if cache_positions is not None and input_ids.shape[1] == 1:   # a decode step
             (x, _), step_kv = self.layers((x, None), layer_index, positions, segment_ids, cache_positions, kv)
-            kv = write_step(kv, step_kv, positions, segment_ids)
+            kv = write_cache(kv, slice(None), step_kv["k"], step_kv["v"], positions, segment_ids)
         else:
             (x, kv), _ = self.layers((x, kv), layer_index, positions, segment_ids, cache_positions, None)
         x = self.final_norm(x)
@@ -300,21 +299,13 @@ def write_positions(cache_positions, positions, segment_ids):
 
 
 def write_cache(cache, layer, k, v, positions, segment_ids):
-    """The stacked cache with layer `layer`'s new keys and values scattered into their slots (in place)."""
+    """The stacked cache with layer `layer`'s new keys and values scattered into their slots (in place);
+    `layer` = slice(None) writes every layer's at once (k, v: [layers, B, T, Hkv, D], a decode step's)."""
     size = cache["k"].shape[2]
     slots = _cache_slots(size, positions, segment_ids)
     rows = jnp.arange(positions.shape[0])[:, None]
     return {"k": cache["k"].at[layer, rows, slots].set(k.astype(cache["k"].dtype), mode="drop"),
             "v": cache["v"].at[layer, rows, slots].set(v.astype(cache["v"].dtype), mode="drop")}
-
-
-def write_step(cache, step_kv, positions, segment_ids):
-    """The stacked cache with every layer's new keys and values ([layers, B, T, Hkv, D], as a decode
-    step's scan returns them) scattered into their slots in one update (in place when donated)."""
-    size = cache["k"].shape[2]
-    slots = _cache_slots(size, positions, segment_ids)
-    rows = jnp.arange(positions.shape[0])[:, None]
-    return {name: cache[name].at[:, rows, slots].set(step_kv[name], mode="drop") for name in ("k", "v")}
 
 
 # --- Functional API -----------------------------------------------------------------------------------
