@@ -1,0 +1,61 @@
+"""Warm-up data for a model trained from scratch: the CPU demo's stand-in for a base model's pretraining.
+
+Dictionary recall: one to a few dictionaries in the paper's syntax, then lines that state entries of them
+again; the loss is on the values of those lines. The separator between a key and its value widens from
+stage to stage (`SEPARATORS`): "4" + "79" -> "4:79" -> "4: 79", the last being the paper's format.
+
+Why stages: a two-layer model learns recall in a couple of hundred steps when the value directly follows
+its key (a previous-token head feeding an induction head), but stays at chance for thousands of steps when
+two tokens (":", "▁") separate them, as in the paper's dictionaries: it must find heads that look two and
+three tokens back, and nothing rewards a head for it until the lookup already works. Each stage moves those
+heads by one token, and the step from the last stage to the paper's chats is then short (docs/demo.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from data_gen.shards import TokenizedExample
+from data_gen.tokenizer import BOS_ID, encode
+
+SEPARATORS = ("", ":", ": ")
+"""key-value separators of the warm-up stages, the paper's last"""
+
+
+def _digits(rng: np.random.Generator, digits: int, size: int, *, distinct: bool) -> np.ndarray:
+    low, high = 10 ** (digits - 1), 10**digits
+    return rng.choice(np.arange(low, high), size, replace=False) if distinct else rng.integers(low, high, size)
+
+
+def dictionary_recall(seed: int, n: int, separator: str, *, max_dicts: int = 3, dict_sizes: tuple[int, int] = (2, 3),
+                      key_digits: int = 1, value_digits: int = 2, questions: int = 8) -> Iterator[TokenizedExample]:
+    """`n` warm-up sequences: `<s>`, 1..`max_dicts` dictionaries, a blank line, then up to `questions` lines
+    "key<separator>value" about distinct keys of them, loss on each line's value digits."""
+    if separator not in SEPARATORS:
+        raise ValueError(f"separator {separator!r} is not one of the warm-up stages {SEPARATORS}")
+    most = max_dicts * dict_sizes[1]
+    if most > 9 * 10 ** (key_digits - 1):
+        raise ValueError(f"{max_dicts} dictionaries of up to {dict_sizes[1]} entries need {most} distinct "
+                         f"{key_digits}-digit keys; there are only {9 * 10 ** (key_digits - 1)}")
+    newline = encode("\n")[-1]
+    rng = np.random.default_rng([seed, 0x5EC0, SEPARATORS.index(separator)])
+    for i in range(n):
+        sizes = rng.integers(dict_sizes[0], dict_sizes[1] + 1, rng.integers(1, max_dicts + 1))
+        keys = _digits(rng, key_digits, int(sizes.sum()), distinct=True)
+        values = _digits(rng, value_digits, int(sizes.sum()), distinct=False)
+        entries = [f"{k}{separator}{v}" for k, v in zip(keys, values)]
+        bounds = np.cumsum(sizes)[:-1]
+        lines = [f"Dictionary [{d}] {{" + ", ".join(part) + "}"
+                 for d, part in enumerate(np.split(np.asarray(entries), bounds), 1)]
+        asked = [entries[j] for j in rng.permutation(len(entries))[:questions]]
+        ids = np.asarray([BOS_ID] + encode("\n".join(lines) + "\n\n" + "\n".join(asked)), np.int32)
+        # Every digit is its own token and each asked line ends with its value: the last `value_digits`
+        # tokens before each line break of the asked block (and at the end) are the supervised ones.
+        breaks = np.flatnonzero(ids == newline)
+        ends = np.append(breaks[breaks > breaks[len(lines)]], ids.size)
+        mask = np.zeros(ids.size, bool)
+        for end in ends:
+            mask[end - value_digits:end] = True
+        yield TokenizedExample(f"recall{SEPARATORS.index(separator)}-seed{seed}-{i:05d}", ids, mask)
