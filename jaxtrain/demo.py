@@ -1,17 +1,17 @@
 """`make demo` (`python -m jaxtrain.demo`): the whole pipeline on CPU in about ten minutes.
 
-generate (data_gen's task as multi-question training chats) → shards → pretrain a tiny Mistral from scratch
-on a copy task, then finetune it on key-value retrieval (both with `jaxtrain.train.train`, the code behind
-`python -m jaxtrain train`) → held-out retrieval accuracy at each stage (greedy decoding with
-`eval.decode.Generator`, single-question prompts in the paper's format, exact match of value / dictionary /
-both) → LoRA on a harder variant of the task, on a float32 and on an int8 base → export to a Hugging Face
-folder → reload it with `transformers` and check its logits.
+generate (data_gen's task as multi-question training chats) → shards → pretrain a small Mistral from scratch
+on dictionary recall with a widening key-value separator, then finetune it on the paper's key-value
+retrieval chats (both with `jaxtrain.train.train`, the code behind `python -m jaxtrain train`) → held-out
+retrieval accuracy at each stage (greedy decoding with `eval.decode.Generator`, single-question prompts in
+the paper's format, exact match of value / dictionary / both) → LoRA on a harder variant of the task, on a
+float32 and on an int8 base → export to a Hugging Face folder → reload it with `transformers`.
 
-Why multi-question training chats and the copy task: the key → value lookup is an induction-style circuit
-(match the two key digits, copy what follows the colon) that a from-scratch model only forms once it gets
-many supervised lookups per sequence, and only after a copy-task warm-up has built the induction circuit;
-without either it stays at chance within a CPU budget. Even so it forms slowly: docs/demo.md has the
-measurements. `--base HF_DIR` finetunes an existing model instead, the paper's own setting.
+Why the warm-up (`data_gen.warmup`): the key → value lookup is an induction-style circuit. A two-layer
+model forms it in a couple of hundred steps when the value follows its key directly, but not within hours
+of this CPU when ": " separates them, as in the paper's dictionaries; moving the separator one token per
+stage ("47" → "4:7" → "4: 7") gets there in minutes. docs/demo.md has the measurements. `--base HF_DIR`
+finetunes an existing model instead, the paper's own setting.
 """
 
 from __future__ import annotations
@@ -25,35 +25,15 @@ import numpy as np
 
 from data_gen.chat import encode_chat
 from data_gen.tasks import TaskConfig, dumps_record, generate_split, multi_question_split
+from data_gen.warmup import SEPARATORS, dictionary_recall
 from jaxtrain.config import MistralConfig
 
-# The demo model: plain Mistral architecture (exports to Hugging Face), 2 layers of width 64, 8 heads of 8.
+# The demo model: plain Mistral architecture (exports to Hugging Face), 2 layers of width 128, 4 heads of 32.
 DEMO_MODEL = MistralConfig.preset("demo")
 
-# The demo task: the paper's simple task with 3 dictionaries of 2-3 entries, 2-digit keys and values.
+# The demo task: the paper's simple task with 3 dictionaries of 2-3 entries, 1-digit keys and values.
 DEMO_TASK = TaskConfig(num_train=6000, num_eval=200, num_dicts=3, gold_dict_size=2, dict_size_range=(2, 3),
-                       key_digits=(2, 2), value_digits=(2, 2), max_tokens=1024)
-
-
-def copy_task_examples(seed: int, n: int, length: int):
-    """Warm-up data: `<s>` + a random digit sequence + the same sequence again, loss on the repeat.
-
-    Predicting the repeat needs a previous-token head feeding an induction head, the circuit the key →
-    value lookup is built from; a model that has it learns the retrieval task in a few hundred steps,
-    one that has not stays at chance (docs/demo.md). It plays the part of the pretraining that a real
-    base model brings to the paper's finetune.
-    """
-    from data_gen.shards import TokenizedExample
-    from data_gen.tokenizer import BOS_ID, encode
-
-    digits = np.asarray([encode(str(d))[-1] for d in range(10)], np.int32)
-    rng = np.random.default_rng([seed, 0xC0B1])
-    for i in range(n):
-        seq = digits[rng.integers(0, 10, length)]
-        ids = np.concatenate([[BOS_ID], seq, seq]).astype(np.int32)
-        mask = np.zeros(ids.size, bool)
-        mask[length + 1:] = True
-        yield TokenizedExample(f"copy-seed{seed}-{i:05d}", ids, mask)
+                       key_digits=(1, 1), value_digits=(1, 1), max_tokens=1024)
 
 
 # --------------------------------------------------------------------------------------------- the pipeline
@@ -67,7 +47,7 @@ class DemoConfig:
     out: str = "demo_out"
     """working folder (data, shards, runs, Hugging Face model, summary.json); must not hold an earlier demo"""
     base: str = "scratch"
-    """the model to finetune: "scratch" (a fresh model, pretrained on the copy task first) or a Hugging Face
+    """the model to finetune: "scratch" (a fresh model, pretrained on dictionary recall first) or a Hugging Face
     folder, e.g. one exported from a longer run of this demo (`python -m jaxtrain export --checkpoint
     demo_out/run --out BASE --dtype float32`)"""
     seed: int = 0
@@ -78,27 +58,25 @@ class DemoConfig:
     """questions per training chat (the paper-format question plus follow-ups about other keys)"""
     num_eval: int = DEMO_TASK.num_eval
     """held-out single-question prompts (paper format)"""
-    copy_steps: int = 150
-    """--base scratch: pretraining steps on the copy task"""
-    copy_batch: int = 16
-    """sequences per copy-task step"""
-    copy_length: int = 24
-    """digits per copy sequence (the sequence is then repeated)"""
-    steps: int = 600
+    warmup_steps: tuple[int, int, int] = (250, 250, 100)
+    """--base scratch: pretraining steps of each warm-up stage (separators "", ":", ": " between key and value;
+    the first two forms take ~200 steps each, the last follows at once)"""
+    warmup_batch: int = 32
+    """sequences per warm-up step"""
+    steps: int = 400
     """finetuning steps on the retrieval task"""
     global_batch: int = 8
     """chats per finetuning step"""
-    lr: float = 5e-3
-    """peak learning rate of the pretraining and the finetune (AdamW, cosine decay to 10%)"""
-    warmup_ratio: float = 0.05
-    """fraction of each run's steps spent warming up"""
+    lr: float = 1e-3
+    """learning rate of the pretraining and the finetune (AdamW, constant after the warm-up)"""
+    warmup_ratio: float = 0.1
+    """fraction of each run's steps over which the learning rate rises linearly to `lr`"""
     weight_decay: float = 0.05
     b2: float = 0.98
     """Adam's second-moment decay"""
     lora_steps: int = 60
-    """LoRA stage: steps on the harder variant, once on a float32 and once on an int8 base (0: skip)"""
-    lora_dicts: int = 5
-    """LoRA stage: dictionaries per prompt of the harder variant"""
+    """LoRA stage: steps on the harder variant (2-digit values), once on a float32 and once on an int8 base
+    (0: skip)"""
     lora_rank: int = 8
     lora_lr: float = 3e-3
     progress: bool = True
@@ -107,9 +85,10 @@ class DemoConfig:
     def __post_init__(self):
         if self.base != "scratch" and not (Path(self.base) / "config.json").is_file():
             raise ValueError(f"--base {self.base!r}: neither 'scratch' nor a Hugging Face folder (no config.json there)")
-        if self.base == "scratch" and self.copy_steps < 1:
-            raise ValueError("--copy-steps must be >= 1 with --base scratch: without the copy-task pretraining the "
-                             "lookup does not form (docs/demo.md)")
+        if self.base == "scratch" and (len(self.warmup_steps) != len(SEPARATORS) or min(self.warmup_steps) < 1):
+            raise ValueError(f"--warmup-steps needs {len(SEPARATORS)} counts >= 1 with --base scratch (one per "
+                             f"stage; got {self.warmup_steps}): without the warm-up the lookup does not form "
+                             "(docs/demo.md)")
 
 
 class _Stages:
@@ -138,8 +117,8 @@ def _train_config(cfg: DemoConfig, data: Path, out: Path, steps: int, batch: int
         data=str(data), out=str(out), model="demo", init_from=str(init_from) if init_from else None,
         dtype="float32", remat="none", epochs=10**6, max_steps=steps, global_batch=batch, seed=cfg.seed,
         log_every=10, progress=cfg.progress,
-        optimizer=OptimizerConfig(lr=lr or cfg.lr, schedule="cosine", warmup_ratio=cfg.warmup_ratio,
-                                  final_lr_ratio=0.1, weight_decay=cfg.weight_decay, b2=cfg.b2),
+        optimizer=OptimizerConfig(lr=lr or cfg.lr, schedule="constant", warmup_ratio=cfg.warmup_ratio,
+                                  weight_decay=cfg.weight_decay, b2=cfg.b2),
         checkpoint=CheckpointConfig(save_every=10**9, keep=1), **lora)
 
 
@@ -240,19 +219,28 @@ def write_task(cfg: DemoConfig, task: TaskConfig, out: Path) -> tuple[Path, Path
     return out / "shards", eval_file
 
 
-def pretrain_from_scratch(cfg: DemoConfig, out: Path) -> Path:
-    """The copy-task pretraining of `--base scratch`, exported as float32 Hugging Face folder."""
+def pretrain_from_scratch(cfg: DemoConfig, task: TaskConfig, out: Path) -> Path:
+    """`--base scratch`: a fresh model trained on dictionary recall, one stage per key-value separator, each
+    stage starting from the last one's export; the last export (float32 Hugging Face folder) is returned."""
     from data_gen.shards import write_shards
     from jaxtrain.__main__ import ExportConfig, export
     from jaxtrain.train import train
 
-    n = cfg.copy_steps * cfg.copy_batch
-    write_shards(copy_task_examples(cfg.seed, n, cfg.copy_length), out / "copy_shards",
-                 buckets=(2 * cfg.copy_length + 1,), progress=cfg.progress)
-    print(f"{n} copy-task sequences of {cfg.copy_length} digits")
-    train(_train_config(cfg, out / "copy_shards", out / "pretrain_run", cfg.copy_steps, cfg.copy_batch, None))
-    export(ExportConfig(checkpoint=str(out / "pretrain_run"), out=str(out / "pretrained_hf"), dtype="float32"))
-    return out / "pretrained_hf"
+    base = None
+    for stage, (separator, steps) in enumerate(zip(SEPARATORS, cfg.warmup_steps, strict=True)):
+        n = steps * cfg.warmup_batch
+        examples = list(dictionary_recall(cfg.seed, n, separator, max_dicts=task.num_dicts,
+                                          dict_sizes=task.dict_size_range, key_digits=task.key_digits[1],
+                                          value_digits=task.value_digits[1]))
+        shards = out / f"warmup{stage}_shards"
+        bucket = -(-max(len(ex.input_ids) for ex in examples) // 16) * 16
+        write_shards(examples, shards, buckets=(bucket,), progress=cfg.progress)
+        print(f"warm-up stage {stage + 1}/{len(SEPARATORS)}: {n} recall sequences, key{separator!r}value")
+        run = out / f"warmup{stage}_run"
+        train(_train_config(cfg, shards, run, steps, cfg.warmup_batch, base))
+        base = out / f"warmup{stage}_hf"
+        export(ExportConfig(checkpoint=str(run), out=str(base), dtype="float32"))
+    return base
 
 
 def int8_agreement(hf_dir: Path, eval_file: Path) -> dict:
@@ -283,13 +271,14 @@ def int8_agreement(hf_dir: Path, eval_file: Path) -> dict:
 
 
 def lora_stage(cfg: DemoConfig, finetuned_hf: Path, out: Path) -> dict:
-    """LoRA on a harder variant of the task (more dictionaries), once on the float32 finetuned model and
-    once on its int8 quantisation: held-out accuracy before and after each."""
+    """LoRA on a harder variant of the task (2-digit values: the finetuned model answers with one digit),
+    once on the float32 finetuned model and once on its int8 quantisation: held-out accuracy before and
+    after each."""
     from jaxtrain import lora, quant
     from jaxtrain.hf_io import load_pretrained
     from jaxtrain.train import train
 
-    task = DEMO_TASK.replace(num_dicts=cfg.lora_dicts, num_train=cfg.num_train, num_eval=cfg.num_eval)
+    task = DEMO_TASK.replace(value_digits=(2, 2), num_train=cfg.num_train, num_eval=cfg.num_eval)
     shards, eval_file = write_task(cfg, task, out)
     overrides = dict(dtype="float32", remat="none")
     acc = {"finetuned": retrieval_accuracy(*load_pretrained(finetuned_hf, dtype="float32",
@@ -324,16 +313,18 @@ def run(cfg: DemoConfig) -> dict:
 
     stage("generate", f"generate and shard: {cfg.num_train} training chats of {cfg.questions} questions, "
                       f"{cfg.num_eval} held-out single-question prompts ({task.num_dicts} dictionaries of "
-                      f"{task.dict_size_range[0]}-{task.dict_size_range[1]} entries, 2-digit keys and values)")
+                      f"{task.dict_size_range[0]}-{task.dict_size_range[1]} entries, {task.key_digits[1]}-digit keys, "
+                      f"{task.value_digits[1]}-digit values)")
     shards, eval_file = write_task(cfg, task, out)
 
     stage("eval_init", "held-out accuracy of a random initialisation")
     acc["random init"] = retrieval_accuracy(DEMO_MODEL, model.init_params(DEMO_MODEL, jax.random.key(cfg.seed)),
                                             eval_file, cfg.progress)
     if cfg.base == "scratch":
-        stage("pretrain", f"pretrain from scratch on the copy task: {DEMO_MODEL.num_params / 1e6:.1f}M parameters, "
-                          f"{cfg.copy_steps} steps of {cfg.copy_batch} sequences")
-        base = pretrain_from_scratch(cfg, out)
+        stage("pretrain", f"pretrain from scratch on dictionary recall: {DEMO_MODEL.num_params / 1e6:.1f}M parameters, "
+                          f"{len(SEPARATORS)} stages of {'/'.join(map(str, cfg.warmup_steps))} steps of {cfg.warmup_batch} "
+                          "sequences")
+        base = pretrain_from_scratch(cfg, task, out)
     else:
         base = Path(cfg.base)
     stage("eval_base", f"held-out accuracy of the base model ({base})")
@@ -351,7 +342,7 @@ def run(cfg: DemoConfig) -> dict:
 
     lora = None
     if cfg.lora_steps:
-        stage("lora", f"LoRA on a harder variant ({cfg.lora_dicts} dictionaries), float32 and int8 base")
+        stage("lora", "LoRA on a harder variant (2-digit values), float32 and int8 base")
         lora = lora_stage(cfg, finetuned_hf, out / "lora")
 
     stage("export_reload", "export to Hugging Face (bf16) and reload with transformers")
@@ -386,7 +377,7 @@ def print_summary(s: dict, out: Path) -> None:
     print(f"  example: ...{last['example']['prompt_tail']!r}\n    -> {last['example']['output']!r}"
           f"\n    (reference {last['example']['reference']!r})")
     if s["lora"]:
-        _accuracy_table(f"harder variant, {s['lora']['task']['num_dicts']} dictionaries", s["lora"]["accuracy"])
+        _accuracy_table(f"harder variant, {s['lora']['task']['value_digits'][1]}-digit values", s["lora"]["accuracy"])
         q = s["lora"]["int8_vs_float32"]
         print(f"  int8 vs float32 finetuned model: same greedy next token at {q['agreement']:.2%} of "
               f"{q['positions']} held-out positions")

@@ -23,11 +23,11 @@ def run_demo(out: Path, *extra: str) -> dict:
 
 
 def test_demo_pipeline(tmp_path):
-    summary = run_demo(tmp_path / "demo", "--copy-steps", "2")
+    summary = run_demo(tmp_path / "demo", "--warmup-steps", "2", "2", "2")
     assert list(summary["accuracy"]) == ["random init", "base model", "after finetuning"]
     assert all(a["n"] == 6 for a in summary["accuracy"].values())
     assert list(summary["lora"]["accuracy"]) == ["finetuned", "finetuned, int8", "+ LoRA", "+ LoRA, int8 base"]
-    assert summary["lora"]["task"]["num_dicts"] == 5
+    assert summary["lora"]["task"]["value_digits"] == [2, 2]
     assert 0 < summary["lora"]["int8_vs_float32"]["positions"]
     assert summary["hf_reload"]["ok"] and summary["hf_reload"]["same_argmax"]
     assert (tmp_path / "demo" / "hf" / "config.json").is_file()
@@ -35,7 +35,7 @@ def test_demo_pipeline(tmp_path):
 
 @pytest.mark.slow
 def test_demo_finetunes_a_given_base(tmp_path):
-    first = run_demo(tmp_path / "first", "--copy-steps", "2", "--lora-steps", "0")
+    first = run_demo(tmp_path / "first", "--warmup-steps", "2", "2", "2", "--lora-steps", "0")
     second = run_demo(tmp_path / "second", "--base", str(tmp_path / "first" / "finetuned_hf"), "--lora-steps", "0")
     assert second["base"] == str(tmp_path / "first" / "finetuned_hf") and "pretrain" not in second["seconds"]
     assert second["accuracy"]["base model"] == first["accuracy"]["after finetuning"]
@@ -44,5 +44,5 @@ def test_demo_finetunes_a_given_base(tmp_path):
 def test_bad_base_is_refused(tmp_path):
     with pytest.raises(ValueError, match="neither 'scratch' nor a Hugging Face folder"):
         demo.DemoConfig(base=str(tmp_path))
-    with pytest.raises(ValueError, match="--copy-steps must be >= 1"):
-        demo.DemoConfig(copy_steps=0)
+    with pytest.raises(ValueError, match="--warmup-steps needs 3 counts >= 1"):
+        demo.DemoConfig(warmup_steps=(2, 0, 2))
