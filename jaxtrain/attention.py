@@ -72,21 +72,29 @@ def attention(q, k, v, *, q_positions, kv_positions, q_segment_ids, kv_segment_i
 
 
 def one_query_attention(q, k, v, mask):
-    """`xla_attention` for a single query per row (a decode step), as multiply-and-reduce in the keys'
-    own [B, S, Hkv, D] layout: XLA:CPU runs the two einsums of `xla_attention` as batched matmuls that
-    first transpose the whole KV cache into [B, Hkv, S, D], every step (measured: 6x slower at batch 8
-    for a 4K cache of 4 KV heads of 64)."""
+    """`xla_attention` for a single query per row (a decode step, CPU), as plain matmuls over the KV cache in
+    its own [B, S, Hkv * D] layout. The einsums of `xla_attention` make XLA:CPU transpose the whole cache to
+    [B, Hkv, S, D] every step, and a multiply-and-reduce per head vectorises poorly; here the queries form
+    a block-diagonal [Hkv * D, Hkv * G] matrix (head h's queries in rows h * D ...), so the scores of every
+    head are one [S, Hkv * D] @ [Hkv * D, Hkv * G] product and the output one [Hkv * G, S] @ [S, Hkv * D]
+    product whose diagonal blocks are kept. Hkv times the FLOPs of the attention, which is read-bound:
+    measured 2.4x faster at batch 1 and 1.9x at batch 8 (4K cache, 4 KV heads of 64)."""
     batch, _, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[2]
+    seq_len, num_kv_heads = k.shape[1], k.shape[2]
     group = num_heads // num_kv_heads
-    q = (q.astype(jnp.float32) / np.sqrt(head_dim)).reshape(batch, 1, num_kv_heads, group, head_dim)
-    scores = (q * k.astype(jnp.float32)[:, :, :, None, :]).sum(-1)                 # B S Hkv G
-    visible = mask[:, 0, :, None, None]
-    scores = jnp.where(visible, scores, -jnp.inf)
+    q = (q.astype(jnp.float32) / np.sqrt(head_dim)).reshape(batch, num_kv_heads, group, head_dim)
+    eye = jnp.eye(num_kv_heads, dtype=jnp.float32)
+    q = jnp.einsum("bhgd,hj->bhdjg", q, eye).reshape(batch, num_kv_heads * head_dim, num_kv_heads * group)
+    keys = k.astype(jnp.float32).reshape(batch, seq_len, num_kv_heads * head_dim)
+    values = v.astype(jnp.float32).reshape(batch, seq_len, num_kv_heads * head_dim)
+    scores = jnp.einsum("bsc,bcn->bsn", keys, q)                                    # B S (Hkv G)
+    scores = jnp.where(mask[:, 0, :, None], scores, -jnp.inf)
     top = jnp.maximum(scores.max(1, keepdims=True), jnp.finfo(jnp.float32).min)     # finite if all masked
     weights = jnp.exp(scores - top)
-    out = (weights[..., None] * v.astype(jnp.float32)[:, :, :, None, :]).sum(1)    # B Hkv G D
-    out = out / jnp.maximum(weights.sum(1), jnp.finfo(jnp.float32).tiny)[..., None]
+    out = jnp.einsum("bsn,bsc->bnc", weights, values).reshape(batch, num_kv_heads, group, num_kv_heads, head_dim)
+    out = jnp.diagonal(out, axis1=1, axis2=3).transpose(0, 3, 1, 2)                  # B Hkv G D
+    total = weights.sum(1).reshape(batch, num_kv_heads, group)
+    out = out / jnp.maximum(total, jnp.finfo(jnp.float32).tiny)[..., None]
     return out.reshape(batch, 1, num_heads, head_dim)
 
 
