@@ -59,7 +59,10 @@ class Restored:
 
 
 def checkpoint_dir(run_dir: str | os.PathLike) -> epath.Path:
-    """RUN/checkpoints; ``run_dir`` may be local or a bucket (``gs://...``), as orbax supports."""
+    """RUN/checkpoints; ``run_dir`` may be local or a bucket (``gs://...``), as orbax supports. A relative
+    local path is made absolute: orbax's OCDBT store refuses to write under a relative one."""
+    if "://" not in str(run_dir):
+        run_dir = os.path.abspath(run_dir)
     return epath.Path(run_dir) / CHECKPOINT_DIR
 
 

@@ -112,6 +112,17 @@ def test_keep_last_k_and_save_interval(tmp_path, cpus):
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["6", "7"]
 
 
+def test_a_relative_run_dir_saves(tmp_path, cpus, monkeypatch):
+    """`make demo` writes to `--out demo_out`: orbax's OCDBT store refuses relative paths on its own."""
+    params, opt_state = trained_state(make_mesh(MeshConfig(fsdp=8), cpus))
+    monkeypatch.chdir(tmp_path)
+    with Checkpointer("run", CheckpointConfig(save_every=1, keep=1), model_config=TINY) as ckpt:
+        assert ckpt.save(1, params=params, opt_state=opt_state, data_state={"i": 1}, force=True)
+        ckpt.wait()
+        assert ckpt.steps() == [1]
+    assert os.listdir(tmp_path / "run" / "checkpoints") == ["1"]
+
+
 def test_half_written_checkpoints_are_never_picked_up(tmp_path, cpus):
     params, opt_state = trained_state(make_mesh(MeshConfig(fsdp=8), cpus))
     with Checkpointer(tmp_path, CheckpointConfig(save_every=1), model_config=TINY) as ckpt:
