@@ -132,16 +132,17 @@ class Attention(nn.Module):
 
         kv_positions, kv_segments, keys, values = positions, segment_ids, k, v
         if cache_positions is not None:
-            # Attend over what the cache held before this step plus this step's own keys; the window
+            # Attend over what the cache held before this step plus this step's own keys, given as two
+            # parts (the CPU decode step reads them in place; other paths concatenate them); the window
             # mask drops whatever the ring buffer has already moved past. (A prefill into an empty cache
             # passes no positions and attends over its own keys only: half the work, and a fused kernel.)
             old_pos, held = cache_positions, cache if step_cache is None else step_cache
-            keys = jnp.concatenate([held["k"][layer], k.astype(held["k"].dtype)], axis=1)
-            values = jnp.concatenate([held["v"][layer], v.astype(held["v"].dtype)], axis=1)
+            keys = (held["k"][layer], k.astype(held["k"].dtype))
+            values = (held["v"][layer], v.astype(held["v"].dtype))
             kv_positions = jnp.concatenate([old_pos, positions], axis=1)
             kv_segments = jnp.concatenate([(old_pos >= 0).astype(jnp.int32), segment_ids], axis=1)
-        out = attention(q, keys.astype(q.dtype), values.astype(q.dtype), q_positions=positions,
-                        kv_positions=kv_positions, q_segment_ids=segment_ids, kv_segment_ids=kv_segments,
+        out = attention(q, keys, values, q_positions=positions, kv_positions=kv_positions,
+                        q_segment_ids=segment_ids, kv_segment_ids=kv_segments,
                         sliding_window=cfg.sliding_window, impl=cfg.attention_impl)
         new_cache = None if cache is None else write_cache(cache, layer, k, v, positions, segment_ids)
         step_kv = None if step_cache is None else {"k": k, "v": v}

@@ -139,8 +139,16 @@ def test_one_query_attention_matches_xla(kv_heads, window):
     q_seg = jnp.asarray([[1], [1], [0]], jnp.int32)
     mask = A.attention_mask(q_pos, jnp.asarray(kv_pos), q_seg, jnp.asarray(kv_seg), window)
     got = A.one_query_attention(q, k, v, mask)
-    np.testing.assert_allclose(got, A.xla_attention(q, k, v, mask), atol=1e-5, rtol=1e-5)
+    want = A.xla_attention(q, k, v, mask)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
     np.testing.assert_array_equal(got[2], 0.0)
+    # Keys in parts (a decode step's cache and its new key), read in place; through `attention` too.
+    parts = (k[:, :63], k[:, 63:]), (v[:, :63], v[:, 63:])
+    np.testing.assert_allclose(A.one_query_attention(q, *parts, mask), want, atol=1e-5, rtol=1e-5)
+    inputs = dict(q_positions=q_pos, kv_positions=jnp.asarray(kv_pos), q_segment_ids=q_seg,
+                  kv_segment_ids=jnp.asarray(kv_seg), sliding_window=window)
+    for impl in ("auto", "xla"):
+        np.testing.assert_allclose(A.attention(q, *parts, impl=impl, **inputs), want, atol=1e-5, rtol=1e-5)
 
 
 def test_chunked_model_matches_transformers(tmp_path, monkeypatch):
