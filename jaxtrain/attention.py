@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 IMPLEMENTATIONS = ("auto", "xla", "chunked", "splash", "cudnn")
-CHUNK = 128                 # queries per block of the chunked path (measured: 64-256 all alike on CPU)
+CHUNK = 512                 # queries per block of the chunked path
+KEY_CHUNK = 512             # keys per tile of the chunked path
 CHUNKED_MIN_LEN = 256      # "auto" on CPU chunks self-attention from this length on
 
 
@@ -115,54 +116,92 @@ def one_query_attention(q, k, v, mask):
 
 
 def chunked_attention(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, sliding_window, *,
-                      chunk: int | None = None):
-    """Self-attention in blocks of `chunk` queries, each against only the keys its mask can reach.
+                      chunk: int | None = None, key_chunk: int | None = None):
+    """Self-attention in tiles of `chunk` queries x `key_chunk` keys with an online softmax (flash style).
 
     The plain XLA path materialises [B, H, T, T] scores and masks them; on CPU (no fused kernel) that
-    memory traffic is most of the cost of a long prefill. A query block [a, b) here sees keys
-    [a - window + 1, b) only -- causal and window bounds taken from array indices, as the kernels do
-    (exact whenever positions advance by one per token inside a segment: every training row and every
-    prefill) -- which halves the work of a causal row and keeps each block's scores small. Inside the
-    block the mask is the exact position rule, applied as an additive float bias: XLA:CPU fuses float
-    arithmetic into its matmul and reduction kernels, but runs a boolean mask as a separate slow pass.
-    Same numerics as `xla_attention` (float32 scores and softmax; a query with no visible key gets zeros).
-    `chunk` defaults to the module's `CHUNK`.
+    memory traffic is most of the cost of a long prefill. Here a block of queries [a, b) visits only the
+    key tiles its mask can reach (keys [a - window + 1, b): causal and window bounds taken from array
+    indices, as the kernels do -- exact whenever positions advance by one per token inside a segment,
+    true of every training row and every prefill), one tile at a time in a `lax.scan`, so a tile's
+    scores stay in cache. Inside a tile the mask is the exact position rule, applied as an additive float
+    bias (XLA:CPU fuses float arithmetic into its kernels but ran a boolean mask as a separate pass).
+    Measured at 4096 tokens against the former one-pass blocks of 128 queries: 1.7x faster (12 heads of
+    64) and 1.5x (4 heads of 16). Same numerics as `xla_attention` up to rounding (float32 scores and
+    softmax; a query with no visible key gets zeros); differentiable (CPU training uses it too).
+    `chunk` / `key_chunk` default to the module's `CHUNK` / `KEY_CHUNK`.
     """
-    chunk = chunk or CHUNK
     batch, seq_len, num_heads, head_dim = q.shape
     if k.shape[1] != seq_len:
         raise ValueError(f"chunked attention is self-attention only; got {seq_len} queries and {k.shape[1]} keys")
+    # At least two query blocks (a causal row then skips a quarter of the scores), at most `CHUNK` queries.
+    chunk = chunk or min(CHUNK, max(seq_len // 2, 128))
+    tile = min(key_chunk or KEY_CHUNK, seq_len)
     num_kv_heads = k.shape[2]
     group = num_heads // num_kv_heads
     dtype = q.dtype
-    # Fold 1/sqrt(D) into q (T x D values instead of T x T scores); heads lead so that each block is a
+    # Fold 1/sqrt(D) into q (T x D values instead of T x T scores); heads lead so that each tile is a
     # batch of plain [queries x D] @ [D x keys] matmuls, a query's group of heads as consecutive rows.
     q = (q.astype(jnp.float32) / np.sqrt(head_dim)).astype(dtype)
     q = q.reshape(batch, seq_len, num_kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4)  # B Hkv T G D
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)                                # B Hkv S D
-    q_pos, kv_pos, q_seg, kv_seg = (x.astype(jnp.float32) for x in
-                                    (q_positions, kv_positions, q_segment_ids, kv_segment_ids))
+    # Keys get `tile` slots of left padding in segment -1 (visible to no query), so that every tile can
+    # end where its query block ends and still have `tile` keys.
+    k, v = (jnp.pad(x.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (tile, 0), (0, 0))) for x in (k, v))  # B Hkv S D
+    q_pos, q_seg = q_positions.astype(jnp.float32), q_segment_ids.astype(jnp.float32)
+    kv_pos = jnp.pad(kv_positions.astype(jnp.float32), ((0, 0), (tile, 0)))
+    kv_seg = jnp.pad(kv_segment_ids.astype(jnp.float32), ((0, 0), (tile, 0)), constant_values=-1.0)
     blocks = []
     for start in range(0, seq_len, chunk):
         stop = min(start + chunk, seq_len)
-        first = 0 if sliding_window is None else max(0, start - sliding_window + 1)
         rows = stop - start
-        # How far each (query, key) pair is from visible (0: visible): another segment, in the future,
-        # or out of the window. Positions are exact in float32 up to 2**24.
-        ahead = q_pos[:, start:stop, None] - kv_pos[:, None, first:stop]
-        miss = jnp.abs(q_seg[:, start:stop, None] - kv_seg[:, None, first:stop]) + jnp.maximum(-ahead, 0.0)
-        if sliding_window is not None:
-            miss = miss + jnp.maximum(ahead - (sliding_window - 1), 0.0)
-        scores = jnp.einsum("bkqd,bksd->bkqs",
-                            q[:, :, start:stop].reshape(batch, num_kv_heads, rows * group, head_dim),
-                            k[:, :, first:stop], preferred_element_type=jnp.float32)
-        scores = scores.reshape(batch, num_kv_heads, rows, group, -1) + (miss * -1e30)[:, None, :, None, :]
-        top = scores.max(-1, keepdims=True)
-        weights = jnp.exp(scores - top)
-        out = jnp.einsum("bkqs,bksd->bkqd", weights.reshape(batch, num_kv_heads, rows * group, -1).astype(v.dtype),
-                         v[:, :, first:stop], preferred_element_type=jnp.float32)
-        out = out.reshape(batch, num_kv_heads, rows, group, head_dim) / weights.sum(-1)[..., None]
-        blocks.append(jnp.where(top > -1e29, out, 0.0))  # no visible key: zeros, as xla_attention
+        first = 0 if sliding_window is None else max(0, start - sliding_window + 1)
+        tiles = -(-(stop - first) // tile)
+        qb = q[:, :, start:stop].reshape(batch, num_kv_heads, rows * group, head_dim)
+        qb_pos, qb_seg = q_pos[:, start:stop, None], q_seg[:, start:stop, None]
+
+        def tile_scores(key_start, size=tile, qb=qb, qb_pos=qb_pos, qb_seg=qb_seg, rows=rows):
+            """Masked scores [B, Hkv, rows, G, size] of the query block against keys from `key_start`."""
+            kt = jax.lax.dynamic_slice_in_dim(k, key_start, size, axis=2)
+            kt_pos, kt_seg = (jax.lax.dynamic_slice_in_dim(x, key_start, size, axis=1)[:, None, :]
+                              for x in (kv_pos, kv_seg))
+            # How far each (query, key) pair is from visible (0: visible): another segment, in the
+            # future, or out of the window. Positions are exact in float32 up to 2**24.
+            ahead = qb_pos - kt_pos
+            miss = jnp.abs(qb_seg - kt_seg) + jnp.maximum(-ahead, 0.0)
+            if sliding_window is not None:
+                miss = miss + jnp.maximum(ahead - (sliding_window - 1), 0.0)
+            scores = jnp.einsum("bkqd,bksd->bkqs", qb, kt, preferred_element_type=jnp.float32)
+            return scores.reshape(batch, num_kv_heads, rows, group, size) + (miss * -1e30)[:, None, :, None, :]
+
+        def weighted_values(weights, key_start, rows=rows):
+            size = weights.shape[-1]
+            vt = jax.lax.dynamic_slice_in_dim(v, key_start, size, axis=2)
+            out = jnp.einsum("bkqs,bksd->bkqd", weights.reshape(batch, num_kv_heads, rows * group, size).astype(vt.dtype),
+                             vt, preferred_element_type=jnp.float32)
+            return out.reshape(batch, num_kv_heads, rows, group, head_dim)
+
+        def visit(carry, key_start):
+            top, total, acc = carry
+            scores = tile_scores(key_start)
+            new_top = jnp.maximum(top, scores.max(-1))
+            weights = jnp.exp(scores - new_top[..., None])
+            rescale = jnp.exp(top - new_top)
+            acc = acc * rescale[..., None] + weighted_values(weights, key_start)
+            return (new_top, total * rescale + weights.sum(-1), acc), None
+
+        # Tile j covers padded keys [stop + tile - (tiles - j) * tile, ...): the last one ends at `stop`.
+        key_starts = jnp.arange(tiles, dtype=jnp.int32) * tile + (stop + tile - tiles * tile)
+        if tiles == 1:   # e.g. every block of a short training row: a plain softmax over exactly its keys
+            scores = tile_scores(first + tile, stop - first)
+            top = scores.max(-1)
+            weights = jnp.exp(scores - top[..., None])
+            total, acc = weights.sum(-1), weighted_values(weights, first + tile)
+        else:
+            shape = (batch, num_kv_heads, rows, group)
+            init = (jnp.full(shape, -jnp.inf), jnp.zeros(shape), jnp.zeros(shape + (head_dim,)))
+            (top, total, acc), _ = jax.lax.scan(visit, init, key_starts)
+        out = acc / total[..., None]
+        blocks.append(jnp.where(top[..., None] > -1e29, out, 0.0))  # no visible key: zeros, as xla_attention
     out = jnp.concatenate(blocks, axis=2).transpose(0, 2, 1, 3, 4)                          # B T Hkv G D
     return out.reshape(batch, seq_len, num_heads, head_dim).astype(dtype)
 

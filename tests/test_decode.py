@@ -36,10 +36,11 @@ def _hf_greedy(reference, prompt, max_new_tokens):
 
 @pytest.mark.parametrize("impl", ["xla", "chunked"])
 def test_greedy_matches_transformers_including_prompts_longer_than_the_window(models, impl, monkeypatch):
-    """Both CPU attention paths of the prefill (the chunked one in blocks of 8 queries) decode exactly
-    like transformers; `timings` accounts for every prompt token and decode step."""
+    """Both CPU attention paths of the prefill (the chunked one in blocks of 8 queries, tiles of 4 keys)
+    decode exactly like transformers; `timings` accounts for every prompt token and decode step."""
     reference, config, params = models
     monkeypatch.setattr(attention, "CHUNK", 8)
+    monkeypatch.setattr(attention, "KEY_CHUNK", 4)
     rng = np.random.default_rng(0)
     prompts = [[1] + rng.integers(3, 32000, size=n).tolist() for n in (3, 20, 11, 5, 30)]
     gen = Generator(config.replace(attention_impl=impl), params, batch_size=4)

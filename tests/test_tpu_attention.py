@@ -97,23 +97,24 @@ def _left_padded(seq_len, pads):
     return jnp.asarray(seg), jnp.asarray(pos)
 
 
-CHUNKED_CASES = {  # (seq_len, heads, kv_heads, window, chunk, layout)
-    "packed rows, GQA 2, window < chunk": (256, 4, 2, 37, 64, "packed"),
-    "packed rows, MQA, no window, chunk not dividing T": (300, 4, 1, None, 64, "packed"),
-    "left padding, MHA, window spanning chunks": (300, 2, 2, 100, 32, "left"),
-    "left padding, GQA 4, window 1": (130, 8, 2, 1, 64, "left"),
-    "one block, window beyond T": (96, 4, 2, 4096, 128, "packed"),
+CHUNKED_CASES = {  # (seq_len, heads, kv_heads, window, query chunk, key tile, layout)
+    "packed rows, GQA 2, window < chunk": (256, 4, 2, 37, 64, 32, "packed"),
+    "packed rows, MQA, no window, chunk and tile not dividing T": (300, 4, 1, None, 64, 48, "packed"),
+    "left padding, MHA, window spanning chunks": (300, 2, 2, 100, 32, 64, "left"),
+    "left padding, GQA 4, window 1": (130, 8, 2, 1, 64, 16, "left"),
+    "one block, window beyond T": (96, 4, 2, 4096, 128, 512, "packed"),
 }
 
 
 @pytest.mark.parametrize("case", list(CHUNKED_CASES))
 def test_chunked_matches_xla_forward_and_gradients(case):
     """Every output (padding rows too) and the q/k/v gradients of the chunked path equal the XLA path's."""
-    seq_len, heads, kv_heads, window, chunk, layout = CHUNKED_CASES[case]
+    seq_len, heads, kv_heads, window, chunk, key_chunk, layout = CHUNKED_CASES[case]
     q, k, v, seg, pos = _inputs(seed=2, seq_len=seq_len, heads=heads, kv_heads=kv_heads, head_dim=16)
     if layout == "left":
         seg, pos = _left_padded(seq_len, [seq_len // 3, 0])
-    chunked = lambda q, k, v: A.chunked_attention(q, k, v, pos, pos, seg, seg, window, chunk=chunk)
+    chunked = lambda q, k, v: A.chunked_attention(q, k, v, pos, pos, seg, seg, window, chunk=chunk,
+                                                      key_chunk=key_chunk)
     xla = lambda q, k, v: _xla(q, k, v, seg, pos, window)
     np.testing.assert_allclose(chunked(q, k, v), xla(q, k, v), atol=1e-5, rtol=1e-5)
     loss = lambda fn: lambda q, k, v: (fn(q, k, v) * jnp.cos(jnp.arange(q.shape[-1]))).sum()
@@ -152,9 +153,10 @@ def test_one_query_attention_matches_xla(kv_heads, window):
 
 
 def test_chunked_model_matches_transformers(tmp_path, monkeypatch):
-    """The whole model on the chunked path (16-query blocks, window 7, GQA, a left-padded row) against
-    transformers' PyTorch Mistral."""
+    """The whole model on the chunked path (16-query blocks, 8-key tiles, window 7, GQA, a left-padded row)
+    against transformers' PyTorch Mistral."""
     monkeypatch.setattr(A, "CHUNK", 16)
+    monkeypatch.setattr(A, "KEY_CHUNK", 8)
     config = tiny_config(sliding_window=7, num_kv_heads=2)
     reference = hf_model(config)
     reference.save_pretrained(tmp_path)
