@@ -44,6 +44,32 @@ def matmul_ceiling(n: int = 2048) -> float:
     return 2 * n**3 / best_time(lambda: f(a).block_until_ready())
 
 
+def train_step_seconds(config, batch: dict, answer_only: bool, repeats: int) -> float:
+    """Seconds per step (fastest of `repeats`) of our jitted train step (AdamW) on one device, on `batch`
+    (input_ids, loss_mask, segment_ids, positions); `answer_only`: logits at the loss tokens only."""
+    import jax
+    import numpy as np
+
+    from jaxtrain.sharding import MeshConfig, make_mesh, rules_for
+    from jaxtrain.train import OptimizerConfig, TrainConfig, init_state, make_optimizer, make_train_step
+
+    mesh = make_mesh(MeshConfig(fsdp=1), devices=jax.devices()[:1])
+    optimizer, schedule = make_optimizer(OptimizerConfig(lr=1e-4, warmup_ratio=0.0), 100)
+    answer_tokens = int(np.asarray(batch["loss_mask"]).sum(1).max()) if answer_only else None
+    answer_tokens = None if answer_tokens is None else -(-answer_tokens // 8) * 8
+    fns = make_train_step(config, optimizer, schedule, mesh, rules_for("fsdp"), max_loss_tokens=answer_tokens)
+    state = init_state(config, TrainConfig(data="", out=""), fns)
+    inputs = {k: jax.device_put(batch[k], fns.batch_sharding)
+              for k in ("input_ids", "loss_mask", "segment_ids", "positions")}
+    holder = {"state": state}
+
+    def step():
+        holder["state"], metrics = fns.step(holder["state"], inputs)
+        jax.block_until_ready(metrics)
+
+    return best_time(step, repeats=repeats)
+
+
 def table(headers: list[str], rows: list[list]) -> str:
     cells = [[str(h) for h in headers]] + [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]

@@ -15,16 +15,13 @@ import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax
 import numpy as np
 import torch
 import transformers
 
-from bench.common import best_time, matmul_ceiling, record
+from bench.common import best_time, matmul_ceiling, record, train_step_seconds
 from jaxtrain.config import MistralConfig
 from jaxtrain.flops import train_step_flops
-from jaxtrain.sharding import MeshConfig, make_mesh, rules_for
-from jaxtrain.train import OptimizerConfig, TrainConfig, init_state, make_optimizer, make_train_step
 
 CONFIGS = {
     "tiny": MistralConfig.preset("tiny"),
@@ -50,24 +47,6 @@ def demo_batch(rows: int = 8) -> dict:
                     "--out", f"{folder}/shards"], check=True, capture_output=True)
     batches = BucketedBatches(open_shards(f"{folder}/shards"), BatchConfig(global_batch=rows, prefetch=0))
     return next(batches)
-
-
-def ours(config: MistralConfig, batch: dict, answer_only: bool, repeats: int) -> float:
-    mesh = make_mesh(MeshConfig(fsdp=1), devices=jax.devices()[:1])
-    optimizer, schedule = make_optimizer(OptimizerConfig(lr=1e-4, warmup_ratio=0.0), 100)
-    answer_tokens = int(np.asarray(batch["loss_mask"]).sum(1).max()) if answer_only else None
-    answer_tokens = None if answer_tokens is None else -(-answer_tokens // 8) * 8
-    fns = make_train_step(config, optimizer, schedule, mesh, rules_for("fsdp"), max_loss_tokens=answer_tokens)
-    state = init_state(config, TrainConfig(data="", out=""), fns)
-    inputs = {k: jax.device_put(batch[k], fns.batch_sharding)
-              for k in ("input_ids", "loss_mask", "segment_ids", "positions")}
-    holder = {"state": state}
-
-    def step():
-        holder["state"], metrics = fns.step(holder["state"], inputs)
-        jax.block_until_ready(metrics)
-
-    return best_time(step, repeats=repeats)
 
 
 def theirs(config: MistralConfig, batch: dict, repeats: int) -> float:
@@ -103,7 +82,7 @@ def main():
         config = CONFIGS[name]
         t_torch = theirs(config, batch, args.repeats)
         for label, answer_only in (("ours, answer-only logits", True), ("ours, full logits", False)):
-            t = ours(config, batch, answer_only, args.repeats)
+            t = train_step_seconds(config, batch, answer_only, args.repeats)
             flops = train_step_flops(config, tokens, seq_len, logit_tokens=loss_tokens if answer_only else None)
             rows.append({"config": name, "params_M": round(config.num_params / 1e6, 1), "impl": label,
                          "tokens_per_s": round(tokens / t), "speedup_vs_torch": round(t_torch / t, 2),
