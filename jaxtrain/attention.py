@@ -144,12 +144,14 @@ def chunked_attention(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segm
     # batch of plain [queries x D] @ [D x keys] matmuls, a query's group of heads as consecutive rows.
     q = (q.astype(jnp.float32) / np.sqrt(head_dim)).astype(dtype)
     q = q.reshape(batch, seq_len, num_kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4)  # B Hkv T G D
-    # Keys get `tile` slots of left padding in segment -1 (visible to no query), so that every tile can
-    # end where its query block ends and still have `tile` keys.
-    k, v = (jnp.pad(x.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (tile, 0), (0, 0))) for x in (k, v))  # B Hkv S D
+    # Keys get `pad` = `tile` slots of left padding in segment -1 (visible to no query), so that every tile
+    # can end where its query block ends and still have `tile` keys; a row no longer than one tile (every
+    # block then reads exactly its own keys) needs none.
+    pad = tile if seq_len > tile else 0
+    k, v = (jnp.pad(x.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (pad, 0), (0, 0))) for x in (k, v))  # B Hkv S D
     q_pos, q_seg = q_positions.astype(jnp.float32), q_segment_ids.astype(jnp.float32)
-    kv_pos = jnp.pad(kv_positions.astype(jnp.float32), ((0, 0), (tile, 0)))
-    kv_seg = jnp.pad(kv_segment_ids.astype(jnp.float32), ((0, 0), (tile, 0)), constant_values=-1.0)
+    kv_pos = jnp.pad(kv_positions.astype(jnp.float32), ((0, 0), (pad, 0)))
+    kv_seg = jnp.pad(kv_segment_ids.astype(jnp.float32), ((0, 0), (pad, 0)), constant_values=-1.0)
     blocks = []
     for start in range(0, seq_len, chunk):
         stop = min(start + chunk, seq_len)
@@ -190,15 +192,15 @@ def chunked_attention(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segm
             return (new_top, total * rescale + weights.sum(-1), acc), None
 
         if tiles == 1:   # e.g. every block of a short training row: a plain softmax over exactly its keys
-            scores = tile_scores(first + tile, stop - first)
+            scores = tile_scores(first + pad, stop - first)
             top = scores.max(-1)
             weights = jnp.exp(scores - top[..., None])
-            total, acc = weights.sum(-1), weighted_values(weights, first + tile)
+            total, acc = weights.sum(-1), weighted_values(weights, first + pad)
         else:
             shape = (batch, num_kv_heads, rows, group)
             init = (jnp.full(shape, -jnp.inf), jnp.zeros(shape), jnp.zeros(shape + (head_dim,)))
-            # Tile j covers padded keys [stop + tile - (tiles - j) * tile, ...): the last ends at `stop`.
-            key_starts = jnp.arange(tiles, dtype=jnp.int32) * tile + (stop + tile - tiles * tile)
+            # Tile j covers padded keys [stop + pad - (tiles - j) * tile, ...): the last ends at `stop`.
+            key_starts = jnp.arange(tiles, dtype=jnp.int32) * tile + (stop + pad - tiles * tile)
             (top, total, acc), _ = jax.lax.scan(visit, init, key_starts)
         out = acc / total[..., None]
         blocks.append(jnp.where(top[..., None] > -1e29, out, 0.0))  # no visible key: zeros, as xla_attention
