@@ -103,6 +103,7 @@ CHUNKED_CASES = {  # (seq_len, heads, kv_heads, window, query chunk, key tile, l
     "left padding, MHA, window spanning chunks": (300, 2, 2, 100, 32, 64, "left"),
     "left padding, GQA 4, window 1": (130, 8, 2, 1, 64, 16, "left"),
     "one block, window beyond T": (96, 4, 2, 4096, 128, 512, "packed"),
+    "left padding, GQA 2, no window, tiles seen whole (unmasked)": (300, 4, 2, None, 64, 16, "left"),
 }
 
 
