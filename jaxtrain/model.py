@@ -113,21 +113,23 @@ class Attention(nn.Module):
     lora: LoraConfig | None = None
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, cache=None, layer=None, cache_positions=None, step_cache=None):
-        """`cache`: the whole stacked cache; this layer (index `layer`) reads its slice and returns the
-        stack with its new keys and values written in. `step_cache` (a decode step): the stacked cache,
-        only read; the step's new keys and values are returned instead, written after the scan.
-        Returns (output, updated cache or None, new keys and values or None)."""
+    def __call__(self, x, positions, segment_ids, rows: int, held=None, layer=None, cache_positions=None):
+        """Output for the last `rows` rows of x (queries of those only); keys and values of every row.
+
+        `held` (with `cache_positions`): the stacked cache of earlier tokens, of which this layer (index
+        `layer`) attends to its own slice. Returns (output [B, rows, D], keys, values), the caller writing
+        the keys and values into the cache."""
         cfg = self.config
         d, h, kvh, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q = _project(self, "wq", "btd,dhk->bthk", x, (d, h, hd), ("embed", "heads", "head_dim"))
+        first = x.shape[1] - rows
+        q = _project(self, "wq", "btd,dhk->bthk", x[:, first:], (d, h, hd), ("embed", "heads", "head_dim"))
         k = _project(self, "wk", "btd,dhk->bthk", x, (d, kvh, hd), ("embed", "kv_heads", "head_dim"))
         v = _project(self, "wv", "btd,dhk->bthk", x, (d, kvh, hd), ("embed", "kv_heads", "head_dim"))
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
         v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
         q, k, v = (checkpoint_name(t, QKV) for t in (q, k, v))
-        q = rotary(q, positions, cfg.rope_theta)
+        q = rotary(q, positions[:, first:], cfg.rope_theta)
         k = rotary(k, positions, cfg.rope_theta)
 
         kv_positions, kv_segments, keys, values = positions, segment_ids, k, v
@@ -136,19 +138,16 @@ class Attention(nn.Module):
             # parts (the CPU decode step reads them in place; other paths concatenate them); the window
             # mask drops whatever the ring buffer has already moved past. (A prefill into an empty cache
             # passes no positions and attends over its own keys only: half the work, and a fused kernel.)
-            old_pos, held = cache_positions, cache if step_cache is None else step_cache
             keys = (held["k"][layer], k.astype(held["k"].dtype))
             values = (held["v"][layer], v.astype(held["v"].dtype))
-            kv_positions = jnp.concatenate([old_pos, positions], axis=1)
-            kv_segments = jnp.concatenate([(old_pos >= 0).astype(jnp.int32), segment_ids], axis=1)
-        out = attention(q, keys, values, q_positions=positions, kv_positions=kv_positions,
-                        q_segment_ids=segment_ids, kv_segment_ids=kv_segments,
+            kv_positions = jnp.concatenate([cache_positions, positions], axis=1)
+            kv_segments = jnp.concatenate([(cache_positions >= 0).astype(jnp.int32), segment_ids], axis=1)
+        out = attention(q, keys, values, q_positions=positions[:, first:], kv_positions=kv_positions,
+                        q_segment_ids=segment_ids[:, first:], kv_segment_ids=kv_segments,
                         sliding_window=cfg.sliding_window, impl=cfg.attention_impl)
-        new_cache = None if cache is None else write_cache(cache, layer, k, v, positions, segment_ids)
-        step_kv = None if step_cache is None else {"k": k, "v": v}
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         out = _project(self, "wo", "bthk,hkd->btd", out, (h, hd, d), ("heads", "head_dim", "embed"))
-        return checkpoint_name(out, ATTN_OUT), new_cache, step_kv
+        return checkpoint_name(out, ATTN_OUT), k, v
 
 
 class MLP(nn.Module):
@@ -175,22 +174,41 @@ class DecoderLayer(nn.Module):
     donated buffer in place. A decode step instead reads the cache as a broadcast (`step_cache`) and
     scans out only its one new key and value per layer, written for all layers after the loop: carried
     through a one-token step, XLA:CPU copied the whole stacked cache twice in every layer.
+
+    `last`: only the last `last` rows of the final layer's output are wanted (a prefill wants one, a
+    continuation score its span). The final layer then computes queries, attention output and MLP for
+    those rows alone (its keys and values still cover every row, for the cache): a `cond` on the layer
+    index, since scanned layers share one body. A 2-layer model's 4K prefill takes half the time.
     """
 
     config: MistralConfig
     lora: LoraConfig | None = None
 
     @nn.compact
-    def __call__(self, carry, layer, positions, segment_ids, cache_positions, step_cache):
+    def __call__(self, carry, layer, positions, segment_ids, cache_positions, step_cache, last):
         x, cache = carry
         x = checkpoint_name(x, LAYER_INPUT)
-        attn_out, cache, step_kv = Attention(self.config, self.lora, name="attn")(
-            RMSNorm(self.config, name="attn_norm")(x), positions, segment_ids, cache, layer, cache_positions,
-            step_cache)
-        x = x + attn_out
-        x = x + MLP(self.config, self.lora, name="mlp")(RMSNorm(self.config, name="mlp_norm")(x))
+        length = x.shape[1]
+        held = cache if step_cache is None else step_cache
+
+        def rows_out(module, x, rows):
+            """The layer's output with only the last `rows` rows computed (the rest passed through)."""
+            attn = Attention(module.config, module.lora, name="attn")
+            out, k, v = attn(RMSNorm(module.config, name="attn_norm")(x), positions, segment_ids, rows, held, layer,
+                             cache_positions)
+            y = x[:, length - rows:] + out
+            y = y + MLP(module.config, module.lora, name="mlp")(RMSNorm(module.config, name="mlp_norm")(y))
+            return (y if rows == length else x.at[:, length - rows:].set(y)), k, v
+
+        if last is None or last >= length:
+            x, k, v = rows_out(self, x, length)
+        else:
+            x, k, v = nn.cond(layer == self.config.num_layers - 1, functools.partial(rows_out, rows=last),
+                              functools.partial(rows_out, rows=length), self, x)
+        if cache is not None:
+            cache = write_cache(cache, layer, k, v, positions, segment_ids)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        return (x, cache), step_kv
+        return (x, cache), None if step_cache is None else {"k": k, "v": v}
 
 
 def scan_unroll(config: MistralConfig) -> int:
@@ -210,10 +228,11 @@ class Mistral(nn.Module):
         cfg = self.config
         layer = DecoderLayer
         if cfg.remat != "none":
-            layer = nn.remat(layer, policy=remat_policy(cfg.remat), prevent_cse=False)
+            layer = nn.remat(layer, policy=remat_policy(cfg.remat), prevent_cse=False,
+                             static_argnums=(7,))   # `last` (a Python int or None)
         self.layers = nn.scan(
             layer, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True, "dropout": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+            in_axes=(0,) + (nn.broadcast,) * 5, length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"}, unroll=scan_unroll(cfg))(cfg, self.lora, name="layers")
         self.embed = self.param("embed", nn.with_logical_partitioning(init_normal, ("vocab", "embed")),
                                 (cfg.vocab_size, cfg.hidden_size), jnp.dtype(cfg.param_dtype))
@@ -223,10 +242,13 @@ class Mistral(nn.Module):
                 "lm_head", nn.with_logical_partitioning(init_normal, ("embed", "vocab")),
                 (cfg.hidden_size, cfg.vocab_size), jnp.dtype(cfg.param_dtype))
 
-    def hidden_states(self, input_ids, positions, segment_ids, cache=None, empty_cache: bool = False):
+    def hidden_states(self, input_ids, positions, segment_ids, cache=None, empty_cache: bool = False,
+                      last: int | None = None):
         """Final-norm hidden states [B, T, D] (and the updated cache when decoding).
 
         `empty_cache`: the cache holds nothing yet (a prefill), so there is nothing in it to attend to.
+        `last`: return only the last `last` positions [B, last, D], which the final layer then computes
+        alone (see `DecoderLayer`); the cache still gets every position's keys and values.
         """
         cfg = self.config
         x = _compute(jnp.take(on_device(self.embed), input_ids, axis=0), cfg)
@@ -238,11 +260,11 @@ class Mistral(nn.Module):
             cache_positions = None if empty_cache else cache["positions"]
         layer_index = jnp.arange(cfg.num_layers, dtype=jnp.int32)
         if cache_positions is not None and input_ids.shape[1] == 1:   # a decode step
-            (x, _), step_kv = self.layers((x, None), layer_index, positions, segment_ids, cache_positions, kv)
+            (x, _), step_kv = self.layers((x, None), layer_index, positions, segment_ids, cache_positions, kv, last)
             kv = write_cache(kv, slice(None), step_kv["k"], step_kv["v"], positions, segment_ids)
         else:
-            (x, kv), _ = self.layers((x, kv), layer_index, positions, segment_ids, cache_positions, None)
-        x = self.final_norm(x)
+            (x, kv), _ = self.layers((x, kv), layer_index, positions, segment_ids, cache_positions, None, last)
+        x = self.final_norm(x if last is None else x[:, -last:])
         if cache is None:
             return x, None
         return x, constrain_cache({**kv, "positions": write_positions(cache["positions"], positions, segment_ids)})

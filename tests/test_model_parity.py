@@ -59,6 +59,35 @@ def test_right_padded_batch_matches_unpadded_reference(tmp_path):
         np.testing.assert_allclose(got[row, :n], alone, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("impl", ["auto", "xla"])   # on CPU: the layers unrolled, and a real layer loop
+def test_last_positions_alone_match_transformers(tmp_path, impl):
+    """`hidden_states(last=n)`, whose final layer computes only those rows (generation and scoring ask for
+    1 or a continuation's span), equals transformers' last n final-norm hidden states, in a plain
+    forward and in a prefill that fills the cache, for a left-padded batch."""
+    config = tiny_config(num_kv_heads=2, num_layers=3)
+    reference, ours_config, params = _load_both(tmp_path, config)
+    ours_config = ours_config.replace(attention_impl=impl)
+    rng = np.random.default_rng(6)
+    pad, seq_len = 5, 19
+    ids = rng.integers(3, config.vocab_size, size=(2, seq_len))
+    seg = np.ones((2, seq_len), np.int32)
+    seg[0, :pad] = 0
+    pos = np.stack([np.arange(seq_len) - pad, np.arange(seq_len)]).astype(np.int32)
+    with torch.no_grad():
+        short = reference.model(torch.tensor(ids[:1, pad:])).last_hidden_state.numpy()[0]
+        full = reference.model(torch.tensor(ids[1:])).last_hidden_state.numpy()[0]
+    inputs = (jnp.asarray(ids, jnp.int32), jnp.asarray(pos), jnp.asarray(seg))
+    for last in (1, 4):
+        plain, _ = model.apply(ours_config, params, *inputs, None, False, last, method=model.Mistral.hidden_states)
+        cache = model.init_cache(ours_config, 2, seq_len + 4)
+        prefill, _ = model.apply(ours_config, params, *inputs, cache, True, last,
+                                 method=model.Mistral.hidden_states)
+        for got in (plain, prefill):
+            assert got.shape == (2, last, config.hidden_size)
+            np.testing.assert_allclose(got[0], short[-last:], atol=1e-4, rtol=0)
+            np.testing.assert_allclose(got[1], full[-last:], atol=1e-4, rtol=0)
+
+
 def test_loss_gradients_match_transformers(tmp_path):
     config = tiny_config(sliding_window=6, num_kv_heads=1)
     reference, ours_config, params = _load_both(tmp_path, config)
