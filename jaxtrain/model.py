@@ -166,6 +166,12 @@ class MLP(nn.Module):
         return _project(self, "down", "btf,fd->btd", hidden, (f, d), ("mlp", "embed"))
 
 
+def on_xla_cpu(config: MistralConfig) -> bool:
+    """The model runs its "auto" attention on the CPU backend (tests, the CPU demo, bench/), where two
+    choices differ; `jaxtrain.aot` names a TPU kernel, so a TPU program compiled here never gets them."""
+    return config.attention_impl == "auto" and jax.default_backend() == "cpu"
+
+
 class DecoderLayer(nn.Module):
     """One pre-norm block; shaped `(carry, scanned) -> (carry, scanned)` for `nn.scan`.
 
@@ -176,9 +182,12 @@ class DecoderLayer(nn.Module):
     through a one-token step, XLA:CPU copied the whole stacked cache twice in every layer.
 
     `last`: only the last `last` rows of the final layer's output are wanted (a prefill wants one, a
-    continuation score its span). The final layer then computes queries, attention output and MLP for
-    those rows alone (its keys and values still cover every row, for the cache): a `cond` on the layer
-    index, since scanned layers share one body. A 2-layer model's 4K prefill takes half the time.
+    continuation score its span). On XLA:CPU the final layer then computes queries, attention output and
+    MLP for those rows alone (its keys and values still cover every row, for the cache): a `cond` on the
+    layer index, since scanned layers share one body; a 2-layer model's 4K prefill takes half the time.
+    Not on TPU: there the `cond` in the layer loop raised a prefill's temporaries (Mistral 7B, v5e-1,
+    8 x 4096 tokens: 1.75 -> 2.59 GiB; v5e-8 at 32K: 3 GiB more than the decode chunk) to save 1/32 of
+    its FLOPs.
     """
 
     config: MistralConfig
@@ -200,7 +209,7 @@ class DecoderLayer(nn.Module):
             y = y + MLP(module.config, module.lora, name="mlp")(RMSNorm(module.config, name="mlp_norm")(y))
             return (y if rows == length else x.at[:, length - rows:].set(y)), k, v
 
-        if last is None or last >= length:
+        if last is None or last >= length or not on_xla_cpu(self.config):
             x, k, v = rows_out(self, x, length)
         else:
             x, k, v = nn.cond(layer == self.config.num_layers - 1, functools.partial(rows_out, rows=last),
@@ -213,11 +222,9 @@ class DecoderLayer(nn.Module):
 
 def scan_unroll(config: MistralConfig) -> int:
     """Layers per iteration of the layer scan: one (compile time independent of depth), except for a
-    shallow model on XLA:CPU ("auto" attention on the CPU backend, as in the CPU demo), where the loop's
-    stacked residuals and their zero-filled buffers cost a quarter of a training step; unrolled, the
-    parameters keep their stacked layout."""
-    shallow_cpu = config.attention_impl == "auto" and jax.default_backend() == "cpu" and config.num_layers <= 4
-    return config.num_layers if shallow_cpu else 1
+    shallow model on XLA:CPU, where the loop's stacked residuals and their zero-filled buffers cost a
+    quarter of a training step; unrolled, the parameters keep their stacked layout."""
+    return config.num_layers if on_xla_cpu(config) and config.num_layers <= 4 else 1
 
 
 class Mistral(nn.Module):
