@@ -91,7 +91,7 @@ def _sample(logits, rng, temperature, top_p, greedy: bool):
 def _step_logits(config, params, adapters, ids, positions, segments, cache, empty_cache=False):
     """Append tokens to the cache; return logits of each row's last token and the new cache."""
     hidden, cache = model.apply(config, params, ids, positions, segments, cache, empty_cache, 1, adapters=adapters,
-                                method=model.Mistral.hidden_states)
+                                method=model.Mistral.hidden_states, decoding=True)
     return model.logits_from_hidden(config, params, hidden[:, -1]), cache
 
 
@@ -139,7 +139,7 @@ def _decode_chunk(params, adapters, state, temperature, top_p, *, config, greedy
 def _continuation_scores(params, adapters, ids, positions, segments, targets, *, config, span):
     """Log-probabilities and greedy flags of the last `span` tokens of left-padded rows."""
     hidden, _ = model.apply(config, params, ids, positions, segments, None, False, span + 1, adapters=adapters,
-                            method=model.Mistral.hidden_states)
+                            method=model.Mistral.hidden_states, decoding=True)
     logits = model.logits_from_hidden(config, params, hidden[:, :-1])
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     chosen = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
