@@ -78,10 +78,11 @@ def table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def record(name: str, command: str, rows: list[dict], headers: list[str]) -> None:
-    """Write bench/results/<name>.json and print the table last."""
+def record(name: str, command: str, rows: list[dict], headers: list[str], **facts) -> None:
+    """Write bench/results/<name>.json (with `facts` of the run, e.g. its matmul ceiling) and print the
+    table last."""
     RESULTS.mkdir(exist_ok=True)
-    out = {"name": name, "command": command, "machine": machine(), "rows": rows}
+    out = {"name": name, "command": command, "machine": machine(), **facts, "rows": rows}
     (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2) + "\n")
     print(f"\n{name} ({out['machine']['date']}, {out['machine']['device']}, {out['machine']['cores']} cores)")
     print(table(headers, [[r.get(h, "") for h in headers] for r in rows]))

@@ -95,7 +95,8 @@ def main():
     print(f"batch: {batch['input_ids'].shape[0]} rows x {seq_len} tokens ({tokens} real); "
           f"matmul ceiling {ceiling / 1e9:.1f} GFLOP/s")
     record("train_step", "python -m bench.train_step", rows,
-           ["config", "params_M", "impl", "tokens_per_s", "speedup_vs_torch", "model_flops_fraction_of_matmul"])
+           ["config", "params_M", "impl", "tokens_per_s", "speedup_vs_torch", "model_flops_fraction_of_matmul"],
+           matmul_ceiling_gflops=round(ceiling / 1e9, 1))
 
 
 if __name__ == "__main__":
