@@ -234,6 +234,7 @@ def _chunked_attention(q, k, v, q_positions, kv_positions, q_segment_ids, kv_seg
                                 carry, key_start), None
 
         if tiles == 1:   # e.g. every block of a short training row: a plain softmax over exactly its keys
+            # (not `visit` from an empty carry: its rescaling made the 111M train step ~4% slower)
             scores = tile_scores(first + pad, stop - first)
             top = scores.max(-1)
             weights = jnp.exp(scores - top[..., None])
