@@ -90,8 +90,8 @@ def _sample(logits, rng, temperature, top_p, greedy: bool):
 
 def _step_logits(config, params, adapters, ids, positions, segments, cache, empty_cache=False):
     """Append tokens to the cache; return logits of each row's last token and the new cache."""
-    hidden, cache = model.apply(config, params, ids, positions, segments, cache, empty_cache, 1, adapters=adapters,
-                                method=model.Mistral.hidden_states, decoding=True)
+    hidden, cache = model.apply(config, params, ids, positions, segments, cache, empty_cache=empty_cache, last=1,
+                                adapters=adapters, method=model.Mistral.hidden_states, decoding=True)
     return model.logits_from_hidden(config, params, hidden[:, -1]), cache
 
 
@@ -138,7 +138,7 @@ def _decode_chunk(params, adapters, state, temperature, top_p, *, config, greedy
 @functools.partial(jax.jit, static_argnames=("config", "span"))
 def _continuation_scores(params, adapters, ids, positions, segments, targets, *, config, span):
     """Log-probabilities and greedy flags of the last `span` tokens of left-padded rows."""
-    hidden, _ = model.apply(config, params, ids, positions, segments, None, False, span + 1, adapters=adapters,
+    hidden, _ = model.apply(config, params, ids, positions, segments, last=span + 1, adapters=adapters,
                             method=model.Mistral.hidden_states, decoding=True)
     logits = model.logits_from_hidden(config, params, hidden[:, :-1])
     logprobs = jax.nn.log_softmax(logits, axis=-1)

@@ -373,13 +373,13 @@ def param_shapes(config: MistralConfig) -> Params:
 
 
 def apply(config: MistralConfig, params: Params, *args, adapters: Adapters | None = None, dropout_rng=None,
-          method=None, decoding: bool = False):
+          method=None, decoding: bool = False, **kwargs):
     """`Mistral.apply` with optional LoRA adapters; `dropout_rng` turns on their dropout (training);
-    `decoding`: called by eval.decode."""
+    `decoding`: called by eval.decode; `args` / `kwargs` go to `method`."""
     variables = {"params": params} if adapters is None else {"params": params, "lora": adapters.params}
     net = Mistral(config, lora=None if adapters is None else adapters.config, decoding=decoding)
     rngs = None if dropout_rng is None else {"dropout": dropout_rng}
-    return net.apply(variables, *args, rngs=rngs, method=method)
+    return net.apply(variables, *args, rngs=rngs, method=method, **kwargs)
 
 
 def forward(config: MistralConfig, params: Params, input_ids, *, positions=None, segment_ids=None,

@@ -78,10 +78,10 @@ def test_last_positions_alone_match_transformers(tmp_path, decoding):
         full = reference.model(torch.tensor(ids[1:])).last_hidden_state.numpy()[0]
     inputs = (jnp.asarray(ids, jnp.int32), jnp.asarray(pos), jnp.asarray(seg))
     for last in (1, 4):
-        plain, _ = model.apply(ours_config, params, *inputs, None, False, last, method=model.Mistral.hidden_states,
+        plain, _ = model.apply(ours_config, params, *inputs, last=last, method=model.Mistral.hidden_states,
                                decoding=decoding)
         cache = model.init_cache(ours_config, 2, seq_len + 4)
-        prefill, _ = model.apply(ours_config, params, *inputs, cache, True, last,
+        prefill, _ = model.apply(ours_config, params, *inputs, cache, empty_cache=True, last=last,
                                  method=model.Mistral.hidden_states, decoding=decoding)
         for got in (plain, prefill):
             assert got.shape == (2, last, config.hidden_size)
