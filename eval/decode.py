@@ -91,7 +91,7 @@ def _sample(logits, rng, temperature, top_p, greedy: bool):
 def _step_logits(config, params, adapters, ids, positions, segments, cache, empty_cache=False):
     """Append tokens to the cache; return logits of each row's last token and the new cache."""
     hidden, cache = model.apply(config, params, ids, positions, segments, cache, empty_cache=empty_cache, last=1,
-                                adapters=adapters, method=model.Mistral.hidden_states, decoding=True)
+                                adapters=adapters, method=model.Mistral.hidden_states)
     return model.logits_from_hidden(config, params, hidden[:, -1]), cache
 
 
@@ -99,7 +99,7 @@ def _step_logits(config, params, adapters, ids, positions, segments, cache, empt
 def _prefill(params, adapters, ids, positions, segments, rng, temperature, top_p, *, config, max_new_tokens,
              greedy):
     batch, length = ids.shape
-    cache = model.init_cache(config, batch, length + max_new_tokens)
+    cache = model.init_cache(config, batch, length + max_new_tokens, per_layer=model.is_per_layer(params))
     logits, cache = _step_logits(config, params, adapters, ids, positions, segments, cache, empty_cache=True)
     rng, sub = jax.random.split(rng)
     first = _sample(logits, sub, temperature, top_p, greedy)
@@ -139,7 +139,7 @@ def _decode_chunk(params, adapters, state, temperature, top_p, *, config, greedy
 def _continuation_scores(params, adapters, ids, positions, segments, targets, *, config, span):
     """Log-probabilities and greedy flags of the last `span` tokens of left-padded rows."""
     hidden, _ = model.apply(config, params, ids, positions, segments, last=span + 1, adapters=adapters,
-                            method=model.Mistral.hidden_states, decoding=True)
+                            method=model.Mistral.hidden_states)
     logits = model.logits_from_hidden(config, params, hidden[:, :-1])
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     chosen = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
@@ -155,11 +155,17 @@ class Generator:
     """Greedy / sampled generation and continuation scoring for one model, batch by batch."""
 
     def __init__(self, config: MistralConfig, params, *, batch_size: int = 8, mesh=None, rules: str = "fsdp",
-                 max_length: int | None = None, adapters=None):
+                 max_length: int | None = None, adapters=None, per_layer: bool | None = None):
         """`params` may hold int8 weights (`jaxtrain.quant`); `adapters` (`jaxtrain.lora.Adapters`) are
         applied unmerged. With `mesh` (params sharded on it), decoding runs under the mesh and the named
         logical-axis `rules`, as training does, so the model's sharding constraints (the KV cache's
-        included) apply."""
+        included) apply. `per_layer` (default: on XLA:CPU without a mesh) holds a copy of the weights and
+        the KV cache one buffer per layer (`jaxtrain.model.Mistral`): decode steps 1.4-1.8x faster there."""
+        if per_layer is None:
+            per_layer = model.on_xla_cpu(config) and mesh is None
+        if per_layer:
+            params = model.unstack_layers(params)
+            adapters = None if adapters is None else adapters.replace(params=model.unstack_layers(adapters.params))
         self.config, self.params, self.batch_size, self.mesh, self.rules = config, params, batch_size, mesh, rules
         self.adapters = adapters
         self.max_length = max_length or config.max_position_embeddings

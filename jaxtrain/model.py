@@ -11,6 +11,8 @@ are stored in `param_dtype` (fp32 master weights) while matmuls run in `dtype` (
 
 The same module serves training (no cache) and decoding (a KV ring buffer of all layers, see `init_cache`,
 updated in place: the layer scan carries it whole and each layer writes only its new keys and values).
+Eval's decoding on XLA:CPU instead holds weights and cache one buffer per layer (`per_layer`,
+`unstack_layers`), since XLA:CPU copies a layer's slice out of a stacked array before every matmul.
 Every projection goes through `_project`, the one place where int8 base weights (`jaxtrain.quant`) and
 low-rank adapters (`jaxtrain.lora`, a separate "lora" collection) enter.
 """
@@ -113,12 +115,15 @@ class Attention(nn.Module):
     lora: LoraConfig | None = None
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, rows: int, held=None, layer=None, cache_positions=None):
-        """Output for the last `rows` rows of x (queries of those only); keys and values of every row.
+    def __call__(self, x, positions, segment_ids, rows: int, cache=None, layer=None, cache_positions=None,
+                 write: bool = True):
+        """Output [B, rows, D] for the last `rows` rows of x (queries of those only), keys and values of all.
 
-        `held` (with `cache_positions`): the stacked cache of earlier tokens, of which this layer (index
-        `layer`) attends to its own slice. Returns (output [B, rows, D], keys, values), the caller writing
-        the keys and values into the cache."""
+        `cache` (`init_cache`'s keys and values, stacked or per layer) holds earlier tokens at
+        `cache_positions` (None while it is empty); this layer (index `layer`) reads its own part and,
+        with `write`, writes its keys and values into it. Without `write` (a decode step of the layer scan,
+        which reads the cache as a broadcast) the caller writes them after the loop.
+        Returns (output, cache, {"k": keys, "v": values})."""
         cfg = self.config
         d, h, kvh, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         first = x.shape[1] - rows
@@ -133,13 +138,23 @@ class Attention(nn.Module):
         k = rotary(k, positions, cfg.rope_theta)
 
         kv_positions, kv_segments, keys, values = positions, segment_ids, k, v
-        if cache_positions is not None:
-            # Attend over what the cache held before this step plus this step's own keys, given as two
-            # parts (the CPU decode step reads them in place; other paths concatenate them); the window
-            # mask drops whatever the ring buffer has already moved past. (A prefill into an empty cache
-            # passes no positions and attends over its own keys only: half the work, and a fused kernel.)
-            keys = (held["k"][layer], k.astype(held["k"].dtype))
-            values = (held["v"][layer], v.astype(held["v"].dtype))
+        written = False
+        if cache_positions is not None and write and x.shape[1] == 1:
+            # A one-token step over a carried cache (per layer): write the key first, then attend over
+            # the buffer. The old buffer then has one reader, the write, which XLA does in place; written
+            # after the read instead, the buffer was copied in every layer of every step. (The ring
+            # buffer's overwritten slot held position p - window, which the window mask drops anyway.)
+            cache, written = write_cache(cache, layer, k, v, positions, segment_ids), True
+            keys, values = cache["k"][layer], cache["v"][layer]
+            kv_positions = write_positions(cache_positions, positions, segment_ids)
+            kv_segments = (kv_positions >= 0).astype(jnp.int32)
+        elif cache_positions is not None:
+            # What the cache held before this step plus this step's own keys, given as two parts (the
+            # CPU decode step reads them in place; other paths concatenate them); the window mask drops
+            # whatever the ring buffer has already moved past. (A prefill into an empty cache passes no
+            # positions and attends over its own keys only: half the work, and a fused kernel.)
+            held_k, held_v = cache["k"][layer], cache["v"][layer]
+            keys, values = (held_k, k.astype(held_k.dtype)), (held_v, v.astype(held_v.dtype))
             kv_positions = jnp.concatenate([cache_positions, positions], axis=1)
             kv_segments = jnp.concatenate([(cache_positions >= 0).astype(jnp.int32), segment_ids], axis=1)
         out = attention(q, keys, values, q_positions=positions[:, first:], kv_positions=kv_positions,
@@ -147,7 +162,9 @@ class Attention(nn.Module):
                         sliding_window=cfg.sliding_window, impl=cfg.attention_impl)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         out = _project(self, "wo", "bthk,hkd->btd", out, (h, hd, d), ("heads", "head_dim", "embed"))
-        return checkpoint_name(out, ATTN_OUT), k, v
+        if cache is not None and write and not written:
+            cache = write_cache(cache, layer, k, v, positions, segment_ids)
+        return checkpoint_name(out, ATTN_OUT), cache, {"k": k, "v": v}
 
 
 class MLP(nn.Module):
@@ -177,74 +194,68 @@ class DecoderLayer(nn.Module):
 
     The carry is the hidden state and, for a prefill, the whole KV cache (None when training): a cache
     scanned in and out layer by layer would be a second, stacked copy of it; carried, XLA updates the
-    donated buffer in place. A decode step instead reads the cache as a broadcast (`step_cache`) and
-    scans out only its one new key and value per layer, written for all layers after the loop: carried
-    through a one-token step, XLA:CPU copied the whole stacked cache twice in every layer.
+    donated buffer in place. A decode step of the scan instead reads the cache as a broadcast
+    (`step_cache`) and scans out only its one new key and value per layer, written for all layers after
+    the loop: carried through a one-token step, XLA:CPU copied the whole stacked cache twice in every
+    layer. (Per-layer buffers, which no loop holds, are carried in every case: see `Attention`.)
 
-    `last`: only the last `last` rows of the final layer's output are wanted (a prefill wants one, a
-    continuation score its span). On XLA:CPU the final layer then computes queries, attention output and
-    MLP for those rows alone (its keys and values still cover every row, for the cache): a `cond` on the
-    layer index, since scanned layers share one body; a 2-layer model's 4K prefill takes half the time.
-    Not on TPU: there the `cond` in the layer loop raised a prefill's temporaries (Mistral 7B, v5e-1,
-    8 x 4096 tokens: 1.75 -> 2.59 GiB; v5e-8 at 32K: 3 GiB more than the decode chunk) to save 1/32 of
-    its FLOPs.
+    `rows`: compute the output for the last `rows` rows only (the final layer of a per-layer model when a
+    prefill wants one row or a continuation score its span; its keys and values still cover every row).
     """
 
     config: MistralConfig
     lora: LoraConfig | None = None
 
     @nn.compact
-    def __call__(self, carry, layer, positions, segment_ids, cache_positions, step_cache, last):
+    def __call__(self, carry, layer, positions, segment_ids, cache_positions, step_cache, rows=None):
         x, cache = carry
         x = checkpoint_name(x, LAYER_INPUT)
-        length = x.shape[1]
-        held = cache if step_cache is None else step_cache
-
-        def rows_out(module, x, rows):
-            """The layer's output with only the last `rows` rows computed (the rest passed through)."""
-            attn = Attention(module.config, module.lora, name="attn")
-            out, k, v = attn(RMSNorm(module.config, name="attn_norm")(x), positions, segment_ids, rows, held, layer,
-                             cache_positions)
-            y = x[:, length - rows:] + out
-            y = y + MLP(module.config, module.lora, name="mlp")(RMSNorm(module.config, name="mlp_norm")(y))
-            return (y if rows == length else x.at[:, length - rows:].set(y)), k, v
-
-        if last is None or last >= length or not on_xla_cpu(self.config):
-            x, k, v = rows_out(self, x, length)
-        else:
-            x, k, v = nn.cond(layer == self.config.num_layers - 1, functools.partial(rows_out, rows=last),
-                              functools.partial(rows_out, rows=length), self, x)
-        if cache is not None:
-            cache = write_cache(cache, layer, k, v, positions, segment_ids)
+        rows = x.shape[1] if rows is None else rows
+        out, cache, new_kv = Attention(self.config, self.lora, name="attn")(
+            RMSNorm(self.config, name="attn_norm")(x), positions, segment_ids, rows,
+            cache if step_cache is None else step_cache, layer, cache_positions, write=step_cache is None)
+        x = x[:, x.shape[1] - rows:] + out
+        x = x + MLP(self.config, self.lora, name="mlp")(RMSNorm(self.config, name="mlp_norm")(x))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        return (x, cache), None if step_cache is None else {"k": k, "v": v}
+        return (x, None if step_cache is not None else cache), None if step_cache is None else new_kv
 
 
-def scan_unroll(config: MistralConfig, decoding: bool = False) -> int:
-    """Layers per iteration of the layer scan: one (compile time independent of depth), except when
-    training a model of up to 8 layers on XLA:CPU: there the loop's stacked residuals and their zero-filled
-    buffers cost a quarter of the 2-layer demo model's step and 10% of a 111M model's (8 layers); unrolled,
-    the parameters keep their stacked layout. Decoding keeps the loop: unrolled, a decode step took 65
-    instead of 35 ms (8 layers) and 1.2 instead of 0.9 ms (2 layers)."""
-    return config.num_layers if on_xla_cpu(config) and not decoding and config.num_layers <= 8 else 1
+def scan_unroll(config: MistralConfig) -> int:
+    """Layers per iteration of the layer scan: one (compile time independent of depth), except for a
+    model of up to 8 layers on XLA:CPU: there the loop's stacked residuals and their zero-filled buffers
+    cost a quarter of the 2-layer demo model's train step and 10% of a 111M model's (8 layers); unrolled,
+    the parameters keep their stacked layout. (Eval's decoding on CPU runs `per_layer`, with no scan.)"""
+    return config.num_layers if on_xla_cpu(config) and config.num_layers <= 8 else 1
 
 
 class Mistral(nn.Module):
+    """The model; `per_layer` is the layout of eval's decoding on XLA:CPU (`eval.decode.Generator`).
+
+    `per_layer`: each layer's weights (`unstack_layers`) and KV cache (`init_cache(per_layer=True)`) are
+    buffers of their own and the layers a Python loop. Why: XLA:CPU copies a layer's slice out of a
+    stacked array before each matmul (dynamic slices in the scan, static ones unrolled alike): 0.75 GB a
+    step for the 100M bench model at batch 8 with 4K keys, whose decode step per layer takes 83 instead of
+    153 ms (25 instead of 35 at batch 1). The final layer then also computes only the rows the caller
+    keeps (`last`): half of a 2-layer model's 4K prefill. (On TPU a `cond` doing that inside the scan
+    raised a prefill's temporaries by 0.8-3 GiB to save 1/32 of its FLOPs.) Not for training: no remat.
+    """
+
     config: MistralConfig
     lora: LoraConfig | None = None   # adapters in the "lora" collection (jaxtrain.lora)
-    decoding: bool = False           # run by eval.decode (prefill, decode steps, scoring): see `scan_unroll`
+    per_layer: bool = False
 
     def setup(self):
         cfg = self.config
-        layer = DecoderLayer
-        if cfg.remat != "none":
-            layer = nn.remat(layer, policy=remat_policy(cfg.remat), prevent_cse=False,
-                             static_argnums=(7,))   # `last` (a Python int or None)
-        self.layers = nn.scan(
-            layer, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True, "dropout": True},
-            in_axes=(0,) + (nn.broadcast,) * 5, length=cfg.num_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-            unroll=scan_unroll(cfg, self.decoding))(cfg, self.lora, name="layers")
+        if self.per_layer:
+            self.layer_list = [DecoderLayer(cfg, self.lora, name=f"layers_{i}") for i in range(cfg.num_layers)]
+        else:
+            layer = DecoderLayer
+            if cfg.remat != "none":
+                layer = nn.remat(layer, policy=remat_policy(cfg.remat), prevent_cse=False)
+            self.layers = nn.scan(
+                layer, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True, "dropout": True},
+                in_axes=(0,) + (nn.broadcast,) * 4, length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"}, unroll=scan_unroll(cfg))(cfg, self.lora, name="layers")
         self.embed = self.param("embed", nn.with_logical_partitioning(init_normal, ("vocab", "embed")),
                                 (cfg.vocab_size, cfg.hidden_size), jnp.dtype(cfg.param_dtype))
         self.final_norm = RMSNorm(cfg)
@@ -258,8 +269,8 @@ class Mistral(nn.Module):
         """Final-norm hidden states [B, T, D] (and the updated cache when decoding).
 
         `empty_cache`: the cache holds nothing yet (a prefill), so there is nothing in it to attend to.
-        `last`: return only the last `last` positions [B, last, D], which the final layer then computes
-        alone (see `DecoderLayer`); the cache still gets every position's keys and values.
+        `last`: return only the last `last` positions [B, last, D] (which a `per_layer` model's final layer
+        then computes alone); the cache still gets every position's keys and values.
         """
         cfg = self.config
         x = _compute(jnp.take(on_device(self.embed), input_ids, axis=0), cfg)
@@ -270,11 +281,15 @@ class Mistral(nn.Module):
             kv = {"k": cache["k"], "v": cache["v"]}
             cache_positions = None if empty_cache else cache["positions"]
         layer_index = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-        if cache_positions is not None and input_ids.shape[1] == 1:   # a decode step
-            (x, _), step_kv = self.layers((x, None), layer_index, positions, segment_ids, cache_positions, kv, last)
+        if self.per_layer:
+            for i, layer in enumerate(self.layer_list):
+                rows = last if i == cfg.num_layers - 1 and last is not None and last < x.shape[1] else None
+                (x, kv), _ = layer((x, kv), i, positions, segment_ids, cache_positions, None, rows)
+        elif cache_positions is not None and input_ids.shape[1] == 1:   # a decode step of the scan
+            (x, _), step_kv = self.layers((x, None), layer_index, positions, segment_ids, cache_positions, kv)
             kv = write_cache(kv, slice(None), step_kv["k"], step_kv["v"], positions, segment_ids)
         else:
-            (x, kv), _ = self.layers((x, kv), layer_index, positions, segment_ids, cache_positions, None, last)
+            (x, kv), _ = self.layers((x, kv), layer_index, positions, segment_ids, cache_positions, None)
         x = self.final_norm(x if last is None else x[:, -last:])
         if cache is None:
             return x, None
@@ -295,25 +310,33 @@ class Mistral(nn.Module):
 
 # --- KV cache: a ring buffer per layer (stacked), shared slot positions --------------------------------
 
-def init_cache(config: MistralConfig, batch: int, max_len: int, dtype=None) -> dict:
+def init_cache(config: MistralConfig, batch: int, max_len: int, dtype=None, per_layer: bool = False) -> dict:
     """An empty cache holding up to `max_len` tokens, or only the sliding window when that is shorter.
 
     `positions[b, s]` is the absolute position stored in slot s (-1 when empty); a token at position p
-    lives in slot p % size, which is what makes a window-sized buffer enough for any length.
+    lives in slot p % size, which is what makes a window-sized buffer enough for any length. Keys and
+    values: one [layers, B, size, Hkv, D] array each, or with `per_layer` (for `Mistral(per_layer=True)`)
+    a tuple of [B, size, Hkv, D] buffers.
     """
     size = max_len if config.sliding_window is None else min(max_len, config.sliding_window)
     dtype = jnp.dtype(dtype or config.dtype)
-    shape = (config.num_layers, batch, size, config.num_kv_heads, config.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-            "positions": jnp.full((batch, size), -1, jnp.int32)}
+    shape = (batch, size, config.num_kv_heads, config.head_dim)
+    if per_layer:
+        k, v = (tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)) for _ in "kv")
+    else:
+        k, v = (jnp.zeros((config.num_layers,) + shape, dtype) for _ in "kv")
+    return {"k": k, "v": v, "positions": jnp.full((batch, size), -1, jnp.int32)}
 
 
 def constrain_cache(cache: dict) -> dict:
     """The cache laid out by its logical axes, the same going into a step as coming out (under a mesh),
     so that a donated cache can be updated in place rather than resharded into a new buffer."""
     kv_axes = ("layers", "batch", "length", "kv_heads", "head_dim")
-    return {"k": nn.with_logical_constraint(cache["k"], kv_axes),
-            "v": nn.with_logical_constraint(cache["v"], kv_axes),
+
+    def constrain(a):
+        return nn.with_logical_constraint(a, kv_axes[-a.ndim:])
+
+    return {"k": jax.tree.map(constrain, cache["k"]), "v": jax.tree.map(constrain, cache["v"]),
             "positions": nn.with_logical_constraint(cache["positions"], ("batch", "length"))}
 
 
@@ -333,16 +356,43 @@ def write_positions(cache_positions, positions, segment_ids):
 
 
 def write_cache(cache, layer, k, v, positions, segment_ids):
-    """The stacked cache with layer `layer`'s new keys and values scattered into their slots (in place);
-    `layer` = slice(None) writes every layer's at once (k, v: [layers, B, T, Hkv, D], a decode step's)."""
-    size = cache["k"].shape[2]
+    """The cache with layer `layer`'s new keys and values scattered into their slots (in place). Stacked,
+    `layer` = slice(None) writes every layer's at once (k, v: [layers, B, T, Hkv, D], a decode step's);
+    per layer (tuples of buffers), `layer` is a Python int and only that layer's buffers change.
+
+    A per-layer write of a single token (batch 1, one step) gets a second update that is dropped: XLA
+    turns a one-update scatter into a dynamic-update-slice, for which XLA:CPU copied the buffer (at batch
+    1 a 100M model's decode step took 42 instead of 25 ms)."""
+    size = cache["k"][0].shape[1]
     slots = _cache_slots(size, positions, segment_ids)
     rows = jnp.arange(positions.shape[0])[:, None]
-    return {"k": cache["k"].at[layer, rows, slots].set(k.astype(cache["k"].dtype), mode="drop"),
-            "v": cache["v"].at[layer, rows, slots].set(v.astype(cache["v"].dtype), mode="drop")}
+
+    def put(buffer, index, new):
+        return buffer.at[index].set(new.astype(buffer.dtype), mode="drop")
+
+    if not isinstance(cache["k"], tuple):
+        return {name: put(cache[name], (layer, rows, slots), new) for name, new in (("k", k), ("v", v))}
+    if slots.size == 1:
+        rows, slots = jnp.concatenate([rows, rows], 1), jnp.concatenate([slots, jnp.full_like(slots, size)], 1)
+        k, v = (jnp.concatenate([t, t], axis=1) for t in (k, v))
+    return {name: tuple(put(b, (rows, slots), new) if i == layer else b for i, b in enumerate(cache[name]))
+            for name, new in (("k", k), ("v", v))}
 
 
 # --- Functional API -----------------------------------------------------------------------------------
+
+def unstack_layers(tree):
+    """A parameter (or "lora") tree whose layer stack is split into one tree per layer, `layers_0` ...:
+    the layout of `Mistral(per_layer=True)` (see there why)."""
+    layers = tree["layers"]
+    count = jax.tree.leaves(layers)[0].shape[0]
+    rest = {name: value for name, value in tree.items() if name != "layers"}
+    return rest | {f"layers_{i}": jax.tree.map(lambda a, i=i: a[i], layers) for i in range(count)}
+
+
+def is_per_layer(tree) -> bool:
+    return "layers_0" in tree
+
 
 def _default_inputs(input_ids, positions, segment_ids):
     if positions is None:
@@ -373,11 +423,11 @@ def param_shapes(config: MistralConfig) -> Params:
 
 
 def apply(config: MistralConfig, params: Params, *args, adapters: Adapters | None = None, dropout_rng=None,
-          method=None, decoding: bool = False, **kwargs):
+          method=None, **kwargs):
     """`Mistral.apply` with optional LoRA adapters; `dropout_rng` turns on their dropout (training);
-    `decoding`: called by eval.decode; `args` / `kwargs` go to `method`."""
+    `args` / `kwargs` go to `method`. Parameters from `unstack_layers` run the `per_layer` model."""
     variables = {"params": params} if adapters is None else {"params": params, "lora": adapters.params}
-    net = Mistral(config, lora=None if adapters is None else adapters.config, decoding=decoding)
+    net = Mistral(config, lora=None if adapters is None else adapters.config, per_layer=is_per_layer(params))
     rngs = None if dropout_rng is None else {"dropout": dropout_rng}
     return net.apply(variables, *args, rngs=rngs, method=method, **kwargs)
 
@@ -399,4 +449,4 @@ def hidden_states(config: MistralConfig, params: Params, input_ids, *, positions
 
 
 def logits_from_hidden(config: MistralConfig, params: Params, hidden):
-    return Mistral(config).apply({"params": params}, hidden, method=Mistral.logits)
+    return Mistral(config, per_layer=is_per_layer(params)).apply({"params": params}, hidden, method=Mistral.logits)

@@ -34,16 +34,21 @@ def _hf_greedy(reference, prompt, max_new_tokens):
     return ids[:ids.index(EOS_ID)] if EOS_ID in ids else ids
 
 
-@pytest.mark.parametrize("impl", ["xla", "chunked"])
-def test_greedy_matches_transformers_including_prompts_longer_than_the_window(models, impl, monkeypatch):
-    """Both CPU attention paths of the prefill (the chunked one in blocks of 8 queries, tiles of 4 keys)
-    decode exactly like transformers; `timings` accounts for every prompt token and decode step."""
+@pytest.mark.parametrize("impl, per_layer", [("xla", False), ("chunked", False), ("auto", True)])
+def test_greedy_matches_transformers_including_prompts_longer_than_the_window(models, impl, per_layer,
+                                                                                 monkeypatch):
+    """Both CPU attention paths of the prefill (the chunked one in blocks of 8 queries, tiles of 4 keys),
+    with the stacked layer scan and with per-layer buffers ("auto" on CPU: chunked prefill from 16 tokens,
+    the one-query decode step), decode exactly like transformers; `timings` accounts for every prompt
+    token and decode step."""
     reference, config, params = models
     monkeypatch.setattr(attention, "CHUNK", 8)
     monkeypatch.setattr(attention, "KEY_CHUNK", 4)
+    monkeypatch.setattr(attention, "CHUNKED_MIN_LEN", 16)
     rng = np.random.default_rng(0)
     prompts = [[1] + rng.integers(3, 32000, size=n).tolist() for n in (3, 20, 11, 5, 30)]
     gen = Generator(config.replace(attention_impl=impl), params, batch_size=4)
+    assert model.is_per_layer(gen.params) == per_layer
     ours = gen.generate(prompts, max_new_tokens=12, progress=False)
     for prompt, got in zip(prompts, ours):
         assert len(got.token_ids) == 12, "the test needs rows that run to the token limit"
@@ -51,6 +56,18 @@ def test_greedy_matches_transformers_including_prompts_longer_than_the_window(mo
     assert gen.timings.prompt_tokens == sum(map(len, prompts))
     assert gen.timings.decode_steps == 2 * 11   # two batches, 11 steps after the prefill's token
     assert gen.timings.prefill_s > 0 and gen.timings.decode_s > 0
+
+
+def test_batch_of_one_decodes_like_transformers(models):
+    """At batch 1 each per-layer cache write is a one-token scatter, which `write_cache` pads with an
+    update that is dropped (see there): the dropped one must never land in the cache."""
+    reference, config, params = models
+    rng = np.random.default_rng(2)
+    prompts = [[1] + rng.integers(3, 32000, size=n).tolist() for n in (4, 13)]
+    gen = Generator(config, params, batch_size=1)
+    assert model.is_per_layer(gen.params)
+    for prompt, got in zip(prompts, gen.generate(prompts, max_new_tokens=10, progress=False)):
+        assert got.token_ids == _hf_greedy(reference, prompt, 10)
 
 
 def test_sharded_generator_decodes_like_transformers(models):

@@ -59,14 +59,16 @@ def test_right_padded_batch_matches_unpadded_reference(tmp_path):
         np.testing.assert_allclose(got[row, :n], alone, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("decoding", [False, True])   # on CPU: the layers unrolled, and a real layer loop
-def test_last_positions_alone_match_transformers(tmp_path, decoding):
-    """`hidden_states(last=n)`, whose final layer computes only those rows (generation and scoring ask for
-    1 or a continuation's span), equals transformers' last n final-norm hidden states, in a plain
-    forward and in a prefill that fills the cache, for a left-padded batch."""
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_last_positions_alone_match_transformers(tmp_path, per_layer):
+    """`hidden_states(last=n)` (generation and scoring ask for 1 or a continuation's span; a per-layer
+    model's final layer computes only those rows) equals transformers' last n final-norm hidden states, in
+    a plain forward and in a prefill that fills the cache, for a left-padded batch."""
     config = tiny_config(num_kv_heads=2, num_layers=3)
     reference, ours_config, params = _load_both(tmp_path, config)
-    assert model.on_xla_cpu(ours_config) and model.scan_unroll(ours_config, decoding) == (1 if decoding else 3)
+    if per_layer:
+        params = model.unstack_layers(params)
+        assert sorted(k for k in params if k.startswith("layers")) == ["layers_0", "layers_1", "layers_2"]
     rng = np.random.default_rng(6)
     pad, seq_len = 5, 19
     ids = rng.integers(3, config.vocab_size, size=(2, seq_len))
@@ -78,11 +80,10 @@ def test_last_positions_alone_match_transformers(tmp_path, decoding):
         full = reference.model(torch.tensor(ids[1:])).last_hidden_state.numpy()[0]
     inputs = (jnp.asarray(ids, jnp.int32), jnp.asarray(pos), jnp.asarray(seg))
     for last in (1, 4):
-        plain, _ = model.apply(ours_config, params, *inputs, last=last, method=model.Mistral.hidden_states,
-                               decoding=decoding)
-        cache = model.init_cache(ours_config, 2, seq_len + 4)
+        plain, _ = model.apply(ours_config, params, *inputs, last=last, method=model.Mistral.hidden_states)
+        cache = model.init_cache(ours_config, 2, seq_len + 4, per_layer=per_layer)
         prefill, _ = model.apply(ours_config, params, *inputs, cache, empty_cache=True, last=last,
-                                 method=model.Mistral.hidden_states, decoding=decoding)
+                                 method=model.Mistral.hidden_states)
         for got in (plain, prefill):
             assert got.shape == (2, last, config.hidden_size)
             np.testing.assert_allclose(got[0], short[-last:], atol=1e-4, rtol=0)
