@@ -217,7 +217,9 @@ class DecoderLayer(nn.Module):
         x = x[:, x.shape[1] - rows:] + out
         x = x + MLP(self.config, self.lora, name="mlp")(RMSNorm(self.config, name="mlp_norm")(x))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        return (x, None if step_cache is not None else cache), None if step_cache is None else new_kv
+        if step_cache is not None:   # the new keys and values leave the scan; the caller writes them
+            return (x, None), new_kv
+        return (x, cache), None
 
 
 def scan_unroll(config: MistralConfig) -> int:
