@@ -210,7 +210,7 @@ class DecoderLayer(nn.Module):
     def __call__(self, carry, layer, positions, segment_ids, cache_positions, step_cache, rows=None):
         x, cache = carry
         x = checkpoint_name(x, LAYER_INPUT)
-        rows = x.shape[1] if rows is None else rows
+        rows = x.shape[1] if rows is None else min(rows, x.shape[1])
         out, cache, new_kv = Attention(self.config, self.lora, name="attn")(
             RMSNorm(self.config, name="attn_norm")(x), positions, segment_ids, rows,
             cache if step_cache is None else step_cache, layer, cache_positions, write=step_cache is None)
@@ -285,7 +285,7 @@ class Mistral(nn.Module):
         layer_index = jnp.arange(cfg.num_layers, dtype=jnp.int32)
         if self.per_layer:
             for i, layer in enumerate(self.layer_list):
-                rows = last if i == cfg.num_layers - 1 and last is not None and last < x.shape[1] else None
+                rows = last if i == cfg.num_layers - 1 else None
                 (x, kv), _ = layer((x, kv), i, positions, segment_ids, cache_positions, None, rows)
         elif cache_positions is not None and input_ids.shape[1] == 1:   # a decode step of the scan
             (x, _), step_kv = self.layers((x, None), layer_index, positions, segment_ids, cache_positions, kv)
