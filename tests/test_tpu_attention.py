@@ -104,6 +104,9 @@ CHUNKED_CASES = {  # (seq_len, heads, kv_heads, window, query chunk, key tile, l
     "left padding, GQA 4, window 1": (130, 8, 2, 1, 64, 16, "left"),
     "one block, window beyond T": (96, 4, 2, 4096, 128, 512, "packed"),
     "left padding, GQA 2, no window, tiles seen whole (unmasked)": (300, 4, 2, None, 64, 16, "left"),
+    "long left padding: tiles of padding skipped, tiles into it masked per key": (300, 4, 2, None, 32, 16,
+                                                                               "long left"),
+    "long left padding, window 40": (300, 4, 2, 40, 32, 16, "long left"),
 }
 
 
@@ -114,6 +117,8 @@ def test_chunked_matches_xla_forward_and_gradients(case):
     q, k, v, seg, pos = _inputs(seed=2, seq_len=seq_len, heads=heads, kv_heads=kv_heads, head_dim=16)
     if layout == "left":
         seg, pos = _left_padded(seq_len, [seq_len // 3, 0])
+    if layout == "long left":   # both rows: whole tiles of padding, before and after tiles that start in it
+        seg, pos = _left_padded(seq_len, [seq_len * 2 // 3 + 5, seq_len // 2 + 3])
     chunked = lambda q, k, v: A.chunked_attention(q, k, v, pos, pos, seg, seg, window, chunk=chunk,
                                                       key_chunk=key_chunk)
     xla = lambda q, k, v: _xla(q, k, v, seg, pos, window)
