@@ -8,7 +8,11 @@ keeps the fastest of `--repeats` runs of each. PyTorch runs with 1 thread and wi
 phase keeps its faster setting: on a busy machine its multi-threaded CPU kernels stall on descheduled
 threads (measured: 1 thread was 2-8x faster with two other jobs on the two cores).
 
-    python -m bench.decode [--config mistral-100m] [--repeats 3] [--batches 1 8]
+    python -m bench.decode [--config mistral-100m] [--repeats 3] [--batches 1 8] [--prompt-tokens 2100]
+
+`--prompt-tokens N` cuts the prompt to its first N tokens: our generator pads a prompt to its
+power-of-two bucket (2100 tokens -> 4096) and transformers does not, so this measures what the padding
+costs us.
 """
 
 from __future__ import annotations
@@ -60,9 +64,14 @@ def main():
     parser.add_argument("--config", default="tiny", choices=list(CONFIGS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--prompt-tokens", type=int, default=None, help="cut the prompt to this many tokens")
     args = parser.parse_args()
     config = CONFIGS[args.config]
     prompt = kv_prompt()
+    if args.prompt_tokens is not None:
+        if not 1 <= args.prompt_tokens <= len(prompt):
+            parser.error(f"--prompt-tokens must be between 1 and the prompt's {len(prompt)} tokens")
+        prompt = prompt[:args.prompt_tokens]
     torch.manual_seed(0)
     reference = transformers.MistralForCausalLM(transformers.MistralConfig(**config.to_hf_dict("float32"))).eval()
     reference.config._attn_implementation = "sdpa"
@@ -106,7 +115,12 @@ def main():
         ours_row, theirs_row = rows[-2], rows[-1]
         for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
             ours_row[key.replace("tokens_per_s", "vs_transformers")] = round(ours_row[key] / theirs_row[key], 2)
-    record(f"decode_{args.config}", f"python -m bench.decode --config {args.config} --repeats {args.repeats}", rows,
+    name, command = f"decode_{args.config}", f"python -m bench.decode --config {args.config} --repeats {args.repeats}"
+    if args.batches != [1, 8]:
+        command += " --batches " + " ".join(map(str, args.batches))
+    if args.prompt_tokens is not None:
+        name, command = f"{name}_{args.prompt_tokens}tok", f"{command} --prompt-tokens {args.prompt_tokens}"
+    record(name, command, rows,
            ["batch", "impl", "prompt_tokens", "prefill_tokens_per_s", "prefill_vs_transformers",
             "decode_tokens_per_s", "decode_vs_transformers"])
 
