@@ -22,7 +22,7 @@ IMPLEMENTATIONS = ("auto", "xla", "chunked", "splash", "cudnn")
 CHUNK = 512                 # queries per block of the chunked path
 KEY_CHUNK = 512             # keys per tile of the chunked path
 CHUNKED_MIN_LEN = 256      # "auto" on CPU chunks self-attention from this length on
-SKIP, NONE, KEYS, FULL = range(4)   # the masks a tile of the chunked path can need (`tile_mask`)
+SKIP, WHOLE, KEYS, FULL = range(4)   # the masks a tile of the chunked path can need (`tile_mask`)
 
 
 def attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids, sliding_window):
@@ -193,7 +193,7 @@ def _chunked_attention(q, k, v, q_positions, kv_positions, q_segment_ids, kv_seg
             kt = jax.lax.dynamic_slice_in_dim(k, key_start, size, axis=2)
             scores = jnp.einsum("bkqd,bksd->bkqs", qb, kt, preferred_element_type=jnp.float32)
             scores = scores.reshape(batch, num_kv_heads, rows, group, size)
-            if mask == NONE:
+            if mask == WHOLE:
                 return scores
             kt_pos, kt_seg = (jax.lax.dynamic_slice_in_dim(x, key_start, size, axis=1)[:, None, :]
                               for x in (kv_pos, kv_seg))
@@ -212,7 +212,7 @@ def _chunked_attention(q, k, v, q_positions, kv_positions, q_segment_ids, kv_seg
             """The mask the tile needs, the cheapest that is exact (in every row of the batch). When every
             query of the block is in one segment and each key of that segment is behind all of them and
             inside all their windows, a key is visible iff it is in the segment: no key is (SKIP: e.g.
-            a tile of left padding), every key is (NONE), or a per-key mask does (KEYS: a tile that
+            a tile of left padding), every key is (WHOLE), or a per-key mask does (KEYS: a tile that
             starts in the padding). Otherwise the full position rule (FULL: the diagonal, window edges,
             packed rows)."""
             kt_pos, kt_seg = (jax.lax.dynamic_slice_in_dim(x, key_start, tile, axis=1) for x in (kv_pos, kv_seg))
@@ -221,7 +221,7 @@ def _chunked_attention(q, k, v, q_positions, kv_positions, q_segment_ids, kv_seg
             simple = ((qb_seg[:, :, 0] == seg).all() & (jnp.where(ours, kt_pos, -jnp.inf).max() <= qb_pos.min()))
             if sliding_window is not None:
                 simple &= qb_pos.max() - jnp.where(ours, kt_pos, jnp.inf).min() < sliding_window
-            kind = jnp.where(ours.all(), NONE, jnp.where(ours.any(), KEYS, SKIP))
+            kind = jnp.where(ours.all(), WHOLE, jnp.where(ours.any(), KEYS, SKIP))
             return jnp.where(simple, kind, FULL)
 
         def weighted_values(weights, key_start, rows=rows):
@@ -243,7 +243,7 @@ def _chunked_attention(q, k, v, q_positions, kv_positions, q_segment_ids, kv_seg
         def visit_tile(carry, key_start):
             if not skip_masks:
                 return visit(carry, key_start), None
-            branches = [lambda carry, _: carry] + [functools.partial(visit, mask=m) for m in (NONE, KEYS, FULL)]
+            branches = [lambda carry, _: carry] + [functools.partial(visit, mask=m) for m in (WHOLE, KEYS, FULL)]
             return jax.lax.switch(tile_mask(key_start), branches, carry, key_start), None
 
         if tiles == 1:   # e.g. every block of a short training row: a plain softmax over exactly its keys
