@@ -116,7 +116,7 @@ def main():
         for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
             ours_row[key.replace("tokens_per_s", "vs_transformers")] = round(ours_row[key] / theirs_row[key], 2)
     name, command = f"decode_{args.config}", f"python -m bench.decode --config {args.config} --repeats {args.repeats}"
-    if args.batches != [1, 8]:
+    if args.batches != parser.get_default("batches"):
         command += " --batches " + " ".join(map(str, args.batches))
     if args.prompt_tokens is not None:
         name, command = f"{name}_{args.prompt_tokens}tok", f"{command} --prompt-tokens {args.prompt_tokens}"
