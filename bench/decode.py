@@ -10,9 +10,9 @@ threads (measured: 1 thread was 2-8x faster with two other jobs on the two cores
 
     python -m bench.decode [--config mistral-100m] [--repeats 3] [--batches 1 8] [--prompt-tokens 2100]
 
-`--prompt-tokens N` cuts the prompt to its first N tokens: our generator pads a prompt to its
-power-of-two bucket (2100 tokens -> 4096) and transformers does not, so this measures what the padding
-costs us.
+`--prompt-tokens N` cuts the prompt to its first N tokens: our generator pads a prompt to its length
+bucket (`eval.decode.bucket_length`: 2100 tokens -> 2560) and transformers does not, so this measures what
+the padding costs us.
 """
 
 from __future__ import annotations

@@ -70,6 +70,18 @@ def test_batch_of_one_decodes_like_transformers(models):
         assert got.token_ids == _hf_greedy(reference, prompt, 10)
 
 
+def test_prompt_in_a_quarter_step_bucket_decodes_like_transformers(models):
+    """A 1100-token prompt is padded to 1280 (not 2048), which the CPU prefill splits into query blocks of
+    512, 512 and 256; it and a short row in the same batch decode as transformers does."""
+    reference, config, params = models
+    rng = np.random.default_rng(5)
+    prompts = [[1] + rng.integers(3, 32000, size=n).tolist() for n in (1099, 40)]
+    assert bucket_length(len(prompts[0])) == 1280
+    gen = Generator(config, params, batch_size=2, max_length=2048)   # the test config says 512
+    for prompt, got in zip(prompts, gen.generate(prompts, max_new_tokens=6, progress=False)):
+        assert got.token_ids == _hf_greedy(reference, prompt, 6), f"prompt of {len(prompt)} tokens"
+
+
 def test_sharded_generator_decodes_like_transformers(models):
     """Parameters split fsdp-wise over 8 CPU devices and decoding under the mesh and its rules (what
     `eval --shard` runs, KV cache sharding constraints included): the same tokens as transformers."""
@@ -135,12 +147,21 @@ def test_bad_requests_are_refused(models):
         gen.generate([[1, 2], [1] * 70], max_new_tokens=4, progress=False)
     with pytest.raises(ValueError, match="empty continuation"):
         gen.loglikelihood([([1, 2], [])], progress=False)
-    assert bucket_length(33) == 64 and bucket_length(1) == 32
+
+
+def test_bucket_ladder():
+    # powers of two up to 1024 tokens (at least 32), then quarter steps of each doubling
+    assert [bucket_length(n) for n in (1, 32, 33, 1000, 1024)] == [32, 32, 64, 1024, 1024]
+    assert [bucket_length(n) for n in (1025, 1281, 1537, 1793, 2049, 2100, 3585, 3885, 4097)] == \
+        [1280, 1536, 1792, 2048, 2560, 2560, 4096, 4096, 5120]
+    assert bucket_length(20_000) == 20_480 and bucket_length(24_577) == 28_672
+    assert bucket_length(1, minimum=1) == 1 and bucket_length(3, minimum=1) == 4
 
 
 def test_prompt_bucket_keeps_long_prompts_on_the_kernel_tile():
     from eval.decode import prompt_bucket
 
-    assert prompt_bucket(100, 4000) == 128                 # power-of-two buckets
-    assert prompt_bucket(20_000, 32_768 - 100) == 32_640   # capped: 32,668 rounded down to 128s
+    assert prompt_bucket(100, 4000) == 128
+    assert prompt_bucket(20_000, 32_768 - 100) == 20_480
+    assert prompt_bucket(30_000, 32_768 - 100) == 32_640   # capped: 32,668 rounded down to 128s
     assert prompt_bucket(32_650, 32_768 - 100) == 32_650   # never shorter than the prompt
