@@ -131,11 +131,11 @@ def chunked_attention(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segm
     whole (one segment, behind the diagonal, inside the window: most tiles of a long row; a pass over
     its scores saved, 4096 tokens 10-15% faster), one bias per key when its only invisible keys are
     another segment's (a tile that starts in a prompt's left padding), and no visit at all when none of
-    its keys is visible (a tile of padding seen from the prompt: a 2100-token prompt in its 4096 bucket
-    takes ~30% less attention time). Same numerics as `xla_attention` up to rounding (float32 scores and
-    softmax; a query with no visible key gets zeros). Differentiable (CPU training uses it):
-    differentiated, every tile takes the full mask, since a `lax.switch` keeps every branch's residuals
-    for the backward pass (~10% slower).
+    its keys is visible (a tile of padding seen from the prompt: a 4096-token row with 1996 tokens of
+    left padding takes ~30% less attention time). Same numerics as `xla_attention` up to rounding
+    (float32 scores and softmax; a query with no visible key gets zeros). Differentiable (CPU training
+    uses it): differentiated, every tile takes the full mask, since a `lax.switch` keeps every branch's
+    residuals for the backward pass (~10% slower).
     `chunk` / `key_chunk` default to the module's `CHUNK` / `KEY_CHUNK`.
     """
     return _chunked(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, sliding_window, chunk,
