@@ -18,7 +18,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	rm -rf demo_out
-	JAX_PLATFORMS=cpu $(BIN)/python -m jaxtrain.demo --out demo_out
+	JAX_PLATFORMS=cpu $(BIN)/python -m eval.demo --out demo_out
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

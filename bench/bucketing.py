@@ -22,7 +22,7 @@ import numpy as np
 
 from bench.common import record
 from data_gen.tasks import PRESETS, generate
-from jaxtrain.batches import BatchConfig, BucketedBatches
+from jaxtrain.batches import MODEL_INPUT_KEYS, BatchConfig, BucketedBatches
 from jaxtrain.config import MistralConfig
 from jaxtrain.sharding import MeshConfig, make_mesh, rules_for
 from jaxtrain.train import OptimizerConfig, TrainConfig, init_state, make_optimizer, make_train_step
@@ -50,7 +50,7 @@ def epoch(path: str, config: MistralConfig) -> dict:
     for batch in batches:
         lengths.add(int(batch["bucket_len"]))
         real += int(np.asarray(batch["segment_ids"]).sum())
-        inputs = {k: batch[k] for k in ("input_ids", "loss_mask", "segment_ids", "positions")}
+        inputs = {k: batch[k] for k in MODEL_INPUT_KEYS}
         state, metrics = fns.step(state, inputs)
         jax.block_until_ready(metrics)
     seconds = time.perf_counter() - start

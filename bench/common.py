@@ -50,6 +50,7 @@ def train_step_seconds(config, batch: dict, answer_only: bool, repeats: int) -> 
     import jax
     import numpy as np
 
+    from jaxtrain.batches import MODEL_INPUT_KEYS
     from jaxtrain.sharding import MeshConfig, make_mesh, rules_for
     from jaxtrain.train import OptimizerConfig, TrainConfig, init_state, make_optimizer, make_train_step
 
@@ -59,8 +60,7 @@ def train_step_seconds(config, batch: dict, answer_only: bool, repeats: int) -> 
     answer_tokens = None if answer_tokens is None else -(-answer_tokens // 8) * 8
     fns = make_train_step(config, optimizer, schedule, mesh, rules_for("fsdp"), max_loss_tokens=answer_tokens)
     state = init_state(config, TrainConfig(data="", out=""), fns)
-    inputs = {k: jax.device_put(batch[k], fns.batch_sharding)
-              for k in ("input_ids", "loss_mask", "segment_ids", "positions")}
+    inputs = {k: jax.device_put(batch[k], fns.batch_sharding) for k in MODEL_INPUT_KEYS}
     holder = {"state": state}
 
     def step():

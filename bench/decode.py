@@ -11,7 +11,7 @@ threads (measured: 1 thread was 2-8x faster with two other jobs on the two cores
     python -m bench.decode [--config mistral-100m] [--repeats 3] [--batches 1 8] [--prompt-tokens 2100]
 
 `--prompt-tokens N` cuts the prompt to its first N tokens: our generator pads a prompt to its length
-bucket (`eval.decode.bucket_length`: 2100 tokens -> 2560) and transformers does not, so this measures what
+bucket (`jaxtrain.generate.bucket_length`: 2100 tokens -> 2560) and transformers does not, so this measures what
 the padding costs us.
 """
 
@@ -34,7 +34,7 @@ from bench.common import record
 from bench.train_step import CONFIGS
 from data_gen.chat import encode_prompt
 from data_gen.tasks import PRESETS, generate_split
-from eval.decode import Generator
+from jaxtrain.generate import Generator
 from jaxtrain import model
 
 NEW_TOKENS = 32

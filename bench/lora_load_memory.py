@@ -1,5 +1,5 @@
 """Peak host memory of loading a Hugging Face Mistral folder: bf16 (`hf_io.load_pretrained`) vs int8
-(`quant.load_quantized`, quantising tensor by tensor). Each load runs in a fresh process; the figure is
+(`hf_io.load_quantized`, quantising tensor by tensor). Each load runs in a fresh process; the figure is
 its peak resident set (VmHWM) minus the same process's baseline after imports.
 
     python bench/lora_load_memory.py                       # a synthetic 1.1 GB (bf16) Mistral, written once
@@ -22,13 +22,13 @@ CHILD = r"""
 import json, sys, time
 import jax
 from jaxtrain import quant
-from jaxtrain.hf_io import load_pretrained
+from jaxtrain.hf_io import load_pretrained, load_quantized
 def hwm():  # peak resident set of this process in KiB (ru_maxrss would include the parent's, inherited)
     return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
 base = hwm()
 t = time.perf_counter()
 if sys.argv[2] == "int8":
-    _, params = quant.load_quantized(sys.argv[1])
+    _, params = load_quantized(sys.argv[1])
 else:
     _, params = load_pretrained(sys.argv[1], dtype="bfloat16")
 jax.block_until_ready(params)

@@ -16,8 +16,10 @@ from typing import Any
 
 from eval import results as results_io
 from eval.datafiles import DataError
-from eval.model_io import BaseDtype
-from jaxtrain.sharding import MeshConfig
+from eval.model_io import load_model
+from jaxtrain.generate import Generator
+from jaxtrain.lora import BaseDtype
+from jaxtrain.sharding import MeshConfig, make_mesh, maybe_initialize_distributed
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -42,7 +44,7 @@ class CommonArgs:
     """Base model (Hugging Face folder) of a PEFT adapter folder given as --model; for a LoRA run, where its
     base is now if it moved (it must hash to the sha256 the run recorded)."""
     base_dtype: BaseDtype | None = None
-    """Base weights as int8 (weight-only, per-output-channel scales: a 7B base on one 16 GiB chip), bf16 or
+    """Base weights as int8 (weight-only, per-output-channel scales: a 7B base on one 16 GiB chip), bfloat16 or
     float32; replaces --dtype (default: a LoRA run's training dtype, else as --dtype)."""
     compute_dtype: str | None = None
     """Dtype of activations and matmuls, e.g. float32 for exact comparisons (default: the model's own:
@@ -113,16 +115,11 @@ def run_task(task: Task, args: CommonArgs) -> dict:
     if data.num_examples == 0:
         raise DataError(f"{task.name}: no examples to evaluate (check --data-file/--data-dir/--limit)")
 
-    from eval.decode import Generator
-    from eval.model_io import load_model
-    from jaxtrain.sharding import maybe_initialize_distributed
 
     maybe_initialize_distributed()  # every host of a pod runs the same command; JAX must know them all
     t0 = time.perf_counter()
     mesh = None
     if args.shard:
-        from jaxtrain.sharding import make_mesh
-
         try:
             mesh = make_mesh(args.mesh)
         except ValueError as e:

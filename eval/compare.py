@@ -13,6 +13,7 @@ from pathlib import Path
 
 import tyro
 
+from eval import plots
 from eval.datafiles import DataError
 from eval.results import load_results
 
@@ -189,8 +190,6 @@ def compare(args: CompareArgs) -> str:
 def write_plots(runs: list[dict], out: Path) -> list[Path]:
     """mdqa_compare.png (one per document count, mdqa_compare_<N>docs.png, when there are several) and
     flenqa_compare.png, overlaying every run of the task."""
-    from eval.plots import plot_flenqa, plot_mdqa
-
     paths = []
     mdqa_groups: dict[str, list[dict]] = {}
     for r in runs:
@@ -198,8 +197,8 @@ def write_plots(runs: list[dict], out: Path) -> list[Path]:
             mdqa_groups.setdefault(task_key(r), []).append(r)
     for key, group in mdqa_groups.items():
         name = "mdqa_compare.png" if len(mdqa_groups) == 1 else f"mdqa_compare_{_doc_count(key)}docs.png"
-        paths.append(plot_mdqa(group, out / name))
+        paths.append(plots.plot_mdqa(group, out / name))
     flenqa_runs = [r for r in runs if r["task"] == "flenqa"]
     if flenqa_runs:
-        paths.append(plot_flenqa(flenqa_runs, out / "flenqa_compare.png"))
+        paths.append(plots.plot_flenqa(flenqa_runs, out / "flenqa_compare.png"))
     return paths

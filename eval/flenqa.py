@@ -14,10 +14,13 @@ import string
 from collections.abc import Sequence
 from pathlib import Path
 
+from data_gen.chat import encode_prompt
 from eval import metrics as M
 from eval.common import CommonArgs, Evaluation, LoadedData, Task, check_source_args, limited
 from eval.datafiles import DataError, get_int, get_str, iter_jsonl
+from eval.plots import plot_flenqa
 from eval.results import file_source
+from jaxtrain.generate import encode_text
 
 DATASETS = ("PIR", "MonoRel", "Simplified RuleTaker")
 TRUE, FALSE, REFUSED = "true", "false", "other/refused"
@@ -240,9 +243,6 @@ def _by(scored, key) -> dict[str, list]:
 
 
 def evaluate(args: FlenqaArgs, data: LoadedData, generator) -> Evaluation:
-    from data_gen.chat import encode_prompt
-    from eval.tokens import encode_text
-
     max_new = args.max_new_tokens or (400 if args.cot else 100)
     rows: list[FlenqaRow] = data.examples
     # The prompt goes as it is, trailing newline included: mistral_common encodes a user message unstripped.
@@ -283,8 +283,6 @@ def token_stats(lengths: Sequence[int]) -> dict:
 
 
 def write_plot(results: dict, out: Path) -> None:
-    from eval.plots import plot_flenqa
-
     plot_flenqa([results], Path(out) / "flenqa_accuracy.png")
 
 

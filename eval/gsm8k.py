@@ -14,6 +14,7 @@ from eval import metrics as M
 from eval.common import CommonArgs, Evaluation, LoadedData, Task, check_source_args, limited
 from eval.datafiles import DataError, find_file, get_str, iter_jsonl
 from eval.results import file_source
+from jaxtrain.generate import encode_generation_prompt
 
 STOP_STRINGS = ("Question:", "</s>", "<|im_end|>")
 TEST_FILES = ["test.jsonl", "gsm8k_test.jsonl"]
@@ -104,8 +105,6 @@ def load(args: Gsm8kArgs) -> LoadedData:
 
 
 def evaluate(args: Gsm8kArgs, data: LoadedData, generator) -> Evaluation:
-    from eval.tokens import encode_generation_prompt
-
     gsm: Gsm8kData = data.examples
     prompts = [encode_generation_prompt(build_prompt(ex.question, gsm.shots), chat=args.chat_template)
                for ex in gsm.test]

@@ -15,6 +15,7 @@ from eval import metrics as M
 from eval.common import CommonArgs, Evaluation, LoadedData, Task, check_source_args, limited
 from eval.datafiles import DataError, find_file, get_int, get_str, get_str_list, iter_jsonl, open_text
 from eval.results import file_source
+from jaxtrain.generate import encode_chat_pair, encode_pair
 
 _SENTENCE_END = re.compile(r"[.!?]\s+")
 
@@ -127,8 +128,6 @@ def load(args: HellaswagArgs) -> LoadedData:
 
 
 def evaluate(args: HellaswagArgs, data: LoadedData, generator) -> Evaluation:
-    from eval.tokens import encode_chat_pair, encode_pair
-
     encode = encode_chat_pair if args.chat_template else encode_pair
     requests = [encode(ex.query, f" {c}") for ex in data.examples for c in ex.choices]
     lls = generator.loglikelihood(requests, progress=args.progress)

@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import json
 import random
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -21,33 +20,18 @@ import tyro
 
 from eval import metrics as M
 from eval.common import CommonArgs, Evaluation, LoadedData, Task, check_source_args, limited
-from eval.datafiles import DataError, get_str, get_str_list, iter_jsonl
+from eval.datafiles import DataError, get_str, iter_jsonl
+from eval.flenqa import token_stats
+from eval.plots import plot_mdqa
+from eval.readers import (ORACLE_FILES, Document, MdqaExample, find_oracle_file, find_position_files, parse_passages,
+                          parse_position_file_name, read_mdqa_file)
 from eval.results import file_source
+from jaxtrain.generate import encode_generation_prompt
 
 INSTRUCTION = ("Write a high-quality answer for the given question using only the provided search results "
                "(some of which might be irrelevant).")
-_POSITION_FILE = re.compile(r"^nq-open-(\d+)_total_documents_gold_at_(\d+)\.jsonl(\.gz)?$")
-_ORACLE_FILES = ("nq-open-oracle.jsonl.gz", "nq-open-oracle.jsonl")
 ORACLE = "oracle"
 CLOSED_BOOK = "closedbook"
-
-
-@dataclasses.dataclass(frozen=True)
-class Document:
-    title: str
-    text: str
-    isgold: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
-class MdqaExample:
-    index: int
-    """0-based position of the question in its file (the same question has the same index in every file)."""
-    question: str
-    answers: tuple[str, ...]
-    documents: tuple[Document, ...]
-    gold_index: int
-    """0-based position of the gold document in `documents`."""
 
 
 def format_document(number: int, doc: Document) -> str:
@@ -59,88 +43,6 @@ def prompt_text(question: str, documents: tuple[Document, ...] | list[Document])
     """The user message: instruction, documents (one per line), question, "Answer:"."""
     search_results = "\n".join(format_document(i, d) for i, d in enumerate(documents, start=1))
     return f"{INSTRUCTION}\n\n{search_results}\n\nQuestion: {question}\nAnswer:"
-
-
-def _parse_passages(ctxs, where: str, flag: str, default: bool | None = None) -> list[tuple[Document, bool]]:
-    """(passage, its boolean field `flag`) for each entry of a 'ctxs' list; `default`: the flag's value
-    when the field is absent (None: required)."""
-    if not isinstance(ctxs, list):
-        raise DataError(f"{where}: field 'ctxs' must be a list of passages")
-    passages = []
-    for i, ctx in enumerate(ctxs):
-        w = f"{where}: ctxs[{i}]"
-        if not isinstance(ctx, dict):
-            raise DataError(f"{w} must be an object with 'title', 'text' and '{flag}'")
-        value = ctx.get(flag, default)
-        if not isinstance(value, bool):
-            raise DataError(f"{w}: field '{flag}' must be true or false, got {value!r}")
-        passages.append((Document(get_str(ctx, "title", w, allow_empty=True), get_str(ctx, "text", w)), value))
-    return passages
-
-
-def _parse_documents(ctxs, where: str) -> tuple[Document, ...]:
-    if not ctxs:
-        raise DataError(f"{where}: field 'ctxs' must be a non-empty list of documents")
-    passages = _parse_passages(ctxs, where, "isgold", False)
-    return tuple(dataclasses.replace(doc, isgold=isgold) for doc, isgold in passages)
-
-
-def parse_position_file_name(path: Path) -> tuple[int, int] | None:
-    """(total documents, 0-based gold position) from a release file name, or None for other names."""
-    m = _POSITION_FILE.match(Path(path).name)
-    return (int(m.group(1)), int(m.group(2))) if m else None
-
-
-def read_mdqa_file(path: Path) -> list[MdqaExample]:
-    """Every question of one release file. Exactly one document must be gold; for position files its
-    position and the document count must match the file name."""
-    path = Path(path)
-    expected = parse_position_file_name(path)
-    examples = []
-    for lineno, obj in iter_jsonl(path):
-        where = f"{path}:{lineno}"
-        question = get_str(obj, "question", where)
-        answers = tuple(get_str_list(obj, "answers", where))
-        if "ctxs" not in obj:
-            raise DataError(f"{where}: missing field 'ctxs' (fields present: {sorted(obj)})")
-        docs = _parse_documents(obj["ctxs"], where)
-        gold = [i for i, d in enumerate(docs) if d.isgold]
-        if len(gold) != 1:
-            raise DataError(f"{where}: expected exactly one document with isgold=true, found {len(gold)}")
-        if expected is not None:
-            total, position = expected
-            if len(docs) != total:
-                raise DataError(f"{where}: {len(docs)} documents, but the file name says {total}")
-            if gold[0] != position:
-                raise DataError(f"{where}: gold document at 0-based position {gold[0]}, "
-                                f"but the file name says {position}")
-        examples.append(MdqaExample(len(examples), question, answers, docs, gold[0]))
-    return examples
-
-
-def find_position_files(data_dir: Path, num_documents: int) -> dict[int, Path]:
-    """{0-based gold position: file} for all `nq-open-<num_documents>_total_documents_gold_at_*` files."""
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise DataError(f"{data_dir}: not a directory")
-    files = {}
-    for path in sorted(data_dir.iterdir()):
-        parsed = parse_position_file_name(path)
-        if parsed is not None and parsed[0] == num_documents:
-            if parsed[1] in files:
-                raise DataError(f"{data_dir}: two files for gold position {parsed[1]}: "
-                                f"{files[parsed[1]].name}, {path.name}")
-            files[parsed[1]] = path
-    if not files:
-        raise DataError(f"{data_dir}: no nq-open-{num_documents}_total_documents_gold_at_<k>.jsonl[.gz] files")
-    return dict(sorted(files.items()))
-
-
-def find_oracle_file(data_dir: Path) -> Path | None:
-    for name in _ORACLE_FILES:
-        if (Path(data_dir) / name).is_file():
-            return Path(data_dir) / name
-    return None
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -217,6 +119,7 @@ def default_positions(num_documents: int) -> list[int]:
 
 
 # --- building prompts of any document count and gold position -------------------------------------------
+
 def read_retrieval_file(path: Path, questions: set[str]) -> dict[str, list[Document]]:
     """{question: its retrieved passages without an answer (hasanswer=false), in rank order} for the
     given questions, from a Lost-in-the-Middle retrieval-results file (other questions are skipped)."""
@@ -226,7 +129,7 @@ def read_retrieval_file(path: Path, questions: set[str]) -> dict[str, list[Docum
         question = get_str(obj, "question", where)
         if question not in questions or question in found:
             continue
-        found[question] = [doc for doc, hasanswer in _parse_passages(obj.get("ctxs"), where, "hasanswer")
+        found[question] = [doc for doc, hasanswer in parse_passages(obj.get("ctxs"), where, "hasanswer")
                            if not hasanswer]
     missing = sorted(questions - set(found))
     if missing:
@@ -338,7 +241,7 @@ def _release_from_dir(args: MdqaArgs) -> _Release:
 
 def _release_from_file(args: MdqaArgs) -> _Release:
     path = args.data_file
-    if path.name in _ORACLE_FILES:
+    if path.name in ORACLE_FILES:
         if args.num_documents not in (None, 1) or args.positions or args.gold_positions or args.closed_book:
             raise DataError(f"{path}: the oracle file holds the gold passage alone; give a position file "
                             "to build other document counts or positions")
@@ -466,9 +369,6 @@ def closed_book_prompt_text(question: str) -> str:
 
 
 def evaluate(args: MdqaArgs, data: LoadedData, generator) -> Evaluation:
-    from eval.flenqa import token_stats
-    from eval.tokens import encode_generation_prompt
-
     items = [(setting, ex) for setting, examples in data.examples.items() for ex in examples]
     texts = [setting_prompt(setting, ex) for setting, ex in items]
     prompts = [encode_generation_prompt(t, chat=args.chat_template) for t in texts]
@@ -510,8 +410,6 @@ def evaluate(args: MdqaArgs, data: LoadedData, generator) -> Evaluation:
 
 
 def write_plot(results: dict, out: Path) -> None:
-    from eval.plots import plot_mdqa
-
     plot_mdqa([results], Path(out) / "mdqa_positions.png")
 
 

@@ -8,67 +8,15 @@ then the first k dev questions with their answers, then the test question:
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections import defaultdict
 from pathlib import Path
 
 from eval import metrics as M
 from eval.common import CommonArgs, Evaluation, LoadedData, Task, check_source_args, limited
-from eval.datafiles import DataError, read_csv_rows
+from eval.datafiles import DataError
+from eval.readers import LETTERS, MmluQuestion, SUBJECT_FILE, find_subject_files, read_mmlu_csv
 from eval.results import file_source
-
-LETTERS = ("A", "B", "C", "D")
-HEADER = ["question", "choice0", "choice1", "choice2", "choice3", "answer"]
-_SUBJECT_FILE = re.compile(r"^(?P<subject>.+)_(?P<split>dev|val|test)\.csv$")
-
-
-@dataclasses.dataclass(frozen=True)
-class MmluQuestion:
-    subject: str
-    row: int
-    """0-based data row in its file (few-shot examples are the first rows of dev)."""
-    question: str
-    choices: tuple[str, str, str, str]
-    answer: int
-
-
-def read_mmlu_csv(path: Path, subject: str) -> list[MmluQuestion]:
-    """Rows `question,c0,c1,c2,c3,answer`, answer 0-3 or A-D; an optional header row is skipped (the
-    original release has none, our shared slices have one)."""
-    questions = []
-    for lineno, fields in read_csv_rows(path):
-        if not questions and [f.strip().lower() for f in fields] == HEADER:
-            continue
-        where = f"{path}:{lineno}"
-        if len(fields) != 6:
-            raise DataError(f"{where}: expected 6 fields (question, 4 choices, answer), got {len(fields)}")
-        answer = fields[5].strip()
-        if answer in LETTERS:
-            index = LETTERS.index(answer)
-        elif answer in ("0", "1", "2", "3"):
-            index = int(answer)
-        else:
-            raise DataError(f"{where}: field 'answer' must be 0-3 or A-D, got {answer!r}")
-        if not fields[0].strip():
-            raise DataError(f"{where}: field 'question' is empty")
-        questions.append(MmluQuestion(subject, len(questions), fields[0], tuple(fields[1:5]), index))
-    return questions
-
-
-def find_subject_files(folder: Path, split: str) -> dict[str, Path]:
-    """{subject: file} for the `<subject>_<split>.csv` files of a folder, sorted by subject."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"{folder}: not a directory")
-    files = {}
-    for path in sorted(folder.iterdir()):
-        m = _SUBJECT_FILE.match(path.name)
-        if m and m.group("split") == split:
-            files[m.group("subject")] = path
-    if not files:
-        raise DataError(f"{folder}: no <subject>_{split}.csv files")
-    return files
-
+from jaxtrain.generate import encode_chat_pair, encode_pair
 
 def format_question(q: MmluQuestion) -> str:
     options = "".join(f"\n{letter}. {choice}" for letter, choice in zip(LETTERS, q.choices, strict=True))
@@ -127,7 +75,7 @@ def load(args: MmluArgs) -> LoadedData:
     check_source_args(args)
     sources: list[dict] = []
     if args.data_file is not None:
-        m = _SUBJECT_FILE.match(args.data_file.name)
+        m = SUBJECT_FILE.match(args.data_file.name)
         if not m or m.group("split") != "test":
             raise DataError(f"{args.data_file}: expected a file named <subject>_test.csv")
         dev_dir = args.data_file.resolve().parent.parent / "dev"
@@ -157,8 +105,6 @@ def load(args: MmluArgs) -> LoadedData:
 
 
 def evaluate(args: MmluArgs, data: LoadedData, generator) -> Evaluation:
-    from eval.tokens import encode_chat_pair, encode_pair
-
     encode = encode_chat_pair if args.chat_template else encode_pair
     mmlu: MmluData = data.examples
     questions = [q for qs in mmlu.test.values() for q in qs]

@@ -16,6 +16,7 @@ from eval import metrics as M
 from eval.common import CommonArgs, Evaluation, LoadedData, Task, check_source_args, limited
 from eval.datafiles import DataError, find_file, get_str, get_str_list, iter_jsonl
 from eval.results import file_source
+from jaxtrain.generate import encode_generation_prompt
 
 STOP_STRINGS = ("\n", ".", ",")
 
@@ -129,8 +130,6 @@ def make_task(spec: OpenQASpec, args_type: type) -> Task:
         return LoadedData(examples, sources, len(examples))
 
     def evaluate(args: OpenQAArgs, data: LoadedData, generator) -> Evaluation:
-        from eval.tokens import encode_generation_prompt
-
         prompts = [encode_generation_prompt(spec.prompt(ex.question), chat=args.chat_template) for ex in data.examples]
         generations = generator.generate(prompts, max_new_tokens=args.max_new_tokens, stop_strings=STOP_STRINGS,
                                          progress=args.progress)

@@ -14,10 +14,12 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+from data_gen.tokenizer import encode
 from eval import metrics as M
 from eval.common import CommonArgs, Evaluation, LoadedData, Task, check_source_args, limited
 from eval.datafiles import DataError, find_file, get_int, get_str, iter_jsonl
 from eval.results import file_source
+from jaxtrain.generate import encode_generation_prompt
 
 _DICT = re.compile(r"Dictionary\s*\[?\s*(\d+)", re.IGNORECASE)
 _VALUE = (re.compile(r"\bvalue is\s*\[?(-?\d+)", re.IGNORECASE),  # multisubkey: "..., its value is V and ..."
@@ -128,9 +130,6 @@ def load(args: SyntheticArgs) -> LoadedData:
 
 
 def evaluate(args: SyntheticArgs, data: LoadedData, generator) -> Evaluation:
-    from data_gen.tokenizer import encode
-    from eval.tokens import encode_generation_prompt
-
     examples: list[SyntheticExample] = data.examples
     max_new = args.max_new_tokens or max(len(encode(ex.reference)) for ex in examples) + 16
     prompts = [encode_generation_prompt(ex.prompt, chat=args.chat_template) for ex in examples]

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from eval import mdqa, mmlu
+from eval import readers
 from eval.datafiles import DataError
 
 try:
@@ -77,16 +77,16 @@ class NeedlesMdqa(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         manual = Path(dl_manager.manual_dir)
-        files = mdqa.find_position_files(manual, self.builder_config.num_documents)
+        files = readers.find_position_files(manual, self.builder_config.num_documents)
         splits = {"test": self._generate_examples(list(files.values()))}
-        oracle = mdqa.find_oracle_file(manual)
+        oracle = readers.find_oracle_file(manual)
         if oracle is not None:
             splits["oracle"] = self._generate_examples([oracle])
         return splits
 
     def _generate_examples(self, paths):
         for path in paths:
-            for ex in mdqa.read_mdqa_file(path):
+            for ex in readers.read_mdqa_file(path):
                 yield f"{path.name}:{ex.index}", {
                     "question": ex.question,
                     "answers": list(ex.answers),
@@ -129,8 +129,8 @@ class NeedlesMmlu(tfds.core.GeneratorBasedBuilder):
         return splits
 
     def _generate_examples(self, folder: Path, split: str):
-        for subject, path in mmlu.find_subject_files(folder, split).items():
-            for q in mmlu.read_mmlu_csv(path, subject):
+        for subject, path in readers.find_subject_files(folder, split).items():
+            for q in readers.read_mmlu_csv(path, subject):
                 yield f"{subject}:{q.row}", {"subject": subject, "question": q.question, "choices": list(q.choices),
                                               "answer": q.answer, "row": q.row}
 

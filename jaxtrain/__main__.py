@@ -8,8 +8,9 @@ from typing import Annotated, Literal
 
 import tyro
 
+from jaxtrain import aot, runs
 from jaxtrain.aot import AotConfig
-from jaxtrain.train import NonFiniteLoss, TrainConfig
+from jaxtrain.train import NonFiniteLoss, TrainConfig, train
 
 
 @dataclasses.dataclass
@@ -29,24 +30,10 @@ class ExportConfig:
 
 
 def export(cfg: ExportConfig) -> None:
-    from jaxtrain import lora
-    from jaxtrain.checkpoint import Checkpointer, load_params_from_run
-    from jaxtrain.hf_io import save_pretrained
-
-    with Checkpointer(cfg.checkpoint, read_only=True) as ckpt:
-        metadata = ckpt.read_json(cfg.step)[2]
-    if cfg.merged and cfg.peft:
-        raise ValueError("--merged and --peft exclude each other")
-    if lora.run_settings(metadata) is not None:
-        what = lora.export_run(cfg.checkpoint, cfg.out, step=cfg.step, peft=cfg.peft, dtype=cfg.dtype,
-                               max_shard_size=cfg.max_shard_size)
-        print(f"wrote {cfg.out}: {what}")
-        return
-    if cfg.merged or cfg.peft:
-        raise ValueError(f"{cfg.checkpoint}: --merged/--peft apply to LoRA runs; this run trained all weights")
-    config, params = load_params_from_run(cfg.checkpoint, cfg.step)
-    save_pretrained(cfg.out, config, params, dtype=cfg.dtype, max_shard_size=cfg.max_shard_size)
-    print(f"wrote {cfg.out} ({cfg.dtype}); load it with transformers.AutoModelForCausalLM.from_pretrained")
+    what = runs.export_run(cfg.checkpoint, cfg.out, step=cfg.step, merged=cfg.merged, peft=cfg.peft, dtype=cfg.dtype,
+                           max_shard_size=cfg.max_shard_size)
+    loader = "peft.PeftModel.from_pretrained(base, folder)" if cfg.peft else "transformers.AutoModelForCausalLM.from_pretrained"
+    print(f"wrote {cfg.out}: {what}; load it with {loader}")
 
 
 Command = (Annotated[TrainConfig, tyro.conf.subcommand("train", description="Finetune on data_gen shards.")]
@@ -60,11 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = tyro.cli(Command, args=argv)
     try:
         if isinstance(cfg, TrainConfig):
-            from jaxtrain.train import train
             train(cfg)
         elif isinstance(cfg, AotConfig):
-            from jaxtrain.aot import main as aot
-            return aot(cfg)
+            return aot.main(cfg)
         else:
             export(cfg)
     except (ValueError, FileNotFoundError, KeyError, NonFiniteLoss) as e:

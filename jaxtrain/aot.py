@@ -23,16 +23,21 @@ import json
 import re
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import tyro
 
+from jaxtrain import generate, model, runs, train
+from jaxtrain.batches import MODEL_INPUT_KEYS
+from jaxtrain.checkpoint import abstract_state
 from jaxtrain.config import MistralConfig
-from jaxtrain.lora import TARGETS, LoraConfig
-from jaxtrain.sharding import MeshConfig
+from jaxtrain.flops import train_step_flops
+from jaxtrain.lora import Adapters, LoraSettings, num_params
+from jaxtrain.sharding import (MeshConfig, check_divisible, data_parallel_size, logical_to_sharding, make_mesh,
+                               rules_for)
 from jaxtrain.topology import (GIB, TPU_COMPILER_OPTIONS, TpuTopology, parse_accelerator_type,
                                prepare_libtpu_for_compile_only)
 from jaxtrain.train import OptimizerConfig
@@ -99,8 +104,6 @@ def compile_for_topology(fn: Callable, abstract_args: Sequence[Any], in_sharding
             if mesh is not None:
                 stack.enter_context(jax.set_mesh(mesh))
             if rules is not None:
-                import flax.linen as nn
-
                 stack.enter_context(nn.logical_axis_rules(rules))
             return jitted.lower(*abstract_args)
 
@@ -175,15 +178,10 @@ def flops_analytic(config: MistralConfig, tokens: int, seq_len: int, logit_token
     query sees (T / 2; with a sliding window W < T: W - W^2 / (2T)). Remat recomputation is not counted
     (the MFU convention of MaxText and PaLM).
     """
-    from jaxtrain.flops import train_step_flops
-
     return train_step_flops(config, tokens, seq_len, logit_tokens=logit_tokens)
 
 
 # --- the `aot` command: the real train and decode steps ----------------------------------------------
-
-LoraTarget = Literal["q", "k", "v", "o", "gate", "up", "down"]
-
 
 @dataclasses.dataclass
 class AotConfig:
@@ -210,18 +208,9 @@ class AotConfig:
     """train: micro-batches per step"""
     remat: str | None = None
     """train: remat policy override (default: the preset's)"""
-    lora_rank: int = 0
-    """train: rank of LoRA adapters on frozen base weights (0: full finetune); decode: rank of unmerged
-    adapters riding along (0: none)"""
-    lora_targets: tuple[LoraTarget, ...] = tuple(TARGETS)
-    """LoRA: projections that get adapters"""
-    lora_dropout: float = 0.0
-    """LoRA: dropout on the adapters' input during training"""
-    base_dtype: Literal["bf16", "int8", "float32"] = "bf16"
-    """dtype of the weights that are not trained: the LoRA base, or the decoded model's weights (int8:
-    weight-only, one scale per output channel; `train --base-dtype`, `eval --base-dtype`)"""
-    base_on_host: bool = False
-    """LoRA: the frozen base in host memory, copied to HBM a layer at a time (`train --base-on-host`)"""
+    adapters: Annotated[LoraSettings, tyro.conf.OmitArgPrefixes] = dataclasses.field(default_factory=LoraSettings)
+    """train: LoRA adapters on a frozen base (--lora-rank ...; 0: full finetune); decode: unmerged adapters
+    riding along (--lora-rank), and --base-dtype for the decoded model's weights (`eval --base-dtype`)"""
     new_tokens: int = 100
     """decode: tokens generated per prompt (eval's --max-new-tokens; sizes the KV cache)"""
     prefill_len: int | None = None
@@ -239,20 +228,18 @@ class AotConfig:
     total_steps: int = 1000
     """length of the learning-rate schedule (no effect on memory)"""
 
-    def lora(self) -> LoraConfig | None:
-        """The LoRA settings (None for a full finetune / plain decode); alpha does not change memory."""
-        if self.lora_rank == 0:
-            return None
-        return LoraConfig(self.lora_rank, 2.0 * self.lora_rank, self.lora_dropout, tuple(self.lora_targets))
-
     def loss_tokens(self) -> int | None:
-        tokens = self.answer_tokens if self.answer_tokens is not None else (32 if self.lora_rank else 64)
+        tokens = self.answer_tokens if self.answer_tokens is not None else (32 if self.adapters.lora_rank else 64)
         return tokens or None
+
+    def model_config(self) -> MistralConfig:
+        """The preset or folder's config as this step compiles it (decode: no backward, nothing to remat)."""
+        return MistralConfig.resolve(self.model, attention_impl=self.attention,
+                                     remat="none" if self.step == "decode" else self.remat)
 
     def check(self) -> None:
         """Clear errors for options that do not apply to the chosen step, before anything compiles."""
-        if self.lora_rank < 0:
-            raise ValueError(f"--lora-rank must be >= 0 (0: no adapters); got {self.lora_rank}")
+        self.adapters.lora()   # checks the LoRA settings
         if self.global_batch < 1 or self.seq_len < 1:
             raise ValueError(f"--global-batch and --seq-len must be positive (got {self.global_batch}, "
                              f"{self.seq_len})")
@@ -261,7 +248,8 @@ class AotConfig:
                 ("--grad-accum", self.grad_accum, 1), ("--answer-tokens", self.answer_tokens, None),
                 ("--remat", self.remat, None), ("--offload-state", self.optimizer.offload_state, False),
                 ("--state-dtype", self.optimizer.state_dtype, OptimizerConfig.state_dtype),
-                ("--lora-dropout", self.lora_dropout, 0.0), ("--base-on-host", self.base_on_host, False))
+                ("--lora-dropout", self.adapters.lora_dropout, 0.0),
+                ("--base-on-host", self.adapters.base_on_host, False))
                 if given != default]
             if misplaced:
                 raise ValueError(f"{', '.join(misplaced)}: train-step options; --step decode compiles eval's "
@@ -271,10 +259,10 @@ class AotConfig:
         else:
             if self.prefill_len is not None or self.new_tokens != AotConfig.new_tokens:
                 raise ValueError("--prefill-len / --new-tokens apply to --step decode")
-            if self.base_dtype != "bf16" and not self.lora_rank:
-                raise ValueError(f"--base-dtype {self.base_dtype} applies to LoRA (--lora-rank > 0) and to "
+            if self.adapters.base_dtype != LoraSettings.base_dtype and not self.adapters.lora_rank:
+                raise ValueError(f"--base-dtype {self.adapters.base_dtype} applies to LoRA (--lora-rank > 0) and to "
                                  f"--step decode; a full finetune trains float32 weights")
-            if self.base_on_host and not self.lora_rank:
+            if self.adapters.base_on_host and not self.adapters.lora_rank:
                 raise ValueError("--base-on-host applies to LoRA (--lora-rank > 0)")
             if self.answer_tokens is not None and self.answer_tokens < 0:
                 raise ValueError(f"--answer-tokens must be >= 0 (got {self.answer_tokens})")
@@ -283,26 +271,12 @@ class AotConfig:
                 raise ValueError(f"--seq-len must be larger than --answer-tokens (got {self.seq_len}, {answer})")
 
 
-def _model_config(cfg: AotConfig) -> MistralConfig:
-    overrides = {"attention_impl": cfg.attention}
-    if cfg.remat is not None:
-        overrides["remat"] = cfg.remat
-    if cfg.step == "decode":
-        overrides["remat"] = "none"  # no backward pass: nothing to rematerialise
-    if Path(cfg.model).is_dir():
-        return MistralConfig.from_pretrained(cfg.model, **overrides)
-    return MistralConfig.preset(cfg.model).replace(**overrides)
-
-
 def _slice(cfg: AotConfig):
     """(topology, model config, mesh, rules) for `cfg`, with the parameters checked to split evenly."""
     prepare_libtpu_for_compile_only()
-    from jaxtrain import model
-    from jaxtrain.sharding import check_divisible, make_mesh, rules_for
-
     cfg.check()
     topology = parse_accelerator_type(cfg.topology)
-    config = _model_config(cfg)
+    config = cfg.model_config()
     mesh = make_mesh(cfg.mesh, topology.devices())
     rules = rules_for(cfg.mesh.rules)
     check_divisible(model.param_shapes(config), model.param_logical_axes(config), mesh, rules)
@@ -310,9 +284,10 @@ def _slice(cfg: AotConfig):
 
 
 def _step_name(cfg: AotConfig) -> str:
-    lora = f"LoRA r{cfg.lora_rank} ({cfg.base_dtype} base)" if cfg.lora_rank else ""
+    a = cfg.adapters
+    lora = f"LoRA r{a.lora_rank} ({a.base_dtype} base)" if a.lora_rank else ""
     if cfg.step == "decode":
-        return f"greedy decode, {cfg.base_dtype} weights" + (f" + {lora}" if lora else "")
+        return f"greedy decode, {a.base_dtype} weights" + (f" + {lora}" if lora else "")
     return f"train, {lora}" if lora else "train, full finetune"
 
 
@@ -320,11 +295,6 @@ def aot_train_step(cfg: AotConfig) -> AotReport:
     """Lower and compile `jaxtrain.train.make_train_step` for `cfg.topology` from abstract inputs: all
     weights (fp32 state), or with --lora-rank the adapters' state plus the frozen base as a third,
     non-donated argument (what `train --lora-rank` runs)."""
-    from jaxtrain import lora as lora_lib
-    from jaxtrain import model, train
-    from jaxtrain.checkpoint import abstract_state
-    from jaxtrain.sharding import data_parallel_size
-
     topology, config, mesh, rules = _slice(cfg)
     rows_per_step = data_parallel_size(mesh) * cfg.grad_accum
     if cfg.global_batch % rows_per_step:
@@ -332,20 +302,20 @@ def aot_train_step(cfg: AotConfig) -> AotReport:
                          f"{data_parallel_size(mesh)}-way batch split of the mesh x --grad-accum "
                          f"{cfg.grad_accum}) on {topology.accelerator_type}")
     optimizer, schedule = train.make_optimizer(cfg.optimizer, cfg.total_steps)
-    answer, lcfg = cfg.loss_tokens(), cfg.lora()
+    answer, lcfg = cfg.loss_tokens(), cfg.adapters.lora()
     fns = train.make_train_step(config, optimizer, schedule, mesh, rules, max_loss_tokens=answer,
-                                grad_accum=cfg.grad_accum, lora=lcfg, base_dtype=cfg.base_dtype,
-                                base_on_host=cfg.base_on_host)
-    params = model.param_shapes(config) if lcfg is None else lora_lib.adapter_shapes(config, lcfg)
+                                grad_accum=cfg.grad_accum, lora=lcfg, base_dtype=cfg.adapters.base_dtype,
+                                base_on_host=cfg.adapters.base_on_host)
+    params = model.param_shapes(config) if lcfg is None else model.adapter_shapes(config, lcfg)
     shapes = {"params": params, "opt_state": jax.eval_shape(optimizer.init, params),
               "step": jax.ShapeDtypeStruct((), jnp.int32)}
     state = abstract_state(shapes, fns.state_shardings)
-    frozen = None if lcfg is None else abstract_state(lora_lib.base_shapes(config, cfg.base_dtype),
+    frozen = None if lcfg is None else abstract_state(runs.base_shapes(config, cfg.adapters.base_dtype),
                                                       fns.frozen_shardings)
     rows, length = cfg.global_batch, cfg.seq_len
     batch = {k: jax.ShapeDtypeStruct((rows, length), jnp.bool_ if k == "loss_mask" else jnp.int32,
                                      sharding=fns.batch_sharding)
-             for k in ("input_ids", "loss_mask", "segment_ids", "positions")}
+             for k in MODEL_INPUT_KEYS}
     # Explicit either way: the train step's own jit carries the TPU options, and these override them.
     options = {**TPU_COMPILER_OPTIONS, "xla_jf_bf16_propagation": cfg.bf16_propagation}
     extra = _extra(cfg, config, mesh, options, seq_len=length, answer_tokens=answer or 0, grad_accum=cfg.grad_accum,
@@ -353,7 +323,7 @@ def aot_train_step(cfg: AotConfig) -> AotReport:
                    flops_analytic=flops_analytic(config, rows * length, length,
                                                  logit_tokens=None if answer is None else rows * answer))
     if lcfg is not None:
-        extra["adapter_params"] = lora_lib.num_params(params)
+        extra["adapter_params"] = num_params(params)
     return compile_lowered(lambda: fns.lower(state, batch, frozen), topology, compiler_options=options,
                            extra=extra)
 
@@ -361,14 +331,14 @@ def aot_train_step(cfg: AotConfig) -> AotReport:
 def _extra(cfg: AotConfig, config: MistralConfig, mesh, compiler_options, *, seq_len: int,
            flops_analytic: float | None = None, **options) -> dict[str, Any]:
     """The JSON line's fields beyond the compiler's: what was compiled, with which options."""
-    lora = cfg.lora()
+    lora = cfg.adapters.lora()
     return {"step": _step_name(cfg), "model": cfg.model, "seq_len": seq_len, "global_batch": cfg.global_batch,
             "flops_analytic": flops_analytic,
             "options": {"step": cfg.step, "remat": config.remat, "attention": config.attention_impl,
                         "param_dtype": config.param_dtype, **options,
                         "lora": None if lora is None else lora.to_dict(),
-                        "base_dtype": cfg.base_dtype if cfg.step == "decode" or lora else None,
-                        "base_on_host": cfg.base_on_host,
+                        "base_dtype": cfg.adapters.base_dtype if cfg.step == "decode" or lora else None,
+                        "base_on_host": cfg.adapters.base_on_host,
                         "mesh": dict(mesh.shape), "rules": cfg.mesh.rules, "compiler_options": compiler_options}}
 
 
@@ -377,29 +347,20 @@ _PROGRAM_FIELDS = ("fits", "per_chip_bytes", "argument_bytes", "output_bytes", "
 
 
 def decode_prefill_length(prompt_tokens: int, new_tokens: int, max_length: int) -> int:
-    """The prompt bucket `eval.decode.Generator.generate` pads a batch whose longest prompt has
-    `prompt_tokens` tokens to (`eval.decode.prompt_bucket`)."""
-    from eval import decode
-
-    return decode.prompt_bucket(prompt_tokens, max_length - new_tokens)
+    """The prompt bucket `jaxtrain.generate.Generator.generate` pads a batch whose longest prompt has
+    `prompt_tokens` tokens to (`jaxtrain.generate.prompt_bucket`)."""
+    return generate.prompt_bucket(prompt_tokens, max_length - new_tokens)
 
 
 def aot_decode_step(cfg: AotConfig) -> AotReport:
-    """Lower and compile eval's generation (`eval.decode`: `_prefill` of a left-padded batch into an empty
-    KV cache, then `_decode_chunk`'s loop of single-token steps, greedy) for `cfg.topology`.
+    """Lower and compile eval's generation (`jaxtrain.generate`: `prefill` of a left-padded batch into an empty
+    KV cache, then `decode_chunk`'s loop of single-token steps, greedy) for `cfg.topology`.
 
     The two are separate programs on the device, as in eval: the chunk takes the prefill's output state
     (laid out as the prefill's compiled output shardings say) donated. Weights are sharded over the mesh
     as `eval --shard` loads them. The report is the program with the larger per-chip figure (or the one
     the compiler refused); both programs' figures are under "programs".
     """
-    import flax.linen as nn
-
-    from eval import decode
-    from jaxtrain import lora as lora_lib
-    from jaxtrain.checkpoint import abstract_state
-    from jaxtrain.sharding import logical_to_sharding
-
     topology, config, mesh, rules = _slice(cfg)
     if cfg.seq_len + cfg.new_tokens > config.max_position_embeddings:
         raise ValueError(f"--seq-len {cfg.seq_len} + --new-tokens {cfg.new_tokens} exceeds {cfg.model}'s "
@@ -408,20 +369,19 @@ def aot_decode_step(cfg: AotConfig) -> AotReport:
     if not cfg.seq_len <= length <= config.max_position_embeddings - cfg.new_tokens:
         raise ValueError(f"--prefill-len {length} must hold the prompt (--seq-len {cfg.seq_len}) and leave room "
                          f"for --new-tokens {cfg.new_tokens} in {config.max_position_embeddings} positions")
-    params = abstract_state(lora_lib.base_shapes(config, cfg.base_dtype),
-                            lora_lib.base_shardings(config, cfg.base_dtype, mesh, rules))
-    lcfg, adapters = cfg.lora(), None
+    base_dtype = cfg.adapters.base_dtype
+    params = abstract_state(runs.base_shapes(config, base_dtype), runs.base_shardings(config, base_dtype, mesh, rules))
+    lcfg, adapters = cfg.adapters.lora(), None
     if lcfg is not None:
-        adapter_shardings = logical_to_sharding(lora_lib.adapter_logical_axes(config, lcfg), mesh, rules)
-        adapters = lora_lib.Adapters(abstract_state(lora_lib.adapter_shapes(config, lcfg), adapter_shardings),
-                                     lcfg)
+        adapter_shardings = logical_to_sharding(model.adapter_logical_axes(config, lcfg), mesh, rules)
+        adapters = Adapters(abstract_state(model.adapter_shapes(config, lcfg), adapter_shardings), lcfg)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     ids = jax.ShapeDtypeStruct((cfg.global_batch, length), jnp.int32, sharding=replicated)
     scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
     static = dict(config=config, greedy=True)
     options = {**TPU_COMPILER_OPTIONS, "xla_jf_bf16_propagation": cfg.bf16_propagation}
-    extra = _extra(cfg, config, mesh, options, seq_len=cfg.seq_len, chunk_steps=decode.CHUNK_STEPS)
+    extra = _extra(cfg, config, mesh, options, seq_len=cfg.seq_len, chunk_steps=generate.CHUNK_STEPS)
     extra.update(prefill_len=length, new_tokens=cfg.new_tokens)
 
     def lower(fn, *args, **kwargs):
@@ -432,16 +392,16 @@ def aot_decode_step(cfg: AotConfig) -> AotReport:
 
     prefill_args = (params, adapters, ids, ids, ids, rng, scalar, scalar)
     kept: dict = {}
-    prefill = compile_lowered(lower(decode._prefill, *prefill_args, max_new_tokens=cfg.new_tokens, **static),
+    prefill = compile_lowered(lower(generate.prefill, *prefill_args, max_new_tokens=cfg.new_tokens, **static),
                               topology, compiler_options=options, extra=extra, keep=kept)
     reports = {"prefill": prefill}
     if prefill.per_chip_bytes is not None:
-        out_shapes = jax.eval_shape(functools.partial(decode._prefill, max_new_tokens=cfg.new_tokens, **static),
+        out_shapes = jax.eval_shape(functools.partial(generate.prefill, max_new_tokens=cfg.new_tokens, **static),
                                     *prefill_args)
         state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                              out_shapes, kept["compiled"].output_shardings)
         reports["decode_chunk"] = compile_lowered(
-            lower(decode._decode_chunk, params, adapters, state, scalar, scalar, **static), topology,
+            lower(generate.decode_chunk, params, adapters, state, scalar, scalar, **static), topology,
             compiler_options=options, extra=extra)
     worst = max(reports.values(), key=lambda r: (r.per_chip_bytes is None, r.per_chip_bytes or 0))
     worst.extra = {**extra, "program": next(k for k, r in reports.items() if r is worst),

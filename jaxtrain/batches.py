@@ -27,6 +27,8 @@ from typing import Any, Protocol
 import grain
 import numpy as np
 
+from data_gen.shards import open_shards
+
 PAD_ID = 0
 MODEL_INPUT_KEYS = ("input_ids", "loss_mask", "segment_ids", "positions")
 _STATE_VERSION = 1
@@ -70,7 +72,6 @@ def _seed(*parts: int) -> np.random.Generator:
 
 def _as_buckets(shards) -> list[BucketLike]:
     if isinstance(shards, (str, os.PathLike)):  # a local folder or gs://... (read through etils.epath)
-        from data_gen.shards import open_shards
 
         shards = open_shards(shards)
     buckets = list(getattr(shards, "buckets", shards))

@@ -67,6 +67,15 @@ class MistralConfig:
         return self.num_layers * per_layer + d + v * d * (1 if self.tie_word_embeddings else 2)
 
     @classmethod
+    def resolve(cls, model: str, **overrides) -> MistralConfig:
+        """The config of `model`, a preset name or a Hugging Face folder (its config.json), with the given
+        overrides (None values leave the field as it is): the one resolver of every command."""
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if Path(model).is_dir():
+            return cls.from_pretrained(model, **overrides)
+        return cls.preset(model).replace(**overrides)
+
+    @classmethod
     def preset(cls, name: str) -> MistralConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")

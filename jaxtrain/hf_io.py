@@ -1,4 +1,5 @@
-"""Hugging Face checkpoints in and out: `load_pretrained` and `save_pretrained`.
+"""Hugging Face checkpoints in and out: `load_pretrained`, `load_quantized` (int8 projections, quantised
+tensor by tensor while reading) and `save_pretrained`.
 
 The converter lives next to the model it converts. One table (`_tensor_specs`) says, for every
 parameter, which Hugging Face tensor it is and whether the layout is transposed; loading and saving both
@@ -14,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -22,9 +22,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import qwix
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from data_gen.tokenizer import write_hf_tokenizer
+from jaxtrain import model, quant
 from jaxtrain.config import MistralConfig
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -136,8 +139,6 @@ def load_pretrained(path: str | Path, *, shardings=None, dtype: str | None = Non
     `shardings`: an optional tree of `jax.sharding.Sharding` matching the parameters; each device then
     receives only its slice. `dtype` defaults to the config's `param_dtype` (fp32 master weights).
     """
-    from jaxtrain import model  # local: model imports nothing from here, keep the dependency one-way
-
     folder = Path(path)
     config = MistralConfig.from_pretrained(folder, **(config_overrides or {}))
     dtype = jnp.dtype(dtype or config.param_dtype)
@@ -163,6 +164,68 @@ def load_pretrained(path: str | Path, *, shardings=None, dtype: str | None = Non
 
         _set(params, spec.path, jax.make_array_from_callback(shape, sharding, callback))
     return config, params
+
+
+# --- Loading int8: quantise tensor by tensor ---------------------------------------------------------------
+
+def load_quantized(path: str | Path, *, shardings=None, dtype: str | None = None,
+                   config_overrides: dict | None = None):
+    """(MistralConfig, params) with int8 projections (`jaxtrain.quant`), read from a Hugging Face folder
+    tensor by tensor.
+
+    Each projection tensor is read from the memory-mapped safetensors, quantised in numpy and only its
+    int8 values are kept (per weight kind, all layers stacked: 1.8 GiB for Mistral 7B's largest), so the
+    host never holds the bf16 model; devices receive their shards directly. The other tensors load
+    in `dtype` (default: the compute dtype). `shardings`: a tree like `quantized_shardings`' output.
+    """
+    folder = Path(path)
+    config = MistralConfig.from_pretrained(folder, **(config_overrides or {}))
+    dtype = jnp.dtype(dtype or config.dtype)
+    source = _SafetensorsFolder(folder)
+    shapes = quant.quantized_shapes(model.param_shapes(config))
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    params: dict = {}
+    for spec in _tensor_specs(config):
+        target = _get(shapes, spec.path)
+        sharding = _get(shardings, spec.path) if shardings is not None else None
+        name = spec.path[-1]
+
+        def read(i, spec=spec, target=target):
+            layer_shape = (target.qvalue if quant.is_quantized(target) else target).shape[1 if spec.stacked else 0:]
+            return _to_ours(source.read(spec.hf_name.format(i=i), spec.hf_shape), spec, layer_shape)
+
+        if not quant.is_quantized(target):
+            array = jax.make_array_from_callback(
+                target.shape, sharding or default,
+                _stacked_callback(lambda i, read=read: read(i).astype(dtype), spec.stacked, target.shape))
+            _set(params, spec.path, array)
+            continue
+        layers = target.qvalue.shape[0]
+        values: list[np.ndarray] = []
+        scales: list[np.ndarray] = []
+        for i in range(layers):
+            q, s = quant.quantize_np(read(i), quant.INPUT_DIMS[name])
+            values.append(q)
+            scales.append(s)
+        q_all, s_all = np.stack(values), np.stack(scales)
+        del values, scales
+        q_sharding = sharding.qvalue if sharding is not None else default
+        s_sharding = sharding.scale if sharding is not None else default
+        _set(params, spec.path, qwix.QArray(
+            jax.make_array_from_callback(q_all.shape, q_sharding, lambda idx, a=q_all: a[idx]),
+            jax.make_array_from_callback(s_all.shape, s_sharding, lambda idx, a=s_all: a[idx]),
+            qtype=jnp.int8))
+    return config, params
+
+
+def _stacked_callback(layer, stacked: bool, shape):
+    cached = functools.lru_cache(maxsize=1)(layer)
+
+    def callback(index):
+        if not stacked:
+            return cached(None)[index]
+        return np.stack([cached(i)[index[1:]] for i in range(*index[0].indices(shape[0]))])
+    return callback
 
 
 # --- Saving ------------------------------------------------------------------------------------------
@@ -235,7 +298,6 @@ def save_pretrained(path: str | Path, config: MistralConfig, params, *, dtype: s
     generation = {"bos_token_id": 1, "eos_token_id": 2}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     if tokenizer:
-        from data_gen.tokenizer import write_hf_tokenizer
         write_hf_tokenizer(out)
 
 

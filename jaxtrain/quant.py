@@ -20,7 +20,6 @@ quantisation-sensitive tensors).
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -130,68 +129,3 @@ def quantized_shapes(shapes: dict) -> dict:
 
 def nbytes(tree) -> int:
     return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
-
-
-# --- loading: quantise tensor by tensor ---------------------------------------------------------------
-
-def load_quantized(path: str | Path, *, shardings=None, dtype: str | None = None,
-                   config_overrides: dict | None = None):
-    """(MistralConfig, params) with int8 projections, read from a Hugging Face folder tensor by tensor.
-
-    Each projection tensor is read from the memory-mapped safetensors, quantised in numpy and only its
-    int8 values are kept (per weight kind, all layers stacked: 1.8 GiB for Mistral 7B's largest), so the
-    host never holds the bf16 model; devices receive their shards directly. The other tensors load
-    in `dtype` (default: the compute dtype). `shardings`: a tree like `quantized_shardings`' output.
-    """
-    from jaxtrain import model
-    from jaxtrain.config import MistralConfig
-    from jaxtrain.hf_io import _SafetensorsFolder, _get, _set, _tensor_specs, _to_ours
-
-    folder = Path(path)
-    config = MistralConfig.from_pretrained(folder, **(config_overrides or {}))
-    dtype = jnp.dtype(dtype or config.dtype)
-    source = _SafetensorsFolder(folder)
-    shapes = quantized_shapes(model.param_shapes(config))
-    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    params: dict = {}
-    for spec in _tensor_specs(config):
-        target = _get(shapes, spec.path)
-        sharding = _get(shardings, spec.path) if shardings is not None else None
-        name = spec.path[-1]
-
-        def read(i, spec=spec, target=target):
-            layer_shape = (target.qvalue if is_quantized(target) else target).shape[1 if spec.stacked else 0:]
-            return _to_ours(source.read(spec.hf_name.format(i=i), spec.hf_shape), spec, layer_shape)
-
-        if not is_quantized(target):
-            array = jax.make_array_from_callback(
-                target.shape, sharding or default,
-                _stacked_callback(lambda i, read=read: read(i).astype(dtype), spec.stacked, target.shape))
-            _set(params, spec.path, array)
-            continue
-        layers = target.qvalue.shape[0]
-        values: list[np.ndarray] = []
-        scales: list[np.ndarray] = []
-        for i in range(layers):
-            q, s = quantize_np(read(i), INPUT_DIMS[name])
-            values.append(q)
-            scales.append(s)
-        q_all, s_all = np.stack(values), np.stack(scales)
-        del values, scales
-        q_sharding = sharding.qvalue if sharding is not None else default
-        s_sharding = sharding.scale if sharding is not None else default
-        _set(params, spec.path, qwix.QArray(
-            jax.make_array_from_callback(q_all.shape, q_sharding, lambda idx, a=q_all: a[idx]),
-            jax.make_array_from_callback(s_all.shape, s_sharding, lambda idx, a=s_all: a[idx]),
-            qtype=jnp.int8))
-    return config, params
-
-
-def _stacked_callback(layer, stacked: bool, shape):
-    cached = functools.lru_cache(maxsize=1)(layer)
-
-    def callback(index):
-        if not stacked:
-            return cached(None)[index]
-        return np.stack([cached(i)[index[1:]] for i in range(*index[0].indices(shape[0]))])
-    return callback

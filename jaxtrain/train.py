@@ -8,8 +8,8 @@ The loss needs logits only where the loss mask is set (the answer, ~25 tokens of
 step gathers those hidden states and projects only them onto the 32000-token vocabulary.
 
 LoRA mode (`--lora-rank`): the base weights are a separate, non-donated argument of the step (bf16 or
-int8, never differentiated, never checkpointed); the state's "params" are the adapters (`jaxtrain.lora`),
-so gradients and optimizer state exist for them only.
+int8, never differentiated, never checkpointed; `jaxtrain.runs.load_base`); the state's "params" are the
+adapters (`jaxtrain.lora`), so gradients and optimizer state exist for them only.
 """
 
 from __future__ import annotations
@@ -33,11 +33,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from jaxtrain import lora as lora_lib
-from jaxtrain import model, offload
-from jaxtrain.batches import BatchConfig, BucketedBatches
-from jaxtrain.checkpoint import CheckpointConfig, Checkpointer, abstract_state
+from jaxtrain import model, offload, runs
+from jaxtrain.batches import MODEL_INPUT_KEYS, BatchConfig, BucketedBatches
+from jaxtrain.checkpoint import CheckpointConfig, Checkpointer, abstract_state, latest_step
 from jaxtrain.config import MistralConfig
 from jaxtrain.flops import device_peak_flops, train_step_flops
+from jaxtrain.hf_io import load_pretrained
 from jaxtrain.sharding import (MeshConfig, batch_sharding, check_divisible, data_parallel_size,
                                logical_to_sharding, make_global_batch, make_mesh,
                                maybe_initialize_distributed, rules_for)
@@ -99,26 +100,17 @@ class TrainConfig:
     """master-weight dtype override (default float32)"""
     log_every: int = 1
     progress: bool = True
-    lora_rank: int = 0
-    """LoRA: train rank-r adapters on frozen base weights instead of all weights (0: full finetune)"""
-    lora_alpha: float | None = None
-    """LoRA: the update is alpha / rank * A·B (default: 2 x rank)"""
-    lora_dropout: float = 0.0
-    """LoRA: dropout on the adapters' input during training"""
-    lora_targets: tuple[Literal["q", "k", "v", "o", "gate", "up", "down"], ...] = tuple(lora_lib.TARGETS)
-    """LoRA: projections that get adapters"""
-    base_dtype: Literal["bf16", "int8", "float32"] = "bf16"
-    """LoRA: dtype of the frozen base weights (int8: weight-only, one scale per output channel)"""
-    base_on_host: bool = False
-    """LoRA: keep the frozen base (bf16/float32) in host memory and copy each layer to the accelerator
-    inside the layer scan (HBM holds about one layer of it: what fits a bf16 7B on one 16 GiB v5e; costs
-    host-to-device bandwidth, twice the base per step)"""
+    adapters: Annotated[lora_lib.LoraSettings, tyro.conf.OmitArgPrefixes] = dataclasses.field(
+        default_factory=lora_lib.LoraSettings)
+    """LoRA instead of a full finetune (--lora-rank ...) and its frozen base (--base-dtype, --base-on-host)"""
 
     def lora(self) -> lora_lib.LoraConfig | None:
-        if self.lora_rank <= 0:
-            return None
-        alpha = 2.0 * self.lora_rank if self.lora_alpha is None else self.lora_alpha
-        return lora_lib.LoraConfig(self.lora_rank, alpha, self.lora_dropout, tuple(self.lora_targets))
+        return self.adapters.lora()
+
+    def model_config(self) -> MistralConfig:
+        """The preset or --init-from folder's config with this run's overrides."""
+        return MistralConfig.resolve(self.init_from or self.model, remat=self.remat, dtype=self.dtype,
+                                     param_dtype=self.param_dtype)
 
 
 # --- the step -----------------------------------------------------------------------------------------
@@ -248,8 +240,8 @@ def state_shardings(config: MistralConfig, optimizer, mesh, rules, lora: lora_li
         params = logical_to_sharding(model.param_logical_axes(config), mesh, rules)
         opt_shapes = jax.eval_shape(optimizer.init, model.param_shapes(config))
     else:
-        params = logical_to_sharding(lora_lib.adapter_logical_axes(config, lora), mesh, rules)
-        opt_shapes = jax.eval_shape(optimizer.init, lora_lib.adapter_shapes(config, lora))
+        params = logical_to_sharding(model.adapter_logical_axes(config, lora), mesh, rules)
+        opt_shapes = jax.eval_shape(optimizer.init, model.adapter_shapes(config, lora))
     replicated = NamedSharding(mesh, PartitionSpec())
     opt = optax.tree_map_params(optimizer, lambda _, s: s, opt_shapes, params,
                                 transform_non_params=lambda _: replicated)
@@ -258,7 +250,8 @@ def state_shardings(config: MistralConfig, optimizer, mesh, rules, lora: lora_li
 
 
 def make_train_step(config: MistralConfig, optimizer, schedule, mesh, rules, *, max_loss_tokens: int | None,
-                    grad_accum: int = 1, lora: lora_lib.LoraConfig | None = None, base_dtype: str = "bf16",
+                    grad_accum: int = 1, lora: lora_lib.LoraConfig | None = None,
+                    base_dtype: lora_lib.BaseDtype = "bfloat16",
                     base_on_host: bool = False, seed: int = 0) -> StepFunctions:
     shardings = state_shardings(config, optimizer, mesh, rules, lora)
     batch_shard = batch_sharding(mesh, rules)
@@ -273,7 +266,7 @@ def make_train_step(config: MistralConfig, optimizer, schedule, mesh, rules, *, 
     in_shardings = (shardings, batch_shard)
     frozen_shardings = None
     if lora is not None:
-        frozen_shardings = lora_lib.base_shardings(config, base_dtype, mesh, rules, on_host=base_on_host)
+        frozen_shardings = runs.base_shardings(config, base_dtype, mesh, rules, on_host=base_on_host)
         in_shardings += (frozen_shardings,)
     jitted = jax.jit(step, in_shardings=in_shardings, out_shardings=(shardings, replicated), donate_argnums=0,
                      compiler_options=compiler_options_for(list(mesh.devices.flat)))
@@ -296,23 +289,14 @@ def max_answer_tokens(batches: BucketedBatches) -> int | None:
     return None if rounded * 2 >= longest else rounded
 
 
-def _model_config(cfg: TrainConfig) -> MistralConfig:
-    overrides = {k: v for k, v in (("remat", cfg.remat), ("dtype", cfg.dtype), ("param_dtype", cfg.param_dtype))
-                 if v is not None}
-    if cfg.init_from:
-        return MistralConfig.from_pretrained(cfg.init_from, **overrides)
-    return MistralConfig.preset(cfg.model).replace(**overrides)
-
-
 def init_state(config: MistralConfig, cfg: TrainConfig, fns: StepFunctions) -> dict:
     """Parameters and optimizer state created directly in their shards (never whole on one device).
-    LoRA: fresh adapters (the base is loaded separately, `lora.load_base`)."""
+    LoRA: fresh adapters (the base is loaded separately, `runs.load_base`)."""
     lora = cfg.lora()
     if lora is not None:
-        params = jax.jit(lambda r: lora_lib.init_adapters(config, lora, r), out_shardings=fns.state_shardings["params"])(
+        params = jax.jit(lambda r: model.init_adapters(config, lora, r), out_shardings=fns.state_shardings["params"])(
             jax.random.fold_in(jax.random.key(cfg.seed), 1))
     elif cfg.init_from:
-        from jaxtrain.hf_io import load_pretrained
         _, params = load_pretrained(cfg.init_from, shardings=fns.state_shardings["params"],
                                     dtype=config.param_dtype,
                                     config_overrides=dict(remat=config.remat, dtype=config.dtype))
@@ -324,17 +308,8 @@ def init_state(config: MistralConfig, cfg: TrainConfig, fns: StepFunctions) -> d
     return {"params": params, "opt_state": opt_state, "step": step}
 
 
-def _lora_metadata(cfg: TrainConfig, lora: lora_lib.LoraConfig) -> dict:
-    """What a LoRA checkpoint needs besides the adapters: their settings and which base they adapt."""
-    init_from = str(epath.Path(cfg.init_from).resolve()) if cfg.init_from else None
-    return {"lora": lora.to_dict(),
-            "base": {"init_from": init_from, "dtype": cfg.base_dtype, "seed": cfg.seed,
-                     "sha256": lora_lib.base_fingerprint(init_from, cfg.seed)}}
-
-
 def _check_same_base(run_dir: epath.Path, cfg: TrainConfig, base: dict) -> None:
     """--resume of a LoRA run must find the base model it started from."""
-    from jaxtrain.checkpoint import latest_step
     if not cfg.resume or latest_step(run_dir) is None:
         return
     with Checkpointer(run_dir, read_only=True) as old:
@@ -400,7 +375,7 @@ def train(cfg: TrainConfig) -> dict:
     run_dir = epath.Path(cfg.out)
     if jax.process_index() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-    config = _model_config(cfg)
+    config = cfg.model_config()
     mesh = make_mesh(cfg.mesh)
     rules = rules_for(cfg.mesh.rules)
     check_divisible(model.param_shapes(config), model.param_logical_axes(config), mesh, rules)
@@ -414,14 +389,14 @@ def train(cfg: TrainConfig) -> dict:
     answer_tokens = max_answer_tokens(batches)
     lora = cfg.lora()
     fns = make_train_step(config, optimizer, schedule, mesh, rules, max_loss_tokens=answer_tokens,
-                          grad_accum=cfg.grad_accum, lora=lora, base_dtype=cfg.base_dtype,
-                          base_on_host=cfg.base_on_host, seed=cfg.seed)
+                          grad_accum=cfg.grad_accum, lora=lora, base_dtype=cfg.adapters.base_dtype,
+                          base_on_host=cfg.adapters.base_on_host, seed=cfg.seed)
     metadata = {"train_config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str))}
     if lora is not None:
-        metadata.update(_lora_metadata(cfg, lora))
+        metadata.update(lora=lora.to_dict(), base=runs.base_metadata(cfg.init_from, cfg.adapters.base_dtype, cfg.seed))
         _check_same_base(run_dir, cfg, metadata["base"])
-        fns.frozen = lora_lib.load_base(config, init_from=cfg.init_from, base_dtype=cfg.base_dtype, seed=cfg.seed,
-                                        shardings=fns.frozen_shardings)
+        fns.frozen = runs.load_base(config, init_from=cfg.init_from, base_dtype=cfg.adapters.base_dtype,
+                                    seed=cfg.seed, shardings=fns.frozen_shardings)
     ckpt = Checkpointer(run_dir, cfg.checkpoint, model_config=config, metadata=metadata)
 
     if cfg.resume and ckpt.latest_step() is not None:
@@ -443,8 +418,7 @@ def train(cfg: TrainConfig) -> dict:
     try:
         while step < total:
             local = next(batches)
-            batch = make_global_batch(local, mesh, fns.batch_sharding,
-                                      keys=("input_ids", "loss_mask", "segment_ids", "positions"))
+            batch = make_global_batch(local, mesh, fns.batch_sharding, keys=MODEL_INPUT_KEYS)
             t0 = time.perf_counter()
             state, out = fns.step(state, batch)
             out = {k: float(v) for k, v in jax.device_get(out).items()}

@@ -144,7 +144,7 @@ def test_bad_example_is_named():
 
 
 def test_reads_array_record_shards(tmp_path):
-    from data_gen.shards import TokenizedExample, open_shards, write_shards
+    from data_gen.shards import TokenizedExample, write_shards
 
     rng = np.random.default_rng(1)
     lengths = [5, 30, 17, 64, 40, 100, 3, 128, 90, 12]

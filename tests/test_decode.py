@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from data_gen.tokenizer import EOS_ID
-from eval.decode import Generator, bucket_length
 from hf_reference import hf_model, tiny_config
-from jaxtrain import attention, model
+from jaxtrain import attention, kv_cache, model
+from jaxtrain.generate import Generator, bucket_length
 from jaxtrain.hf_io import load_pretrained
 
 
@@ -48,7 +48,7 @@ def test_greedy_matches_transformers_including_prompts_longer_than_the_window(mo
     rng = np.random.default_rng(0)
     prompts = [[1] + rng.integers(3, 32000, size=n).tolist() for n in (3, 20, 11, 5, 30)]
     gen = Generator(config.replace(attention_impl=impl), params, batch_size=4)
-    assert model.is_per_layer(gen.params) == per_layer
+    assert kv_cache.is_per_layer(gen.params) == per_layer
     ours = gen.generate(prompts, max_new_tokens=12, progress=False)
     for prompt, got in zip(prompts, ours):
         assert len(got.token_ids) == 12, "the test needs rows that run to the token limit"
@@ -65,7 +65,7 @@ def test_batch_of_one_decodes_like_transformers(models):
     rng = np.random.default_rng(2)
     prompts = [[1] + rng.integers(3, 32000, size=n).tolist() for n in (4, 13)]
     gen = Generator(config, params, batch_size=1)
-    assert model.is_per_layer(gen.params)
+    assert kv_cache.is_per_layer(gen.params)
     for prompt, got in zip(prompts, gen.generate(prompts, max_new_tokens=10, progress=False)):
         assert got.token_ids == _hf_greedy(reference, prompt, 10)
 
@@ -159,7 +159,7 @@ def test_bucket_ladder():
 
 
 def test_prompt_bucket_keeps_long_prompts_on_the_kernel_tile():
-    from eval.decode import prompt_bucket
+    from jaxtrain.generate import prompt_bucket
 
     assert prompt_bucket(100, 4000) == 128
     assert prompt_bucket(20_000, 32_768 - 100) == 20_480

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from jaxtrain import demo
+from eval import demo
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ("--num-train", "24", "--num-eval", "6", "--steps", "2", "--lora-steps", "2", "--no-progress")
 
 
 def run_demo(out: Path, *extra: str) -> dict:
-    cmd = [sys.executable, "-m", "jaxtrain.demo", "--out", str(out), *TOY, *extra]
+    cmd = [sys.executable, "-m", "eval.demo", "--out", str(out), *TOY, *extra]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "transformers reload: MistralForCausalLM" in result.stdout

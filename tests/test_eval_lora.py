@@ -13,13 +13,12 @@ import pytest
 
 from data_gen import tasks as data_tasks
 from eval.__main__ import main
-from jaxtrain import lora
+from jaxtrain import lora, model, peft_io, runs
 from jaxtrain.__main__ import main as jaxtrain_main
 from jaxtrain.checkpoint import CheckpointConfig, Checkpointer
 from jaxtrain.config import MistralConfig
 from jaxtrain.hf_io import save_pretrained
 from jaxtrain.model import init_params
-from jaxtrain.train import TrainConfig, _lora_metadata
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +36,10 @@ def setup(tmp_path_factory):
     cfg = lora.LoraConfig(rank=4, alpha=8.0, targets=("q", "v", "o", "down"))
     rng = np.random.default_rng(2)
     adapters = jax.tree.map(lambda s: jnp.asarray(2.0 * rng.standard_normal(s.shape), jnp.float32),
-                            lora.adapter_shapes(config, cfg))
-    train_cfg = TrainConfig(data="unused", out="unused", init_from=str(root / "base"), base_dtype="float32",
-                            lora_rank=cfg.rank, lora_alpha=cfg.alpha, lora_targets=cfg.targets)
+                            model.adapter_shapes(config, cfg))
+    metadata = {"lora": cfg.to_dict(), "base": runs.base_metadata(str(root / "base"), "float32", 0)}
     with Checkpointer(root / "run", CheckpointConfig(save_every=1, keep=1, async_save=False), model_config=config,
-                      metadata=_lora_metadata(train_cfg, cfg)) as ckpt:
+                      metadata=metadata) as ckpt:
         ckpt.save(3, params=adapters, opt_state=optax.adamw(1e-3).init(adapters), force=True)
 
     data_tasks.generate(data_tasks.PRESETS["demo-simple"].replace(num_train=0, num_eval=4), 0, root / "data",
@@ -110,8 +108,8 @@ def test_bad_combinations_are_refused(setup, tmp_path, capsys, flags, message):
     paths = {"peft": tmp_path / "peft", "run": root / "run", "base": root / "base", "other": tmp_path / "other"}
     if "{peft}" in flags:
         cfg = lora.LoraConfig(rank=2)
-        zeros = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), lora.adapter_shapes(tiny, cfg))
-        lora.save_peft(paths["peft"], tiny, lora.Adapters(zeros, cfg))
+        zeros = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), model.adapter_shapes(tiny, cfg))
+        peft_io.save_peft(paths["peft"], tiny, lora.Adapters(zeros, cfg))
     if "{other}" in flags:  # another model: same weights, different config.json (so a different sha256)
         shutil.copytree(root / "base", paths["other"])
         config = json.loads((paths["other"] / "config.json").read_text())

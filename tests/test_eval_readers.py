@@ -9,7 +9,7 @@ from data_gen.tokenizer import BOS_ID, load_tokenizer
 from eval import gsm8k, hellaswag, mdqa, mmlu, openqa, synthetic
 from eval.__main__ import main
 from eval.datafiles import DataError
-from eval.tokens import encode_pair
+from jaxtrain.generate import encode_pair
 
 
 # --- MDQA -------------------------------------------------------------------------------------------

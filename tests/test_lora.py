@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from hf_reference import hf_model, tiny_config
-from jaxtrain import lora, model
+from jaxtrain import lora, model, peft_io, runs
 from jaxtrain.hf_io import load_pretrained, save_pretrained
 
 TOL = 1e-4
@@ -55,7 +55,7 @@ def base(tmp_path_factory):
 def test_zero_init_is_exactly_the_base_model(base):
     _, _, config, params = base
     cfg = lora.LoraConfig(rank=4, alpha=8, dropout=0.5)
-    adapters = lora.Adapters(lora.init_adapters(config, cfg, jax.random.key(0)), cfg)
+    adapters = lora.Adapters(model.init_adapters(config, cfg, jax.random.key(0)), cfg)
     assert all(float(jnp.abs(ab["b"]).max()) == 0 and float(jnp.abs(ab["a"]).max()) > 0
                for sub in adapters.params["layers"].values() for ab in sub.values())
     ids = _ids(config.vocab_size)
@@ -70,11 +70,11 @@ def test_zero_init_is_exactly_the_base_model(base):
 def test_peft_export_matches_peft_and_merged_matches_transformers(base, tmp_path):
     folder, reference, config, params = base
     cfg = lora.LoraConfig(rank=4, alpha=12)
-    adapters = _randomise_b(lora.Adapters(lora.init_adapters(config, cfg, jax.random.key(2)), cfg))
+    adapters = _randomise_b(lora.Adapters(model.init_adapters(config, cfg, jax.random.key(2)), cfg))
     ids = _ids(config.vocab_size)
     ours = np.asarray(model.forward(config, params, ids, adapters=adapters))
 
-    lora.save_peft(tmp_path / "adapter", config, adapters, base_model=str(folder))
+    peft_io.save_peft(tmp_path / "adapter", config, adapters, base_model=str(folder))
     with_peft = peft.PeftModel.from_pretrained(hf_model(config, seed=5), tmp_path / "adapter").eval()
     theirs = _torch_logits(with_peft, ids)
     assert np.abs(theirs - _torch_logits(reference, ids)).max() > 100 * TOL  # the adapters matter
@@ -86,7 +86,7 @@ def test_peft_export_matches_peft_and_merged_matches_transformers(base, tmp_path
     assert np.abs(_torch_logits(loaded, ids) - ours).max() <= TOL
     assert np.abs(np.asarray(model.forward(config, merged, ids)) - ours).max() <= TOL
 
-    back = lora.load_peft(tmp_path / "adapter", config)
+    back = peft_io.load_peft(tmp_path / "adapter", config)
     assert back.config == cfg
     for x, y in zip(jax.tree.leaves(back.params), jax.tree.leaves(adapters.params)):
         assert np.array_equal(np.asarray(x), np.asarray(y))
@@ -100,7 +100,7 @@ def test_import_of_a_folder_trained_with_peft(base, tmp_path):
                                   init_lora_weights=False, task_type="CAUSAL_LM")
     theirs = peft.get_peft_model(hf_model(config, seed=5), peft_config).eval()
     theirs.save_pretrained(tmp_path / "theirs")
-    adapters = lora.load_peft(tmp_path / "theirs", config)
+    adapters = peft_io.load_peft(tmp_path / "theirs", config)
     assert adapters.config.targets == ("k", "o", "up") and adapters.config.rank == 8
     ids = _ids(config.vocab_size, seed=3)
     ours = np.asarray(model.forward(config, params, ids, adapters=adapters))
@@ -112,7 +112,7 @@ def test_bad_peft_folder_is_a_clear_error(base, tmp_path):
     (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "lora_alpha": 8, '
                                                   '"target_modules": ["q_proj", "lm_head"]}')
     with pytest.raises(ValueError, match=r"adapter_config.json: target_modules \['lm_head'\]"):
-        lora.load_peft(tmp_path, config)
+        peft_io.load_peft(tmp_path, config)
     with pytest.raises(ValueError, match="unknown LoRA target"):
         lora.LoraConfig(targets=("q", "qkv"))
 
@@ -129,7 +129,7 @@ def test_train_step_updates_adapters_only_with_adapter_sized_optimizer_state(bas
                           base_dtype="float32")
     fns.frozen = jax.device_put(params, fns.frozen_shardings)
     before = jax.tree.map(np.asarray, params)
-    adapters = lora.init_adapters(config, cfg, jax.random.key(0))
+    adapters = model.init_adapters(config, cfg, jax.random.key(0))
     state = {"params": adapters, "opt_state": optimizer.init(adapters), "step": jnp.int32(0)}
 
     adapter_count = lora.num_params(adapters)
@@ -173,9 +173,9 @@ def test_base_in_host_memory_trains_exactly_like_a_base_on_device(base):
     results = []
     for on_host in (False, True):
         fns, optimizer = _lora_step(config, cfg, "float32", on_host)
-        fns.frozen = lora.load_base(config, init_from=str(folder), base_dtype="float32",
+        fns.frozen = runs.load_base(config, init_from=str(folder), base_dtype="float32",
                                     shardings=fns.frozen_shardings)
-        adapters = lora.init_adapters(config, cfg, jax.random.key(0))
+        adapters = model.init_adapters(config, cfg, jax.random.key(0))
         state = {"params": adapters, "opt_state": optimizer.init(adapters), "step": jnp.int32(0)}
         losses = []
         for _ in range(2):
@@ -192,7 +192,7 @@ def test_base_in_host_memory_trains_exactly_like_a_base_on_device(base):
     assert {kind(x) for x in jax.tree.leaves((layers["attn"], layers["mlp"], frozen["embed"],
                                               frozen["lm_head"]))} == {"pinned_host"}
     assert {kind(x) for x in jax.tree.leaves((layers["attn_norm"], frozen["final_norm"]))} == {"device"}
-    with pytest.raises(ValueError, match="--base-on-host needs --base-dtype bf16 or float32"):
+    with pytest.raises(ValueError, match="--base-on-host needs --base-dtype bfloat16 or float32"):
         _lora_step(config, cfg, "int8", True)
 
 
@@ -211,11 +211,11 @@ def test_base_on_host_keeps_about_one_layer_of_it_in_hbm_on_tpu():
                            num_kv_heads=2, head_dim=128, rope_theta=1e4, sliding_window=None,
                            max_position_embeddings=4096, rms_norm_eps=1e-5, remat="full", attention_impl="xla")
     cfg = lora.LoraConfig(rank=4, alpha=8)
-    fns, optimizer = _lora_step(config, cfg, "bf16", True, make_mesh(MeshConfig(), topology.devices()))
-    adapters = lora.adapter_shapes(config, cfg)
+    fns, optimizer = _lora_step(config, cfg, "bfloat16", True, make_mesh(MeshConfig(), topology.devices()))
+    adapters = model.adapter_shapes(config, cfg)
     state = abstract_state({"params": adapters, "opt_state": jax.eval_shape(optimizer.init, adapters),
                             "step": jax.ShapeDtypeStruct((), jnp.int32)}, fns.state_shardings)
-    shapes = lora.base_shapes(config, "bf16")
+    shapes = runs.base_shapes(config, "bfloat16")
     tokens = jax.ShapeDtypeStruct((1, 256), jnp.int32, sharding=fns.batch_sharding)
     batch = {"input_ids": tokens, "loss_mask": jax.ShapeDtypeStruct((1, 256), jnp.bool_, sharding=fns.batch_sharding),
              "segment_ids": tokens, "positions": tokens}

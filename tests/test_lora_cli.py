@@ -18,7 +18,7 @@ import transformers
 
 from data_gen.shards import TokenizedExample, write_shards
 from hf_reference import hf_model, tiny_config
-from jaxtrain import lora, model
+from jaxtrain import model, runs
 from jaxtrain.__main__ import main
 from jaxtrain.checkpoint import Checkpointer
 
@@ -85,7 +85,8 @@ def test_lora_train_resume_and_exports(setup, tmp_path):
     assert main(["export", "--checkpoint", str(reference), "--out", str(tmp_path / "merged"), "--dtype", "float32",
                  "--merged"]) == 0
     assert main(["export", "--checkpoint", str(reference), "--out", str(tmp_path / "adapter"), "--peft"]) == 0
-    run_config, base, adapters, _ = lora.load_run(reference, base_dtype="float32")
+    run = runs.load_run(reference, weights="float32")
+    run_config, base, adapters = run.config, run.params, run.adapters
     ids = np.random.default_rng(1).integers(3, 32000, size=(2, 10)).astype(np.int32)
     ours = np.asarray(model.forward(run_config, base, ids, adapters=adapters))
     with torch.no_grad():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hf_reference import hf_model, tiny_config
-from jaxtrain import model
+from jaxtrain import generate, kv_cache, model
 from jaxtrain.hf_io import load_pretrained
 
 CASES = {
@@ -61,13 +61,13 @@ def test_right_padded_batch_matches_unpadded_reference(tmp_path):
 
 @pytest.mark.parametrize("per_layer", [False, True])
 def test_last_positions_alone_match_transformers(tmp_path, per_layer):
-    """`hidden_states(last=n)` (generation and scoring ask for 1 or a continuation's span; a per-layer
-    model's final layer computes only those rows) equals transformers' last n final-norm hidden states, in
-    a plain forward and in a prefill that fills the cache, for a left-padded batch."""
+    """`generate.forward_rows(last=n)` (generation and scoring ask for 1 or a continuation's span; with
+    per-layer weights the final layer computes only those rows) equals transformers' last n final-norm hidden
+    states, in a plain forward and in a prefill that fills the cache, for a left-padded batch."""
     config = tiny_config(num_kv_heads=2, num_layers=3)
     reference, ours_config, params = _load_both(tmp_path, config)
     if per_layer:
-        params = model.unstack_layers(params)
+        params = kv_cache.unstack_layers(params)
         assert sorted(k for k in params if k.startswith("layers")) == ["layers_0", "layers_1", "layers_2"]
     rng = np.random.default_rng(6)
     pad, seq_len = 5, 19
@@ -80,10 +80,9 @@ def test_last_positions_alone_match_transformers(tmp_path, per_layer):
         full = reference.model(torch.tensor(ids[1:])).last_hidden_state.numpy()[0]
     inputs = (jnp.asarray(ids, jnp.int32), jnp.asarray(pos), jnp.asarray(seg))
     for last in (1, 4):
-        plain, _ = model.apply(ours_config, params, *inputs, last=last, method=model.Mistral.hidden_states)
-        cache = model.init_cache(ours_config, 2, seq_len + 4, per_layer=per_layer)
-        prefill, _ = model.apply(ours_config, params, *inputs, cache, empty_cache=True, last=last,
-                                 method=model.Mistral.hidden_states)
+        plain, _ = generate.forward_rows(ours_config, params, *inputs, last=last)
+        cache = kv_cache.init_cache(ours_config, 2, seq_len + 4, per_layer=per_layer)
+        prefill, _ = generate.forward_rows(ours_config, params, *inputs, cache=cache, empty_cache=True, last=last)
         for got in (plain, prefill):
             assert got.shape == (2, last, config.hidden_size)
             np.testing.assert_allclose(got[0], short[-last:], atol=1e-4, rtol=0)

@@ -8,9 +8,9 @@ import pytest
 import qwix
 import torch
 
-from eval.decode import Generator
 from hf_reference import hf_model, tiny_config
-from jaxtrain import lora, model, quant
+from jaxtrain import hf_io, lora, model, quant, runs
+from jaxtrain.generate import Generator
 from jaxtrain.hf_io import load_pretrained
 
 
@@ -38,7 +38,7 @@ def models(tmp_path_factory):
     reference.save_pretrained(folder)
     overrides = dict(dtype="float32")
     _, fp32 = load_pretrained(folder, config_overrides=overrides)
-    config, int8 = quant.load_quantized(folder, config_overrides=overrides)
+    config, int8 = hf_io.load_quantized(folder, config_overrides=overrides)
     return folder, config, fp32, int8
 
 
@@ -66,7 +66,7 @@ def test_int8_greedy_next_tokens_agree_with_fp32(models):
     # The decoder runs the int8 base with unmerged adapters (zero B): every token it emits is the int8
     # model's own greedy choice (a full forward over prompt + emitted tokens).
     cfg = lora.LoraConfig(rank=2, alpha=4)
-    adapters = lora.Adapters(lora.init_adapters(config, cfg, jax.random.key(0)), cfg)
+    adapters = lora.Adapters(model.init_adapters(config, cfg, jax.random.key(0)), cfg)
     prompts = [ids[i, :n].tolist() for i, n in enumerate((5, 20, 33, 9))]
     out = Generator(config, int8, batch_size=4, adapters=adapters).generate(prompts, max_new_tokens=8, progress=False)
     for prompt, generation in zip(prompts, out):
@@ -77,11 +77,11 @@ def test_int8_greedy_next_tokens_agree_with_fp32(models):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_base_shapes_describe_the_int8_base_the_loader_builds(models, dtype):
-    """What AOT compiles and restores against (`lora.base_shapes`) is what `load_quantized` returns:
+    """What AOT compiles and restores against (`runs.base_shapes`) is what `load_quantized` returns:
     int8 projections with float32 scales, the embedding, LM head and norms in the compute dtype."""
     folder = models[0]
-    config, loaded = quant.load_quantized(folder, config_overrides=dict(dtype=dtype))
-    shapes = lora.base_shapes(config, "int8")
+    config, loaded = hf_io.load_quantized(folder, config_overrides=dict(dtype=dtype))
+    shapes = runs.base_shapes(config, "int8")
     assert jax.tree.structure(shapes) == jax.tree.structure(loaded)
     for want, got in zip(jax.tree.leaves(shapes), jax.tree.leaves(loaded)):
         assert (want.shape, want.dtype) == (got.shape, got.dtype)

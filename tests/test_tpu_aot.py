@@ -128,11 +128,11 @@ def test_decode_step_compiles_for_v5e_8(capsys, tmp_path):
     # Both programs lay the cache out alike (split by batch), so the chunk updates the donated one in place.
     assert prefill["output_bytes"] < cache / 4 and chunk["output_bytes"] - chunk["alias_bytes"] < 2**16
     assert report["per_chip_bytes"] == max(prefill["per_chip_bytes"], chunk["per_chip_bytes"])
-    assert report["options"]["remat"] == "none" and report["options"]["base_dtype"] == "bf16"
+    assert report["options"]["remat"] == "none" and report["options"]["base_dtype"] == "bfloat16"
     assert "greedy decode" in lines[0] and "prompt 200 (bucket 256) + 20 new tokens" in lines[0]
 
 
-def test_decode_chunk_updates_the_kv_cache_in_place(capsys, tmp_path):
+def testdecode_chunk_updates_the_kv_cache_in_place(capsys, tmp_path):
     """Issue #10: the chunk's temporaries stay below one layer's share of the cache. (A cache scanned
     through the layers was rebuilt as a second stacked copy: 0.75x the cache here, 1.4x for a 7B.)"""
     config, model = model_folder(tmp_path, hidden=1024, num_kv_heads=8, num_layers=4)

@@ -385,15 +385,15 @@ def test_recipe_lora_on_one_chip(tmp_path):
                          ["env", "JAX_PLATFORMS=cpu", *py, "jaxtrain", "export", "--checkpoint", run,
                           "--out", f"{work}/hf/template-seed0", "--merged"]]
 
-    bf16 = recipe_commands(tmp_path, WORK=work, BASE_MODEL=base, EVAL_DATA="/d", LORA_RANK="8", BASE_DTYPE="bf16",
+    bf16 = recipe_commands(tmp_path, WORK=work, BASE_MODEL=base, EVAL_DATA="/d", LORA_RANK="8", BASE_DTYPE="bfloat16",
                            LR="1e-4", TRAIN_ARGS="--lora-dropout 0.05", EXPORT_MERGED="0", CKPT_ROOT=CKPT,
                            EVAL_ARGS="--batch-size 2")
     train = next(c for c in bf16 if c[:4] == [*py, "jaxtrain", "train"])
     assert train[train.index("--lr") + 1] == "1e-4"
-    assert train[train.index("--resume") + 1:] == ["--lora-rank", "8", "--base-dtype", "bf16", "--lora-dropout", "0.05"]
+    assert train[train.index("--resume") + 1:] == ["--lora-rank", "8", "--base-dtype", "bfloat16", "--lora-dropout", "0.05"]
     evals = [c for c in bf16 if c[:3] == [*py, "eval"] and c[3] != "compare"]
     assert len(evals) == (6 + 6) + 6 * (6 + 1)
-    assert all(c[c.index("--base-dtype") + 1] == "bf16" and c[-2:] == ["--batch-size", "2"] for c in evals)
+    assert all(c[c.index("--base-dtype") + 1] == "bfloat16" and c[-2:] == ["--batch-size", "2"] for c in evals)
     assert not any("export" in c for c in bf16)
     # a run in a bucket is copied here first: python -m eval reads local folders
     i = bf16.index(train)
@@ -405,10 +405,10 @@ def test_recipe_lora_on_one_chip(tmp_path):
     # the long-context recipe evaluates its LoRA runs the same way; BASE_EVAL_DTYPE picks the base's dtype
     proc = sh(SCRIPTS / "recipes" / "paper_mistral7b_v02_24k.sh", "--dry-run",
               env=clean_env(tmp_path, WORK=work, BASE_MODEL="/m", EVAL_DATA="/d", LORA_RANK="16",
-                            BASE_EVAL_DTYPE="bf16", EXPORT_MERGED="0"))
+                            BASE_EVAL_DTYPE="bfloat16", EXPORT_MERGED="0"))
     evals = [shlex.split(line) for line in proc.stdout.splitlines() if line.startswith("python3 -m eval synthetic")]
-    assert [c[3:10] for c in evals] == [["synthetic", "--model", "/m", "--base-dtype", "bf16", *synthetic],
-                                        ["synthetic", "--model", run, "--base", "/m", "--base-dtype", "bf16"]]
+    assert [c[3:10] for c in evals] == [["synthetic", "--model", "/m", "--base-dtype", "bfloat16", *synthetic],
+                                        ["synthetic", "--model", run, "--base", "/m", "--base-dtype", "bfloat16"]]
 
 
 def test_long_context_recipe_shares_the_steps(tmp_path):
@@ -446,7 +446,7 @@ def test_long_context_recipe_shares_the_steps(tmp_path):
     ({"TINY": "1", "VARIANTS": "templat"}, "VARIANTS takes template and notemplate"),
     ({"TINY": "1", "LORA_RANK": "r16"}, "LORA_RANK must be a whole number"),
     ({"TINY": "1", "LORA_RANK": "16", "EVAL_ARGS": "--dtype bfloat16"}, "drop --dtype"),
-    ({"TINY": "1", "LORA_RANK": "16", "BASE_EVAL_DTYPE": "fp8"}, "BASE_EVAL_DTYPE takes int8, bf16 or float32"),
+    ({"TINY": "1", "LORA_RANK": "16", "BASE_EVAL_DTYPE": "fp8"}, "BASE_EVAL_DTYPE takes int8, bfloat16 or float32"),
     ({"TINY": "1", "LORA_RANK": "16", "EXPORT_MERGED": "yes"}, "EXPORT_MERGED takes 1"),
 ])
 def test_recipe_refuses_bad_settings(tmp_path, env, message):

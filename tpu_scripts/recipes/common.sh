@@ -41,7 +41,7 @@ recipe_settings() {
   [[ $LORA_RANK =~ ^[0-9]+$ ]] || die "LORA_RANK must be a whole number (0: full finetune), not '$LORA_RANK'"
   if ((LORA_RANK > 0)); then
     : "${LR:=2e-4}" "${TRAIN_ARGS=--remat offload_input}" "${EVAL_ARGS=--batch-size 1}"
-    [[ $BASE_EVAL_DTYPE =~ ^(int8|bf16|float32)$ ]] || die "BASE_EVAL_DTYPE takes int8, bf16 or float32, not '$BASE_EVAL_DTYPE'"
+    [[ $BASE_EVAL_DTYPE =~ ^(int8|bfloat16|float32)$ ]] || die "BASE_EVAL_DTYPE takes int8, bfloat16 or float32, not '$BASE_EVAL_DTYPE'"
     [[ " $EVAL_ARGS " != *" --dtype"* ]] || die "EVAL_ARGS='$EVAL_ARGS': with LORA_RANK the weights' dtype is BASE_EVAL_DTYPE (--base-dtype); drop --dtype"
     [[ $EXPORT_MERGED =~ ^[01]$ ]] || die "EXPORT_MERGED takes 1 (write the merged Hugging Face folders) or 0, not '$EXPORT_MERGED'"
     TRAIN_FLAGS=(--lora-rank "$LORA_RANK" --base-dtype "$BASE_DTYPE")

@@ -31,8 +31,8 @@
 #                 e.g. Colab's v5e-1: LORA_RANK=16 GRAD_ACCUM=16); LR then defaults to 2e-4, TRAIN_ARGS to
 #                 "--remat offload_input" (8.7 GiB of 15.75 on a v5e-1, docs/lora.md) and EVAL_ARGS to
 #                 "--batch-size 1" (no --dtype: BASE_EVAL_DTYPE sets it).
-#                 BASE_DTYPE (int8) is the frozen base's dtype in training (int8 or bf16; docs/lora.md),
-#                 BASE_EVAL_DTYPE (default BASE_DTYPE; int8, bf16 or float32) the base's dtype in evaluation,
+#                 BASE_DTYPE (int8) is the frozen base's dtype in training (int8 or bfloat16; docs/lora.md),
+#                 BASE_EVAL_DTYPE (default BASE_DTYPE; int8, bfloat16 or float32) the base's dtype in evaluation,
 #                 of the base model and under the adapters alike. EXPORT_MERGED (1) ends the recipe with each
 #                 run merged into its base as a Hugging Face folder, on the host (~27 GiB of host memory for
 #                 the 7B; 0 skips it: the run folder keeps the adapters for a later `jaxtrain export`)

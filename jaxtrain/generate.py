@@ -1,13 +1,19 @@
-"""Batched generation and log-likelihood scoring with a KV cache, in JAX.
+"""Batched generation and log-likelihood scoring with a KV cache, in JAX: the decoder that eval, the AOT
+decode step and the demo all call.
 
 Shapes are fixed per (batch size, prompt bucket, max new tokens) so each combination compiles once:
-prompts are left-padded to a length bucket (`bucket_length`; padding gets segment id 0 and never enters the cache),
-the prompt is prefilled in one pass, then single-token steps run inside `lax.while_loop` in chunks. Between
-chunks the host checks stop strings, so rows stop on `</s>` (on device) or on any stop string (on the
-host) without decoding text on every step. The cache is a ring buffer of the sliding window
-(`jaxtrain.model.init_cache`), so prompts longer than the window decode exactly like `transformers`.
-The weights may be int8 (`jaxtrain.quant`) and LoRA adapters may ride along unmerged (`adapters`), so a
-7B base and its finetune both decode on one 16 GiB chip.
+prompts are left-padded to a length bucket (`bucket_length`; padding gets segment id 0 and never enters
+the cache), the prompt is prefilled in one pass (`prefill`), then single-token steps run inside
+`lax.while_loop` in chunks (`decode_chunk`). Between chunks the host checks stop strings, so rows stop on
+`</s>` (on device) or on any stop string (on the host) without decoding text on every step. The cache is
+a ring buffer of the sliding window (`jaxtrain.kv_cache`), so prompts longer than the window decode
+exactly like `transformers`. The weights may be int8 (`jaxtrain.quant`) and LoRA adapters may ride along
+unmerged (`adapters`), so a 7B base and its finetune both decode on one 16 GiB chip.
+
+The forward pass of decoding (`forward_rows`) runs the model's own `DecoderLayer` layer by layer with
+each layer's view of the cache (`jaxtrain.kv_cache.LayerCache`): a scan over the stacked weights, or on
+XLA:CPU a Python loop over per-layer weights and buffers. Only the final layer's requested rows are
+computed there (`last`: the row a prefill samples from, or a continuation's span).
 """
 
 from __future__ import annotations
@@ -18,14 +24,17 @@ import functools
 import time
 from collections.abc import Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from data_gen.tokenizer import EOS_ID, decode
-from jaxtrain import attention, model
+from data_gen.chat import encode_prompt
+from data_gen.tokenizer import BOS_ID, EOS_ID, decode, encode
+from jaxtrain import attention, kv_cache, model
 from jaxtrain.config import MistralConfig
+from jaxtrain.sharding import rules_for
 
 MIN_BUCKET = 32
 FINE_BUCKETS_FROM = 1024    # above this, four buckets per doubling instead of one
@@ -97,18 +106,92 @@ def _sample(logits, rng, temperature, top_p, greedy: bool):
     return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
+def _layer_variables(tree, adapters, key):
+    """The Flax variables of one layer (`key` "layers_i"), or of the stack ("layers") for a scan."""
+    out = {"params": tree[key]}
+    if adapters is not None:
+        out["lora"] = adapters.params[key]
+    return out
+
+
+def forward_rows(config: MistralConfig, params, ids, positions, segments, *, cache=None, empty_cache=False,
+                 last: int | None = None, adapters=None):
+    """Final-norm hidden states of the last `last` rows [B, last, D] (all rows if None) and the updated
+    cache (None without one).
+
+    `cache` (`kv_cache.init_cache`) receives every row's keys and values; `empty_cache`: it holds nothing
+    yet (a prefill), so there is nothing in it to attend to. `params` stacked (a scan over layers) or
+    from `kv_cache.unstack_layers` (a Python loop over per-layer weights and buffers); the per-layer
+    loop computes only the `last` rows in its final layer (half of a 2-layer model's 4K prefill). On TPU
+    the scan does not: a `cond` doing that inside it raised a prefill's temporaries by 0.8-3 GiB to save
+    1/32 of its FLOPs.
+    """
+    lora = None if adapters is None else adapters.config
+    net, layer = model.Mistral(config, lora=lora), model.DecoderLayer(config, lora)
+    top = model.variables({k: v for k, v in params.items() if not k.startswith("layers")})
+    if cache is None and not kv_cache.is_per_layer(params):
+        hidden = net.apply(model.variables(params, adapters), ids, positions, segments,
+                           method=model.Mistral.hidden_states)
+        return (hidden if last is None else hidden[:, -last:]), None
+    x = net.apply(top, ids, method=model.Mistral.embed_tokens)
+    held = None
+    if cache is not None:
+        cache = kv_cache.constrain_cache(cache)
+        held = None if empty_cache else cache["positions"]
+    if kv_cache.is_per_layer(params):
+        ks, vs = (list(cache[name]) if cache is not None else [None] * config.num_layers for name in "kv")
+        for i in range(config.num_layers):
+            view = None if cache is None else kv_cache.LayerCache(ks[i], vs[i], held)
+            rows = last if i == config.num_layers - 1 else None
+            x, view = layer.apply(_layer_variables(params, adapters, f"layers_{i}"), x, positions, segments, view,
+                                  rows)
+            if view is not None:
+                ks[i], vs[i] = view.k, view.v
+        new_kv = {"k": tuple(ks), "v": tuple(vs)}
+    elif held is not None and ids.shape[1] == 1:
+        # A decode step of the scan: the stack is read as a broadcast, each layer's new key and value
+        # leave the loop, and all layers' are written after it.
+        def step(x, scanned):
+            variables, i = scanned
+            view = kv_cache.LayerCache(cache["k"], cache["v"], held, i, write=False)
+            x, view = layer.apply(variables, x, positions, segments, view)
+            return x, view.new
+
+        x, new = jax.lax.scan(step, x, (_layer_variables(params, adapters, "layers"), jnp.arange(config.num_layers)))
+        new_kv = dict(zip("kv", kv_cache.write_stacked(cache["k"], cache["v"], slice(None), new["k"], new["v"],
+                                                        positions, segments)))
+    else:
+        # A prefill: the stack is carried (one buffer, donated, each layer writing its own keys in place;
+        # scanned in and out layer by layer it would be a second, stacked copy).
+        def prefill_layer(carry, scanned):
+            x, k, v = carry
+            variables, i = scanned
+            x, view = layer.apply(variables, x, positions, segments, kv_cache.LayerCache(k, v, held, i))
+            return (x, view.k, view.v), None
+
+        (x, k, v), _ = jax.lax.scan(prefill_layer, (x, cache["k"], cache["v"]),
+                                    (_layer_variables(params, adapters, "layers"), jnp.arange(config.num_layers)))
+        new_kv = {"k": k, "v": v}
+    x = net.apply(top, x if last is None else x[:, -last:], method=model.Mistral.normed)
+    if cache is None:
+        return x, None
+    positions_after = kv_cache.write_positions(cache["positions"], positions, segments)
+    return x, kv_cache.constrain_cache({**new_kv, "positions": positions_after})
+
+
 def _step_logits(config, params, adapters, ids, positions, segments, cache, empty_cache=False):
     """Append tokens to the cache; return logits of each row's last token and the new cache."""
-    hidden, cache = model.apply(config, params, ids, positions, segments, cache, empty_cache=empty_cache, last=1,
-                                adapters=adapters, method=model.Mistral.hidden_states)
+    hidden, cache = forward_rows(config, params, ids, positions, segments, cache=cache, empty_cache=empty_cache,
+                                 last=1, adapters=adapters)
     return model.logits_from_hidden(config, params, hidden[:, -1]), cache
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "greedy"))
-def _prefill(params, adapters, ids, positions, segments, rng, temperature, top_p, *, config, max_new_tokens,
-             greedy):
+def prefill(params, adapters, ids, positions, segments, rng, temperature, top_p, *, config, max_new_tokens,
+            greedy):
+    """Prefill left-padded prompts into an empty cache and sample each row's first token: the decode state."""
     batch, length = ids.shape
-    cache = model.init_cache(config, batch, length + max_new_tokens, per_layer=model.is_per_layer(params))
+    cache = kv_cache.init_cache(config, batch, length + max_new_tokens, per_layer=kv_cache.is_per_layer(params))
     logits, cache = _step_logits(config, params, adapters, ids, positions, segments, cache, empty_cache=True)
     rng, sub = jax.random.split(rng)
     first = _sample(logits, sub, temperature, top_p, greedy)
@@ -120,7 +203,7 @@ def _prefill(params, adapters, ids, positions, segments, rng, temperature, top_p
 
 
 @functools.partial(jax.jit, static_argnames=("config", "greedy"), donate_argnames=("state",))
-def _decode_chunk(params, adapters, state, temperature, top_p, *, config, greedy):
+def decode_chunk(params, adapters, state, temperature, top_p, *, config, greedy):
     """Up to CHUNK_STEPS single-token steps; stops early once every row is done."""
     max_new = state["tokens"].shape[1]
     stop_at = jnp.minimum(state["step"] + CHUNK_STEPS, max_new)
@@ -145,10 +228,9 @@ def _decode_chunk(params, adapters, state, temperature, top_p, *, config, greedy
 
 
 @functools.partial(jax.jit, static_argnames=("config", "span"))
-def _continuation_scores(params, adapters, ids, positions, segments, targets, *, config, span):
+def continuation_scores(params, adapters, ids, positions, segments, targets, *, config, span):
     """Log-probabilities and greedy flags of the last `span` tokens of left-padded rows."""
-    hidden, _ = model.apply(config, params, ids, positions, segments, last=span + 1, adapters=adapters,
-                            method=model.Mistral.hidden_states)
+    hidden, _ = forward_rows(config, params, ids, positions, segments, last=span + 1, adapters=adapters)
     logits = model.logits_from_hidden(config, params, hidden[:, :-1])
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     chosen = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
@@ -169,12 +251,12 @@ class Generator:
         applied unmerged. With `mesh` (params sharded on it), decoding runs under the mesh and the named
         logical-axis `rules`, as training does, so the model's sharding constraints (the KV cache's
         included) apply. `per_layer` (default: on XLA:CPU without a mesh) holds a copy of the weights and
-        the KV cache one buffer per layer (`jaxtrain.model.Mistral`): decode steps 1.4-1.8x faster there."""
+        the KV cache one buffer per layer (`jaxtrain.kv_cache`): decode steps 1.4-1.8x faster there."""
         if per_layer is None:
             per_layer = model.on_xla_cpu(config) and mesh is None
         if per_layer:
-            params = model.unstack_layers(params)
-            adapters = None if adapters is None else adapters.replace(params=model.unstack_layers(adapters.params))
+            params = kv_cache.unstack_layers(params)
+            adapters = None if adapters is None else adapters.replace(params=kv_cache.unstack_layers(adapters.params))
         self.config, self.params, self.batch_size, self.mesh, self.rules = config, params, batch_size, mesh, rules
         self.adapters = adapters
         self.max_length = max_length or config.max_position_embeddings
@@ -183,10 +265,6 @@ class Generator:
     def _sharding(self) -> contextlib.AbstractContextManager:
         if self.mesh is None:
             return contextlib.nullcontext()
-        import flax.linen as nn
-
-        from jaxtrain.sharding import rules_for
-
         stack = contextlib.ExitStack()
         stack.enter_context(jax.set_mesh(self.mesh))
         stack.enter_context(nn.logical_axis_rules(rules_for(self.rules)))
@@ -233,13 +311,13 @@ class Generator:
             rng, sub = jax.random.split(rng)
             kwargs = dict(config=self.config, greedy=greedy)
             start = time.perf_counter()
-            state = _prefill(self.params, self.adapters, ids, positions, segments, sub, temperature, top_p,
-                             max_new_tokens=max_new_tokens, **kwargs)
-            prefill, steps_before = True, 1
+            state = prefill(self.params, self.adapters, ids, positions, segments, sub, temperature, top_p,
+                            max_new_tokens=max_new_tokens, **kwargs)
+            in_prefill, steps_before = True, 1
             stopped = [False] * len(rows)
             while True:
                 done = np.asarray(state["done"])
-                if prefill:
+                if in_prefill:
                     timings.prefill_s += time.perf_counter() - start
                     timings.prompt_tokens += sum(map(len, rows))
                 else:
@@ -256,8 +334,8 @@ class Generator:
                         state["done"] = jnp.asarray(done | np.pad(stopped, (0, len(done) - len(rows))))
                 if bool(np.asarray(state["done"]).all()) or int(state["step"]) >= max_new_tokens:
                     break
-                start, prefill = time.perf_counter(), False
-                state = _decode_chunk(self.params, self.adapters, state, temperature, top_p, **kwargs)
+                start, in_prefill = time.perf_counter(), False
+                state = decode_chunk(self.params, self.adapters, state, temperature, top_p, **kwargs)
             tokens, counts = np.asarray(state["tokens"]), np.asarray(state["count"])
             for r, i in enumerate(chunk):
                 ids_out = tokens[r, :counts[r]].tolist()
@@ -291,9 +369,42 @@ class Generator:
             span = min(bucket_length(max(spans[i] for i in chunk), minimum=1), length - 1)
             ids, positions, segments = left_pad(batch_rows, length, self.batch_size)
             targets = ids[:, -span:]
-            logprobs, greedy = _continuation_scores(self.params, self.adapters, ids, positions, segments, targets,
+            logprobs, greedy = continuation_scores(self.params, self.adapters, ids, positions, segments, targets,
                                                     config=self.config, span=span)
             logprobs, greedy = np.asarray(logprobs), np.asarray(greedy)
             for r, i in enumerate(chunk):
                 n = spans[i]
                 results[i] = (float(logprobs[r, -n:].sum()), bool(greedy[r, -n:].all()))
+
+
+# --- Prompts: text to token ids, the way the reference evaluations do --------------------------------
+# Two conventions:
+# - plain text (lm-evaluation-harness with a Hugging Face Mistral tokenizer, which adds BOS): `[BOS] + encode`;
+#   a (context, continuation) pair is encoded whole and split after the context's tokens, with the context's
+#   trailing whitespace moved to the continuation (the harness's `_encode_pair`), so the continuation gets
+#   the tokens it has inside the full text;
+# - chat (Mistral-Instruct, `data_gen.chat.encode_prompt`): the prompt is one user turn and the answer is
+#   encoded on its own, exactly as an assistant turn is in training data.
+
+def encode_text(text: str) -> list[int]:
+    """`[BOS] + ids(text)`: a plain-text prompt."""
+    return [BOS_ID, *encode(text)]
+
+
+def encode_pair(context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids with BOS, continuation ids) for log-likelihood scoring of plain-text prompts."""
+    stripped = context.rstrip()
+    continuation = context[len(stripped):] + continuation
+    whole = encode_text(stripped + continuation)
+    context_ids = encode_text(stripped)
+    return context_ids, whole[len(context_ids):]
+
+
+def encode_chat_pair(context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(`<s>[INST] context [/INST]`, ids of the stripped continuation) for chat-formatted scoring."""
+    return encode_prompt(context.strip()), encode(continuation.strip())
+
+
+def encode_generation_prompt(text: str, *, chat: bool) -> list[int]:
+    """A generation prompt in either convention (the chat form strips the text: it is a user message)."""
+    return encode_prompt(text.strip()) if chat else encode_text(text)

@@ -1,9 +1,9 @@
-"""`make demo` (`python -m jaxtrain.demo`): the whole pipeline on CPU in about ten minutes.
+"""`make demo` (`python -m eval.demo`): the whole pipeline on CPU in about ten minutes.
 
 generate (data_gen's task as multi-question training chats) → shards → pretrain a small Mistral from scratch
 on dictionary recall with a widening key-value separator, then finetune it on the paper's key-value
 retrieval chats (both with `jaxtrain.train.train`, the code behind `python -m jaxtrain train`) → held-out
-retrieval accuracy at each stage (greedy decoding with `eval.decode.Generator`, single-question prompts in
+retrieval accuracy at each stage (greedy decoding with `jaxtrain.generate.Generator`, single-question prompts in
 the paper's format, exact match of value / dictionary / both) → LoRA on a harder variant of the task, on a
 float32 and on an int8 base → export to a Hugging Face folder → reload it with `transformers`.
 
@@ -24,9 +24,19 @@ from pathlib import Path
 import numpy as np
 
 from data_gen.chat import encode_chat
+from data_gen.shards import TokenizedExample, write_shards
 from data_gen.tasks import TaskConfig, dumps_record, generate_split, multi_question_split
+from data_gen.tokenizer import encode
 from data_gen.warmup import SEPARATORS, dictionary_recall
+from eval.synthetic import parse_answer, read_synthetic
+from jaxtrain import model, runs
+from jaxtrain.__main__ import ExportConfig, export
+from jaxtrain.checkpoint import CheckpointConfig, load_params_from_run
 from jaxtrain.config import MistralConfig
+from jaxtrain.generate import Generator, encode_generation_prompt
+from jaxtrain.hf_io import load_pretrained, load_quantized
+from jaxtrain.lora import LoraSettings
+from jaxtrain.train import OptimizerConfig, TrainConfig, train
 
 # The demo model: plain Mistral architecture (exports to Hugging Face), 2 layers of width 128, 4 heads of 32.
 DEMO_MODEL = MistralConfig.preset("demo")
@@ -109,17 +119,14 @@ class _Stages:
 
 
 def _train_config(cfg: DemoConfig, data: Path, out: Path, steps: int, batch: int, init_from: Path | None, *,
-                  lr: float | None = None, **lora):
-    from jaxtrain.checkpoint import CheckpointConfig
-    from jaxtrain.train import OptimizerConfig, TrainConfig
-
+                  lr: float | None = None, adapters: LoraSettings | None = None):
     return TrainConfig(
         data=str(data), out=str(out), model="demo", init_from=str(init_from) if init_from else None,
         dtype="float32", remat="none", epochs=10**6, max_steps=steps, global_batch=batch, seed=cfg.seed,
         log_every=10, progress=cfg.progress,
         optimizer=OptimizerConfig(lr=lr or cfg.lr, schedule="constant", warmup_ratio=cfg.warmup_ratio,
                                   weight_decay=cfg.weight_decay, b2=cfg.b2),
-        checkpoint=CheckpointConfig(save_every=10**9, keep=1), **lora)
+        checkpoint=CheckpointConfig(save_every=10**9, keep=1), adapters=adapters or LoraSettings())
 
 
 def write_data(cfg: DemoConfig, task: TaskConfig, data_dir: Path) -> tuple[Path, Path]:
@@ -142,9 +149,6 @@ def encode_multi_question(record: dict):
     """Token ids of a training chat; the loss covers the first (paper-format) answer whole and only the
     digits (key, value, dictionary) of the follow-up answers: their fixed words are learnt from the first
     answer, and every supervised token costs a 32000-wide output projection on this CPU."""
-    from data_gen.shards import TokenizedExample
-    from data_gen.tokenizer import encode
-
     messages = record["messages"]
     chat = encode_chat(messages)
     first = len(encode_chat(messages[:2]).input_ids)
@@ -156,8 +160,6 @@ def encode_multi_question(record: dict):
 
 def write_demo_shards(train_file: Path, shard_dir: Path, progress: bool) -> dict:
     """One length bucket just above the longest chat (every batch compiles to the same shape)."""
-    from data_gen.shards import write_shards
-
     with open(train_file, encoding="utf-8") as f:
         examples = [encode_multi_question(json.loads(line)) for line in f]
     bucket = -(-max(len(ex.input_ids) for ex in examples) // 64) * 64
@@ -166,11 +168,6 @@ def write_demo_shards(train_file: Path, shard_dir: Path, progress: bool) -> dict
 
 def retrieval_accuracy(config: MistralConfig, params, eval_file: Path, progress: bool, adapters=None) -> dict:
     """Greedy answers to the held-out prompts, scored like `python -m eval synthetic`."""
-    from data_gen.tokenizer import encode
-    from eval.decode import Generator
-    from eval.synthetic import parse_answer, read_synthetic
-    from eval.tokens import encode_generation_prompt
-
     examples = read_synthetic(eval_file)
     prompts = [encode_generation_prompt(ex.prompt, chat=True) for ex in examples]
     max_new = max(len(encode(ex.reference)) for ex in examples) + 4
@@ -193,11 +190,6 @@ def check_hf_reload(hf_dir: Path, eval_file: Path) -> dict:
     import jax.numpy as jnp
     import torch
     from transformers import AutoModelForCausalLM
-
-    from eval.synthetic import read_synthetic
-    from eval.tokens import encode_generation_prompt
-    from jaxtrain import model
-    from jaxtrain.hf_io import load_pretrained
 
     ids = encode_generation_prompt(read_synthetic(eval_file)[0].prompt, chat=True)
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
@@ -222,10 +214,6 @@ def write_task(cfg: DemoConfig, task: TaskConfig, out: Path) -> tuple[Path, Path
 def pretrain_from_scratch(cfg: DemoConfig, task: TaskConfig, out: Path) -> Path:
     """`--base scratch`: a fresh model trained on dictionary recall, one stage per key-value separator, each
     stage starting from the last one's export; the last export (float32 Hugging Face folder) is returned."""
-    from data_gen.shards import write_shards
-    from jaxtrain.__main__ import ExportConfig, export
-    from jaxtrain.train import train
-
     base = None
     for stage, (separator, steps) in enumerate(zip(SEPARATORS, cfg.warmup_steps, strict=True)):
         n = steps * cfg.warmup_batch
@@ -248,14 +236,9 @@ def int8_agreement(hf_dir: Path, eval_file: Path) -> dict:
     position of the held-out prompts and their reference answers (issue: >= 99%)."""
     import jax.numpy as jnp
 
-    from data_gen.chat import encode_chat
-    from eval.synthetic import read_synthetic
-    from jaxtrain import model, quant
-    from jaxtrain.hf_io import load_pretrained
-
     overrides = dict(dtype="float32", remat="none")
     models = [load_pretrained(hf_dir, dtype="float32", config_overrides=overrides),
-              quant.load_quantized(hf_dir, dtype="float32", config_overrides=overrides)]
+              load_quantized(hf_dir, dtype="float32", config_overrides=overrides)]
     rows = [encode_chat([{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": ex.reference}]
                         ).input_ids for ex in read_synthetic(eval_file)]
     width = -(-max(map(len, rows)) // 64) * 64            # one padded shape: one compilation per model
@@ -274,24 +257,21 @@ def lora_stage(cfg: DemoConfig, finetuned_hf: Path, out: Path) -> dict:
     """LoRA on a harder variant of the task (2-digit values: the finetuned model answers with one digit),
     once on the float32 finetuned model and once on its int8 quantisation: held-out accuracy before and
     after each."""
-    from jaxtrain import lora, quant
-    from jaxtrain.hf_io import load_pretrained
-    from jaxtrain.train import train
-
     task = DEMO_TASK.replace(value_digits=(2, 2), num_train=cfg.num_train, num_eval=cfg.num_eval)
     shards, eval_file = write_task(cfg, task, out)
     overrides = dict(dtype="float32", remat="none")
     acc = {"finetuned": retrieval_accuracy(*load_pretrained(finetuned_hf, dtype="float32",
                                                             config_overrides=overrides), eval_file, cfg.progress),
-           "finetuned, int8": retrieval_accuracy(*quant.load_quantized(finetuned_hf, dtype="float32",
+           "finetuned, int8": retrieval_accuracy(*load_quantized(finetuned_hf, dtype="float32",
                                                                       config_overrides=overrides),
                                                  eval_file, cfg.progress)}
     for base_dtype, name in (("float32", "+ LoRA"), ("int8", "+ LoRA, int8 base")):
         run_dir = out / f"run_{base_dtype}"
         print(f"LoRA rank {cfg.lora_rank} on the {base_dtype} base: {cfg.lora_steps} steps")
         train(_train_config(cfg, shards, run_dir, cfg.lora_steps, cfg.global_batch, finetuned_hf, lr=cfg.lora_lr,
-                            lora_rank=cfg.lora_rank, base_dtype=base_dtype))
-        config, params, adapters, _ = lora.load_run(run_dir)
+                            adapters=LoraSettings(lora_rank=cfg.lora_rank, base_dtype=base_dtype)))
+        run = runs.load_run(run_dir)
+        config, params, adapters = run.config, run.params, run.adapters
         acc[name] = retrieval_accuracy(config, params, eval_file, cfg.progress, adapters=adapters)
     return {"task": task.to_dict(), "accuracy": acc, "int8_vs_float32": int8_agreement(finetuned_hf, eval_file)}
 
@@ -299,11 +279,6 @@ def lora_stage(cfg: DemoConfig, finetuned_hf: Path, out: Path) -> dict:
 def run(cfg: DemoConfig) -> dict:
     import jax
 
-    from jaxtrain import model
-    from jaxtrain.__main__ import ExportConfig, export
-    from jaxtrain.checkpoint import load_params_from_run
-    from jaxtrain.hf_io import load_pretrained
-    from jaxtrain.train import train
 
     out = Path(cfg.out)
     task = DEMO_TASK.replace(num_train=cfg.num_train, num_eval=cfg.num_eval)
