@@ -3,7 +3,8 @@
 Small tokenizers are trained here with the `tokenizers` library and saved as Hugging Face folders with real chat
 templates (SmolLM2's ChatML with its default system prompt, Llama 3's headers, Qwen2's ChatML), then read back
 with `AutoTokenizer`: our ids must equal `apply_chat_template`'s, and our loss mask must select exactly each
-answer's own tokens (`AutoTokenizer.encode(content)`) and its end-of-turn token.
+answer's own tokens (`AutoTokenizer.encode(content)`) and its end-of-turn token. Then the same through the
+command line (`generate --tokenizer`, `shards --tokenizer`), shard manifests, the token budget and the warm-up.
 """
 
 import dataclasses
@@ -18,6 +19,8 @@ from tokenizers import Tokenizer as Backend
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from data_gen import tasks
+from data_gen.__main__ import main
+from data_gen.shards import ShardError, TokenizedExample, open_shards, write_shards
 from data_gen.tokenizer import (
     ChatFormatError,
     HFTokenizer,
@@ -26,6 +29,7 @@ from data_gen.tokenizer import (
     get_tokenizer,
     mistral_tokenizer,
 )
+from data_gen.warmup import dictionary_recall
 
 SMOLLM2_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
@@ -298,3 +302,140 @@ def test_save_pretrained_keeps_the_chat_format(tmp_path, folders, style):
     for messages in CONVERSATIONS:
         assert ref.apply_chat_template(messages, return_dict=False) == \
             get_tokenizer(folders[style]).encode_chat(messages).input_ids.tolist()
+
+
+# ---------------------------------------------------------------- the stages: budget, generate, shards, warm-up
+
+
+def test_budget_is_exact_only_when_every_digit_is_a_token(folders):
+    smol, llama = get_tokenizer(folders[SMOLLM2]), get_tokenizer(folders[LLAMA3])
+    ref = AutoTokenizer.from_pretrained(folders[LLAMA3])
+    assert len(ref.tokenize("823")) == 1  # the reference: Llama 3 style makes three digits one token
+    assert [len(AutoTokenizer.from_pretrained(folders[SMOLLM2]).tokenize(n)) for n in ("823", "4654")] == [3, 4]
+    assert (smol.splits_digits, llama.splits_digits) == (True, False)
+    cfg = tasks.PRESETS["demo-simple"].replace(max_tokens=4000, num_train=20, num_eval=0)
+    for tok, exact in ((smol, True), (llama, False)):
+        stats = tasks.check_budget(cfg, tokenizer=tok)
+        assert stats["min_tokens_exact"] is exact
+        counts = [r["meta"]["num_tokens"] for r in tasks.generate_split(cfg, 0, "train", 20, progress=False,
+                                                                          tokenizer=tok)]
+        assert stats["min_tokens"] <= min(counts)  # a lower bound of what is generated
+        with pytest.raises(tasks.BudgetError, match="--num-dicts to about"):
+            tasks.check_budget(cfg.replace(max_tokens=stats["min_tokens"] - 50), tokenizer=tok)
+
+
+def test_commands_report_bad_tokenizers_in_one_line(tmp_path, folders):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bare = tmp_path / "bare"
+    shutil.copytree(folders[SMOLLM2], bare)
+    (bare / "chat_template.jinja").unlink()
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"messages": CONVERSATIONS[0]}) + "\n")
+    for folder, what in ((empty, f"{empty}: not a tokenizer folder"),
+                         (bare, f"{data}:1: {bare}: the tokenizer has no chat template")):
+        with pytest.raises(SystemExit, match=rf"^error: {what}"):
+            main(["shards", "--input", str(data), "--out", str(tmp_path / "s"), "--tokenizer", str(folder),
+                  "--no-progress"])
+    with pytest.raises(SystemExit, match=rf"^error: {tmp_path / 'missing'}: no such folder"):
+        main(["generate", "--preset", "demo-simple", "--tokenizer", str(tmp_path / "missing"), "--out",
+              str(tmp_path / "g"), "--no-progress"])
+    assert not (tmp_path / "g").exists()
+
+
+def test_generate_command_counts_with_the_tokenizer(tmp_path, folders):
+    folder = folders[LLAMA3]
+    ref = AutoTokenizer.from_pretrained(folder)
+    main(["generate", "--preset", "demo-simple", "--num-train", "6", "--num-eval", "2", "--max-tokens", "4000",
+          "--tokenizer", str(folder), "--out", str(tmp_path), "--no-progress"])
+    info = json.loads((tmp_path / "generation.json").read_text())
+    assert info["tokenizer"] == {"name": "llama3", "sha256": get_tokenizer(folder).identity().sha256,
+                                 "vocab_size": len(ref)}
+    counts, mistral_counts = [], []
+    for split in ("train", "eval"):
+        for line in (tmp_path / f"{split}.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            counts.append(record["meta"]["num_tokens"])
+            assert counts[-1] == len(ref.apply_chat_template(record["messages"], return_dict=False)) < 4000
+            mistral_counts.append(mistral_tokenizer().encode_chat(record["messages"]).input_ids.size)
+    assert len(counts) == 8 and all(n != m for n, m in zip(counts, mistral_counts))
+
+
+def test_shards_command_with_the_tokenizer(tmp_path, folders, capsys):
+    folder = folders[QWEN2]
+    ref = AutoTokenizer.from_pretrained(folder)
+    eot = ref.convert_tokens_to_ids("<|im_end|>")
+    data = tmp_path / "data" / "train.jsonl"
+    data.parent.mkdir()
+    records = [{"messages": m, "meta": {"id": f"c{i}"}} for i, m in enumerate(CONVERSATIONS)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    (data.parent / "generation.json").write_text(json.dumps({"tokenizer": mistral_tokenizer().identity().to_json()}))
+    main(["shards", "--input", str(data), "--out", str(tmp_path / "s"), "--tokenizer", str(folder), "--no-progress"])
+    assert f"note: the token budget of {data} was counted with tokenizer 'mistral', not with 'qwen2'" in \
+        capsys.readouterr().out
+    identity = get_tokenizer(folder).identity()
+    shards = open_shards(tmp_path / "s", tokenizer=get_tokenizer(folder))
+    assert shards.manifest["tokenizer"] == {"name": "qwen2", "sha256": identity.sha256, "vocab_size": len(ref)}
+    got = {b.source[i]["id"]: b.source[i] for b in shards.buckets for i in range(len(b.source))}
+    for r in records:
+        rec = got[r["meta"]["id"]]
+        assert rec["input_ids"].tolist() == ref.apply_chat_template(r["messages"], return_dict=False)
+        answers = [m["content"] for m in r["messages"] if m["role"] == "assistant"]
+        assert [rec["input_ids"][a:b].tolist() for a, b in _runs(rec["loss_mask"])] == \
+            [ref.encode(c, add_special_tokens=False) + [eot] for c in answers]
+    open_shards(tmp_path / "s")  # no tokenizer given: not compared
+    mistral = mistral_tokenizer().identity()
+    message = _one_line_error(ShardError, lambda: open_shards(tmp_path / "s", tokenizer=mistral_tokenizer()))
+    assert all(part in message for part in ("'qwen2'", identity.sha256, "'mistral'", mistral.sha256))
+
+
+def test_write_shards_checks_ids_and_keeps_start_tokens_with_the_tokenizer(tmp_path, folders):
+    llama = get_tokenizer(folders[LLAMA3])
+    ref = AutoTokenizer.from_pretrained(folders[LLAMA3])
+    bos = ref.convert_tokens_to_ids("<|begin_of_text|>")
+    with pytest.raises(ShardError, match=rf"'y': token ids must lie in \[0, {len(ref)}\)"):
+        write_shards([TokenizedExample("y", np.array([bos, len(ref)]), np.ones(2, bool))], tmp_path / "a",
+                     progress=False, tokenizer=llama)
+    enc = llama.encode_chat(CONVERSATIONS[0])
+    write_shards([TokenizedExample("x", enc.input_ids, enc.loss_mask)], tmp_path / "b", buckets=(64,),
+                 overflow="truncate", progress=False, tokenizer=llama)
+    rec = open_shards(tmp_path / "b").buckets[0].source[0]
+    assert ref("").input_ids == [bos]  # what Llama 3 starts every text with
+    assert rec["input_ids"].tolist() == [bos, *enc.input_ids[-63:].tolist()]
+    assert rec["loss_mask"].tolist() == [False, *enc.loss_mask[-63:].tolist()]
+
+
+@pytest.mark.parametrize("style", [SMOLLM2, LLAMA3], ids=lambda style: style.name)
+def test_warmup_with_the_tokenizer(folders, style):
+    ref = AutoTokenizer.from_pretrained(folders[style])
+    for ex in dictionary_recall(0, 20, ": ", key_digits=1, value_digits=2, tokenizer=get_tokenizer(folders[style])):
+        text = ref.decode(ex.input_ids.tolist(), skip_special_tokens=True)
+        assert ex.input_ids.tolist() == ref(text).input_ids
+        values = [line.split(": ")[1] for line in text.split("\n\n")[1].split("\n")]
+        assert ref.decode(ex.input_ids[ex.loss_mask].tolist()) == "".join(values)
+        assert sum(len(ref.tokenize(v)) for v in values) == ex.loss_mask.sum()
+
+
+def test_warmup_refuses_a_tokenizer_that_merges_key_and_value(folders):
+    # "4" + "79" is one pre-token "479" for Llama 3's pattern, and one token here (every number up to 999 is)
+    assert len(AutoTokenizer.from_pretrained(folders[LLAMA3]).tokenize("479")) == 1
+    with pytest.raises(ValueError, match="tokenizer 'llama3' merges .* across a value's edge"):
+        list(dictionary_recall(0, 5, "", key_digits=1, value_digits=2, tokenizer=get_tokenizer(folders[LLAMA3])))
+
+
+# ---------------------------------------------------------------- the real SmolLM2-135M-Instruct tokenizer
+
+
+@pytest.mark.slow
+def test_real_smollm2_tokenizer(smollm2_dir):
+    tok, ref = get_tokenizer(smollm2_dir), AutoTokenizer.from_pretrained(smollm2_dir)
+    assert isinstance(tok, HFTokenizer) and 2 in tok.stop_ids and ref.convert_ids_to_tokens(2) == "<|im_end|>"
+    paper = tasks.PRESETS["paper-simple"].replace(template=True)
+    chats = [r["messages"] for r in tasks.generate_split(paper, 0, "train", 3, progress=False)]
+    chats += [r["messages"] for r in tasks.multi_question_split(paper, 0, "train", 2, questions=5)]
+    for messages in chats + CONVERSATIONS:
+        _check_chat(tok, ref, "<|im_end|>", messages)
+    assert tok.splits_digits
+    cfg = tasks.PRESETS["demo-simple"].replace(num_train=5, num_eval=0)
+    for record in tasks.generate_split(cfg, 0, "train", 5, progress=False, tokenizer=tok):
+        assert record["meta"]["num_tokens"] == len(ref.apply_chat_template(record["messages"], return_dict=False))
