@@ -15,6 +15,7 @@ import tyro
 
 from data_gen.shards import DEFAULT_BUCKETS, ShardError, examples_from_jsonl, format_padding_report, write_shards
 from data_gen.tasks import PRESETS, TaskConfig, generate
+from data_gen.tokenizer import MISTRAL, TokenizerIdentity, get_tokenizer
 
 PresetName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
 
@@ -24,7 +25,8 @@ class GenerateCommand:
     """Generate a synthetic retrieval dataset: OUT/train.jsonl, OUT/eval.jsonl (chat JSONL with per-sample
     metadata) and OUT/generation.json. `--preset` picks the defaults of every other option; same options and
     seed give byte-identical files. Presets: paper-simple (the paper's Mistral setting), paper-multisubkey,
-    demo-simple (tiny, for the CPU demo)."""
+    demo-simple (tiny, for the CPU demo). Token counts (--max-tokens, meta num_tokens) are those of
+    --tokenizer's chat encoding."""
 
     out: pathlib.Path
     """output directory"""
@@ -36,14 +38,18 @@ class GenerateCommand:
     """replace existing train.jsonl / eval.jsonl in OUT"""
     progress: bool = True
     """show progress bars"""
+    tokenizer: str = MISTRAL
+    """'mistral' (Mistral 7B's, built in) or a Hugging Face model/tokenizer folder: tokens are counted with its
+    chat template"""
     config: Annotated[TaskConfig, tyro.conf.arg(name="")] = PRESETS["paper-simple"]
 
 
 @dataclasses.dataclass(frozen=True)
 class ShardsCommand:
     """Tokenize chat JSONL files ({"messages": [...], "meta": {...}} a line; ours or any other dataset) with the
-    Mistral-Instruct format into length-bucketed ArrayRecord shards plus OUT/manifest.json (checksums, counts,
-    padding efficiency). A generation.json next to an input file is recorded in the manifest."""
+    chat format of --tokenizer (default Mistral-Instruct) into length-bucketed ArrayRecord shards plus
+    OUT/manifest.json (tokenizer identity, checksums, counts, padding efficiency). A generation.json next to an
+    input file is recorded in the manifest."""
 
     input: tuple[pathlib.Path, ...]
     """one or more chat JSONL files, written in this order"""
@@ -55,6 +61,9 @@ class ShardsCommand:
     """examples longer than the largest bucket: reject them (listed in the manifest) or cut prompt tokens from the left"""
     records_per_shard: int = 1000
     """records per ArrayRecord file"""
+    tokenizer: str = MISTRAL
+    """'mistral' (Mistral 7B's, built in) or a Hugging Face model/tokenizer folder: the model's tokenizer and
+    chat template"""
     progress: bool = True
     """show progress bars"""
 
@@ -80,7 +89,8 @@ def run_generate(cmd: GenerateCommand) -> None:
     existing = [p for p in (cmd.out / "train.jsonl", cmd.out / "eval.jsonl") if p.exists()]
     if existing and not cmd.overwrite:
         raise SystemExit(f"error: {existing[0]} exists; pass --overwrite to replace it")
-    info = generate(cmd.config, cmd.seed, cmd.out, preset=cmd.preset, progress=cmd.progress)
+    info = generate(cmd.config, cmd.seed, cmd.out, preset=cmd.preset, progress=cmd.progress,
+                    tokenizer=get_tokenizer(cmd.tokenizer))
     for split in info["splits"].values():
         print(f"{cmd.out / split['file']}: {split['num_samples']} samples, "
               f"{split['min_tokens']}-{split['max_tokens']} tokens (mean {split['mean_tokens']})")
@@ -89,6 +99,7 @@ def run_generate(cmd: GenerateCommand) -> None:
 def run_shards(cmd: ShardsCommand) -> None:
     if not cmd.input:
         raise SystemExit("error: --input needs at least one JSONL file")
+    tokenizer = get_tokenizer(cmd.tokenizer)
     inputs = []
     for path in cmd.input:
         if not path.is_file():
@@ -96,17 +107,25 @@ def run_shards(cmd: ShardsCommand) -> None:
         gen = path.parent / "generation.json"
         with open(path, encoding="utf-8") as f:
             lines = sum(1 for line in f if line.strip())
-        inputs.append({"path": str(path), "sha256": _file_sha256(path), "num_lines": lines,
-                       "generation": json.loads(gen.read_text()) if gen.is_file() else None})
+        try:
+            generation = json.loads(gen.read_text()) if gen.is_file() else None
+            entry = generation.get("tokenizer") if isinstance(generation, dict) else None
+            counted = TokenizerIdentity.from_json(entry) if entry is not None else None
+        except ValueError as e:
+            raise SystemExit(f"error: {gen}: {e}") from None
+        if counted and counted.sha256 != tokenizer.identity().sha256:
+            print(f"note: the token budget of {path} was counted with tokenizer {counted.name!r}, not with "
+                  f"{tokenizer.name!r}: its examples may be longer or shorter here")
+        inputs.append({"path": str(path), "sha256": _file_sha256(path), "num_lines": lines, "generation": generation})
 
     def examples():
         for path in cmd.input:
-            yield from examples_from_jsonl(path)
+            yield from examples_from_jsonl(path, tokenizer)
 
     manifest = write_shards(
         _Counted(examples(), sum(i["num_lines"] for i in inputs)), cmd.out, buckets=cmd.buckets,
         overflow=cmd.overflow, records_per_shard=cmd.records_per_shard, metadata={"inputs": inputs},
-        progress=cmd.progress)
+        progress=cmd.progress, tokenizer=tokenizer)
     for b in manifest["buckets"]:
         print(f"bucket {b['max_len']:>6}: {b['num_examples']} examples, {b['num_tokens']} tokens, "
               f"{len(b['shards'])} file(s)")
@@ -117,7 +136,7 @@ def run_shards(cmd: ShardsCommand) -> None:
     if manifest["num_truncated"]:
         print(f"truncated {manifest['num_truncated']} examples to {max(cmd.buckets)} tokens")
     print(format_padding_report(manifest))
-    print(f"wrote {manifest['num_examples']} examples to {cmd.out}")
+    print(f"wrote {manifest['num_examples']} examples tokenized with {tokenizer.name!r} to {cmd.out}")
 
 
 USAGE = """usage: python -m data_gen {generate,shards} [OPTIONS]

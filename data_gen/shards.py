@@ -7,8 +7,10 @@ Layout of a shard directory:
 
 Each record is msgpack of {"id": str, "input_ids": int32 little-endian bytes, "loss_mask": uint8 bytes}.
 Every example lands in the smallest bucket that holds it, so a trainer pads each batch only up to its
-bucket's length. `open_shards` refuses files whose sha256 or record count disagrees with the manifest:
-silently training on stale or corrupted data is worse than stopping.
+bucket's length. The manifest records the identity of the tokenizer that encoded the examples (name,
+sha256, vocabulary size). `open_shards` refuses files whose sha256 or record count disagrees with the manifest,
+and shards of another tokenizer than the one it is given: silently training on stale, corrupted or foreign
+data is worse than stopping.
 
 Shards are written to a local folder and read from a local folder or a `gs://` one: every read of the
 manifest and the files goes through `etils.epath` (gs:// through gcsfs, `pip install 'etils[epath-gcs]'`,
@@ -32,8 +34,7 @@ import tqdm
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 from etils import epath
 
-from data_gen.chat import ChatFormatError, encode_chat
-from data_gen.tokenizer import BOS_ID, load_tokenizer, tokenizer_file, tokenizer_sha256
+from data_gen.tokenizer import MISTRAL, ChatFormatError, Tokenizer, TokenizerIdentity, get_tokenizer
 
 DEFAULT_BUCKETS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 MANIFEST = "manifest.json"
@@ -124,17 +125,17 @@ def _check_example(ex: TokenizedExample, vocab_size: int) -> TokenizedExample:
     return TokenizedExample(ex.id, ids.astype(np.int32), mask.astype(bool))
 
 
-def _truncate_left(ex: TokenizedExample, max_len: int) -> TokenizedExample | None:
-    """Drop prompt tokens from the left (keeping BOS) so the example fits; None if even the final assistant
-    answer does not fit."""
+def _truncate_left(ex: TokenizedExample, max_len: int, start: Sequence[int]) -> TokenizedExample | None:
+    """Drop prompt tokens from the left so the example fits, keeping the tokens every sequence starts with
+    (`start`, e.g. BOS) when it does; None if even the final assistant answer does not fit."""
     mask = ex.loss_mask
     not_loss = np.flatnonzero(~mask)
     answer_start = int(not_loss[-1]) + 1 if not_loss.size else 0
-    keep_bos = ex.input_ids[0] == BOS_ID
-    if ex.input_ids.size - answer_start + keep_bos > max_len:
+    keep = len(start) if ex.input_ids[:len(start)].tolist() == list(start) else 0
+    if ex.input_ids.size - answer_start + keep > max_len:
         return None
-    tail = slice(ex.input_ids.size - (max_len - keep_bos), None)
-    head = slice(0, 1 if keep_bos else 0)
+    tail = slice(ex.input_ids.size - (max_len - keep), None)
+    head = slice(0, keep)
     return TokenizedExample(
         ex.id,
         np.concatenate([ex.input_ids[head], ex.input_ids[tail]]),
@@ -220,11 +221,14 @@ def write_shards(
     records_per_shard: int = 1000,
     metadata: dict | None = None,
     progress: bool = True,
+    tokenizer: Tokenizer | None = None,
 ) -> dict:
     """Write `examples` (in order, streamed) into length buckets under `out_dir`; returns the manifest.
 
-    Examples longer than the largest bucket are rejected (default) or, with overflow="truncate", lose prompt
-    tokens from the left (BOS kept) down to the largest bucket; either way they are listed in the manifest.
+    `tokenizer` (default Mistral's) is the one that encoded the examples: their ids are checked against its
+    vocabulary and its identity goes into the manifest. Examples longer than the largest bucket are rejected
+    (default) or, with overflow="truncate", lose prompt tokens from the left (the tokenizer's start tokens,
+    e.g. BOS, kept) down to the largest bucket; either way they are listed in the manifest.
     `metadata` (e.g. the generator config and seed) is stored verbatim in the manifest.
     """
     bounds = sorted({int(b) for b in buckets})
@@ -243,17 +247,18 @@ def write_shards(
         raise ShardError(f"{out} already holds shards; choose an empty output directory")
     out.mkdir(parents=True, exist_ok=True)
 
-    vocab_size = load_tokenizer().get_piece_size()
+    tokenizer = get_tokenizer(tokenizer)
+    start = tokenizer.encode_text("")  # what the tokenizer puts before any text (BOS or nothing)
     writers = {b: _BucketWriter(out, b, records_per_shard) for b in bounds}
     lengths, rejected, truncated, seen = [], [], [], set()
     for ex in tqdm.tqdm(examples, desc=f"writing shards to {out}", unit="ex", disable=not progress):
-        ex = _check_example(ex, vocab_size)
+        ex = _check_example(ex, tokenizer.vocab_size)
         if ex.id in seen:
             raise ShardError(f"example id {ex.id!r} occurs twice; ids must be unique")
         seen.add(ex.id)
         n = int(ex.input_ids.size)
         if n > bounds[-1]:
-            cut = _truncate_left(ex, bounds[-1]) if overflow == "truncate" else None
+            cut = _truncate_left(ex, bounds[-1], start) if overflow == "truncate" else None
             if cut is None:
                 rejected.append({"id": ex.id, "num_tokens": n})
                 continue
@@ -269,7 +274,7 @@ def write_shards(
         "format_version": FORMAT_VERSION,
         "record_format": {"encoding": "msgpack", "input_ids": "int32 little-endian bytes",
                           "loss_mask": "uint8 bytes (1 = loss on this token)"},
-        "tokenizer": {"file": tokenizer_file().name, "sha256": tokenizer_sha256()},
+        "tokenizer": tokenizer.identity().to_json(),
         "metadata": metadata or {},
         "bucket_boundaries": bounds,
         "overflow": overflow,
@@ -289,13 +294,15 @@ def write_shards(
 # ---------------------------------------------------------------------------------------------- JSONL input
 
 
-def examples_from_jsonl(path: str | os.PathLike) -> Iterator[TokenizedExample]:
-    """Tokenize a chat JSONL file: one `{"messages": [...], "meta": {...}}` object a line.
+def examples_from_jsonl(path: str | os.PathLike, tokenizer: Tokenizer | None = None) -> Iterator[TokenizedExample]:
+    """Tokenize a chat JSONL file: one `{"messages": [...], "meta": {...}}` object a line, in the chat format of
+    `tokenizer` (default Mistral's) with its answer-only loss mask.
 
     The example id is `meta["id"]` when present, else `<file name>:<line>`. Any malformed line raises a
     `ShardError` naming the file and line number (never silently skipped).
     """
     path = pathlib.Path(path)
+    tokenizer = get_tokenizer(tokenizer)
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -314,7 +321,7 @@ def examples_from_jsonl(path: str | os.PathLike) -> Iterator[TokenizedExample]:
             if not isinstance(ex_id, str) or not ex_id:
                 raise ShardError(f"{where}: meta.id must be a non-empty string, got {ex_id!r}")
             try:
-                enc = encode_chat(obj["messages"])
+                enc = tokenizer.encode_chat(obj["messages"])
             except ChatFormatError as e:
                 raise ShardError(f"{where}: {e}") from None
             yield TokenizedExample(ex_id, enc.input_ids, enc.loss_mask)
@@ -389,7 +396,7 @@ class ShardSet:
     buckets: list[Bucket]
 
 
-def _read_manifest(root: epath.Path) -> dict:
+def _read_manifest(root: epath.Path, tokenizer: TokenizerIdentity | None) -> dict:
     path = root / MANIFEST
     if not path.is_file():
         raise ShardError(f"{path} not found: {root} is not a shard directory (create one with `python -m data_gen shards`)")
@@ -401,9 +408,16 @@ def _read_manifest(root: epath.Path) -> dict:
         raise ShardError(f"{path}: not a {FORMAT} manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ShardError(f"{path}: format_version {manifest.get('format_version')!r}, this code reads {FORMAT_VERSION}")
-    if manifest["tokenizer"]["sha256"] != tokenizer_sha256():
-        raise ShardError(f"{path}: shards were tokenized with a tokenizer of sha256 {manifest['tokenizer']['sha256']}, "
-                         f"but {tokenizer_file()} has sha256 {tokenizer_sha256()}; re-run `python -m data_gen shards`")
+    try:
+        used = TokenizerIdentity.from_json(manifest.get("tokenizer"))
+    except ValueError as e:
+        raise ShardError(f"{path}: {e}") from None
+    # The name of the built-in tokenizer vouches for its hash even when no tokenizer is given to compare with.
+    expected = tokenizer or (get_tokenizer(MISTRAL).identity() if used.name == MISTRAL else used)
+    if used.sha256 != expected.sha256:
+        raise ShardError(f"{path}: shards were tokenized with a tokenizer of sha256 {used.sha256} (name {used.name!r}), "
+                         f"but the tokenizer {expected.name!r} has sha256 {expected.sha256}; re-run "
+                         f"`python -m data_gen shards --tokenizer ...` with the model's tokenizer")
     return manifest
 
 
@@ -449,13 +463,17 @@ def shard_root(path: str | os.PathLike) -> epath.Path:
     return epath.Path(text)
 
 
-def open_shards(path: str | os.PathLike, *, verify: bool = True) -> ShardSet:
+def open_shards(path: str | os.PathLike, *, verify: bool = True,
+                tokenizer: Tokenizer | TokenizerIdentity | None = None) -> ShardSet:
     """Open a shard directory, a local folder or gs://bucket/path. With verify=True (default) every file's
     sha256 and record count is checked against the manifest first (reads every byte once); any mismatch
-    raises `ShardError` naming the file."""
+    raises `ShardError` naming the file. Given a `tokenizer` (the model's, or its identity), shards tokenized
+    with another one (a different sha256) are refused naming both; None does not compare tokenizers."""
     root = shard_root(path)
+    if isinstance(tokenizer, Tokenizer):
+        tokenizer = tokenizer.identity()
     try:
-        manifest = _read_manifest(root)
+        manifest = _read_manifest(root, tokenizer)
     except ShardError:
         raise
     except Exception as e:  # noqa: BLE001 - GCS reports a missing backend, credentials or access in many ways

@@ -6,7 +6,8 @@ tuples of integers, some distractor keys share subkeys with the gold key, and th
 key's subkeys in shuffled order.
 
 Everything is drawn from `random.Random` seeded with a string (hashed with SHA-512 by Python), so a config and
-a seed give byte-identical JSONL on any machine. Token counts come from the real Mistral tokenizer.
+a seed give byte-identical JSONL on any machine. Token counts (the `max_tokens` budget, meta `num_tokens`) are
+those of the chat encoding of the tokenizer given (`data_gen.tokenizer`; Mistral 7B's by default).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Literal
 
 import tqdm
 
-from data_gen.chat import encode_chat
+from data_gen.tokenizer import Tokenizer, get_tokenizer
 
 INTRO = "Do a task using the list of dictionaries below."
 MAX_TRIES = 1000  # per sample, as in the reference generator
@@ -269,21 +270,29 @@ def _place(cfg: TaskConfig, draw: _Draw, position: int) -> tuple[str, str]:
     return prompt, draw.answer.format(dict=position)
 
 
-def _num_tokens(prompt: str, answer: str) -> int:
-    return int(encode_chat([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]).input_ids.size)
+def _num_tokens(tokenizer: Tokenizer, prompt: str, answer: str) -> int:
+    chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+    return int(tokenizer.encode_chat(chat).input_ids.size)
 
 
 # ---------------------------------------------------------------------------------------------- budget
 
 
-def check_budget(cfg: TaskConfig, probes: int = 48) -> dict:
-    """Refuse, before generating anything, a config whose prompts (almost) never fit `max_tokens`.
+def check_budget(cfg: TaskConfig, probes: int = 48, tokenizer: Tokenizer | None = None) -> dict:
+    """Refuse, before generating anything, a config whose prompts (almost) never fit `max_tokens` when counted
+    with `tokenizer` (default Mistral's).
 
-    The token count of a prompt does not depend on where the gold dictionary is, and in this tokenizer every
-    digit is one token, so the smallest prompt a config can produce is measured exactly; the typical size is
-    estimated from `probes` draws (own RNG, so the dataset itself is unaffected). Returns the statistics.
+    The token count of a prompt does not depend on where the gold dictionary is. When every digit is a token
+    of its own (`Tokenizer.splits_digits`: Mistral's, Qwen2's, SmolLM2's), a number costs as many tokens as
+    it has digits, so the smallest prompt a config can produce is measured exactly from one draw of the
+    smallest sizes. Other tokenizers (Llama 3 groups up to three digits) make that draw only an estimate of
+    the minimum, so it is not used to refuse: conservative, a config is then refused only on the acceptance
+    estimate, and generation still stops a config that never fits after MAX_TRIES draws of a sample. The
+    typical size is estimated from `probes` draws (own RNG, so the dataset itself is unaffected). Returns the
+    statistics.
     """
     cfg.validate()
+    tokenizer = get_tokenizer(tokenizer)
     # Shortest keys only where they are numerous enough to stay unique (a 24K prompt has ~2000 keys, more
     # than the 900 three-digit ones: drawing only those would never finish).
     lo = cfg.key_digits[0]
@@ -292,18 +301,20 @@ def check_budget(cfg: TaskConfig, probes: int = 48) -> dict:
     smallest = cfg.replace(dict_size_range=(cfg.dict_size_range[0],) * 2,
                            key_digits=(lo, lo) if short_keys else cfg.key_digits,
                            value_digits=(cfg.value_digits[0],) * 2, subkeys_range=(cfg.subkeys_range[0],) * 2)
-    min_tokens = _num_tokens(*_place(smallest, _DRAW[cfg.task](smallest, random.Random("budget-min")), 1))
+    min_tokens = _num_tokens(tokenizer, *_place(smallest, _DRAW[cfg.task](smallest, random.Random("budget-min")), 1))
+    exact = tokenizer.splits_digits
     rng = random.Random("budget-probe")
-    counts = [_num_tokens(*_place(cfg, _DRAW[cfg.task](cfg, rng), 1)) for _ in range(probes)]
+    counts = [_num_tokens(tokenizer, *_place(cfg, _DRAW[cfg.task](cfg, rng), 1)) for _ in range(probes)]
     mean, std = statistics.fmean(counts), statistics.pstdev(counts) or 1.0
     accept = 0.5 * math.erfc((mean - (cfg.max_tokens - 0.5)) / (std * math.sqrt(2)))
-    stats = {"min_tokens": min_tokens, "mean_tokens": round(mean, 1), "std_tokens": round(std, 1),
-             "estimated_acceptance": round(accept, 4)}
-    if min_tokens < cfg.max_tokens and accept >= 0.01:
+    stats = {"min_tokens": min_tokens, "min_tokens_exact": exact, "mean_tokens": round(mean, 1),
+             "std_tokens": round(std, 1), "estimated_acceptance": round(accept, 4)}
+    too_long = exact and min_tokens >= cfg.max_tokens
+    if not too_long and accept >= 0.01:
         return stats
     per_dict = (mean - 60) / cfg.num_dicts  # ~60 tokens of instructions, question and answer
     fit = max(1, int((cfg.max_tokens - 60 - 2 * std) / per_dict))
-    why = (f"even the smallest possible example has {min_tokens} tokens" if min_tokens >= cfg.max_tokens
+    why = (f"even the smallest possible example has {min_tokens} tokens" if too_long
            else f"examples have {mean:.0f} ± {std:.0f} tokens, so only ~{accept:.2%} would fit")
     raise BudgetError(
         f"config does not fit max_tokens={cfg.max_tokens}: {why}. Lower --num-dicts to about {fit} (now "
@@ -328,8 +339,11 @@ def gold_positions(cfg: TaskConfig, n: int, rng: random.Random) -> list[int]:
     return positions
 
 
-def generate_split(cfg: TaskConfig, seed: int, split: str, n: int, *, progress: bool = True) -> Iterator[dict]:
-    """Yield n JSONL records {"messages": [...], "meta": {...}} for one split, deterministically."""
+def generate_split(cfg: TaskConfig, seed: int, split: str, n: int, *, progress: bool = True,
+                   tokenizer: Tokenizer | None = None) -> Iterator[dict]:
+    """Yield n JSONL records {"messages": [...], "meta": {...}} for one split, deterministically; token counts
+    (the `max_tokens` budget, meta `num_tokens`) with `tokenizer` (default Mistral's)."""
+    tokenizer = get_tokenizer(tokenizer)
     rng = random.Random(f"needles/{cfg.task}/seed={seed}/{split}")
     positions = gold_positions(cfg, n, rng)
     draw_fn = _DRAW[cfg.task]
@@ -338,7 +352,7 @@ def generate_split(cfg: TaskConfig, seed: int, split: str, n: int, *, progress: 
         for _ in range(MAX_TRIES):
             draw = draw_fn(cfg, rng)
             prompt, answer = _place(cfg, draw, positions[i])
-            tokens = _num_tokens(prompt, answer)
+            tokens = _num_tokens(tokenizer, prompt, answer)
             if tokens < cfg.max_tokens:
                 break
         else:
@@ -402,26 +416,27 @@ def dumps_record(record: dict) -> str:
 
 
 def generate(cfg: TaskConfig, seed: int, out_dir: str | pathlib.Path, *, preset: str | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, tokenizer: Tokenizer | None = None) -> dict:
     """Write out_dir/train.jsonl, out_dir/eval.jsonl and out_dir/generation.json; returns the latter.
 
-    generation.json (config, seed, counts, token statistics) is picked up by `python -m data_gen shards`
-    and stored in the shard manifest.
+    Tokens are counted with `tokenizer` (default Mistral's), whose identity generation.json records with the
+    config, seed, counts and token statistics; `python -m data_gen shards` stores it in the shard manifest.
     """
-    budget = check_budget(cfg)
+    tokenizer = get_tokenizer(tokenizer)
+    budget = check_budget(cfg, tokenizer=tokenizer)
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {}
     for split, n in (("train", cfg.num_train), ("eval", cfg.num_eval)):
         tokens = []
         with open(out / f"{split}.jsonl", "w", encoding="utf-8", newline="\n") as f:
-            for record in generate_split(cfg, seed, split, n, progress=progress):
+            for record in generate_split(cfg, seed, split, n, progress=progress, tokenizer=tokenizer):
                 tokens.append(record["meta"]["num_tokens"])
                 f.write(dumps_record(record) + "\n")
         files[split] = {"file": f"{split}.jsonl", "num_samples": n,
                         "min_tokens": min(tokens, default=0), "max_tokens": max(tokens, default=0),
                         "mean_tokens": round(statistics.fmean(tokens), 1) if tokens else 0}
     info = {"generator": "data_gen", "preset": preset, "seed": seed, "config": cfg.to_dict(),
-            "budget_check": budget, "splits": files}
+            "tokenizer": tokenizer.identity().to_json(), "budget_check": budget, "splits": files}
     (out / "generation.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
     return info

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from data_gen.shards import TokenizedExample
-from data_gen.tokenizer import BOS_ID, encode
+from data_gen.tokenizer import Tokenizer, get_tokenizer
 
 SEPARATORS = ("", ":", ": ")
 """key-value separators of the warm-up stages, the paper's last"""
@@ -29,17 +29,39 @@ def _digits(rng: np.random.Generator, digits: int, size: int, *, distinct: bool)
     return rng.choice(np.arange(low, high), size, replace=False) if distinct else rng.integers(low, high, size)
 
 
+def _encode_with_spans(tokenizer: Tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """`tokenizer.encode_text(text)` and a mask True on the tokens of the character `spans`.
+
+    A span's tokens lie between the ids of the text up to its start and up to its end, which must both be
+    token prefixes of the whole text's ids (true when the span's edges are token edges, as for digits after
+    ": " and before a line break; checked, so a tokenizer that merges them is refused, never mis-masked)."""
+    ids = tokenizer.encode_text(text)
+    mask = np.zeros(len(ids), bool)
+    for start, end in spans:
+        edges = []
+        for cut in (start, end):
+            head = tokenizer.encode_text(text[:cut])
+            if ids[:len(head)] != head:
+                raise ValueError(f"tokenizer {tokenizer.name!r} merges {text[cut - 1:cut + 1]!r} across a "
+                                 "value's edge in the warm-up text, so the value's tokens cannot be masked")
+            edges.append(len(head))
+        mask[edges[0]:edges[1]] = True
+    return np.asarray(ids, np.int32), mask
+
+
 def dictionary_recall(seed: int, n: int, separator: str, *, max_dicts: int = 3, dict_sizes: tuple[int, int] = (2, 3),
-                      key_digits: int = 1, value_digits: int = 2, questions: int = 8) -> Iterator[TokenizedExample]:
-    """`n` warm-up sequences: `<s>`, 1..`max_dicts` dictionaries, a blank line, then up to `questions` lines
-    "key<separator>value" about distinct keys of them, loss on each line's value digits."""
+                      key_digits: int = 1, value_digits: int = 2, questions: int = 8,
+                      tokenizer: Tokenizer | None = None) -> Iterator[TokenizedExample]:
+    """`n` warm-up sequences: 1..`max_dicts` dictionaries, a blank line, then up to `questions` lines
+    "key<separator>value" about distinct keys of them, as plain text (`tokenizer.encode_text`: `<s>` first with
+    the default Mistral tokenizer), loss on each line's value tokens."""
     if separator not in SEPARATORS:
         raise ValueError(f"separator {separator!r} is not one of the warm-up stages {SEPARATORS}")
     most = max_dicts * dict_sizes[1]
     if most > 9 * 10 ** (key_digits - 1):
         raise ValueError(f"{max_dicts} dictionaries of up to {dict_sizes[1]} entries need {most} distinct "
                          f"{key_digits}-digit keys; there are only {9 * 10 ** (key_digits - 1)}")
-    newline = encode("\n")[-1]
+    tokenizer = get_tokenizer(tokenizer)
     rng = np.random.default_rng([seed, 0x5EC0, SEPARATORS.index(separator)])
     for i in range(n):
         sizes = rng.integers(dict_sizes[0], dict_sizes[1] + 1, rng.integers(1, max_dicts + 1))
@@ -50,12 +72,10 @@ def dictionary_recall(seed: int, n: int, separator: str, *, max_dicts: int = 3, 
         lines = [f"Dictionary [{d}] {{" + ", ".join(part) + "}"
                  for d, part in enumerate(np.split(np.asarray(entries), bounds), 1)]
         asked = [entries[j] for j in rng.permutation(len(entries))[:questions]]
-        ids = np.asarray([BOS_ID] + encode("\n".join(lines) + "\n\n" + "\n".join(asked)), np.int32)
-        # Every digit is its own token and each asked line ends with its value: the last `value_digits`
-        # tokens before each line break of the asked block (and at the end) are the supervised ones.
-        breaks = np.flatnonzero(ids == newline)
-        ends = np.append(breaks[breaks > breaks[len(lines)]], ids.size)
-        mask = np.zeros(ids.size, bool)
-        for end in ends:
-            mask[end - value_digits:end] = True
+        text = "\n".join(lines) + "\n\n" + "\n".join(asked)
+        spans, end = [], len(text) - len("\n".join(asked)) - 1
+        for line in asked:  # each asked line ends with its value
+            end += 1 + len(line)
+            spans.append((end - value_digits, end))
+        ids, mask = _encode_with_spans(tokenizer, text, spans)
         yield TokenizedExample(f"recall{SEPARATORS.index(separator)}-seed{seed}-{i:05d}", ids, mask)

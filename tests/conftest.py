@@ -15,6 +15,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest
 
+ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -23,6 +24,16 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"shared evaluation data not found at {SHARED_DATA} (expected beside the project root)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real SmolLM2-135M-Instruct folder ($NEEDLES_SMOLLM2, default models/smollm2-135m-instruct under the
+    project root); tests that need it are skipped when it is missing."""
+    path = ROOT / os.environ.get("NEEDLES_SMOLLM2", "models/smollm2-135m-instruct")
+    if not path.is_dir():
+        pytest.skip(f"SmolLM2-135M-Instruct not found at {path} (set NEEDLES_SMOLLM2 to its folder)")
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -301,3 +301,33 @@ def test_gs_shards_that_cannot_be_read_are_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match=r"error: gs:/fake-bucket/shards: shards are written to a local folder"):
         main(["shards", "--input", str(data), "--out", url, "--no-progress"])
     assert not (pathlib.Path.cwd() / "gs:").exists()
+
+
+def test_manifests_record_the_tokenizer_and_old_ones_still_open(tmp_path):
+    """New manifests name the tokenizer (name, sha256 of mistral_common's file, vocabulary size); manifests
+    written before other tokenizers existed ({"file", "sha256"}: Mistral's) open as Mistral's; a tokenizer
+    given to open_shards must be the one the manifest names."""
+    import importlib.resources
+
+    from data_gen.tokenizer import TokenizerIdentity, get_tokenizer
+
+    v1 = importlib.resources.files("mistral_common") / "data" / "tokenizer.model.v1"
+    v1_sha256 = hashlib.sha256(v1.read_bytes()).hexdigest()
+    write_shards([_example(i, 6) for i in range(3)], tmp_path, buckets=BUCKETS, progress=False)
+    path = tmp_path / "manifest.json"
+    manifest = json.loads(path.read_text())
+    assert manifest["tokenizer"] == {"name": "mistral", "sha256": v1_sha256, "vocab_size": 32000}
+    other = TokenizerIdentity("smollm2", "f" * 64, 49152)
+    for entry in (manifest["tokenizer"], {"file": "tokenizer.model.v1", "sha256": v1_sha256}):
+        path.write_text(json.dumps({**manifest, "tokenizer": entry}))
+        assert open_shards(tmp_path).buckets[0].num_examples == 3
+        assert open_shards(tmp_path, tokenizer=get_tokenizer("mistral")).buckets[0].num_examples == 3
+        with pytest.raises(ShardError, match=rf"sha256 {v1_sha256} \(name 'mistral'\), but the tokenizer 'smollm2' "
+                                             rf"has sha256 f{{64}}"):
+            open_shards(tmp_path, tokenizer=other)
+    path.write_text(json.dumps({**manifest, "tokenizer": {"file": "tokenizer.model.v1", "sha256": "0" * 64}}))
+    with pytest.raises(ShardError, match="tokenizer of sha256 0{64} .* but the tokenizer 'mistral' has sha256"):
+        open_shards(tmp_path)
+    path.write_text(json.dumps({**manifest, "tokenizer": {"sha256": v1_sha256}}))
+    with pytest.raises(ShardError, match=r"manifest\.json: tokenizer entry must have name, sha256 and vocab_size"):
+        open_shards(tmp_path)

@@ -16,6 +16,7 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from data_gen import tasks
 from data_gen.chat import ChatFormatError, encode_chat, encode_prompt, render_chat
 from data_gen.tokenizer import BOS_ID, EOS_ID, decode, encode, load_tokenizer, tokenizer_file, tokenizer_sha256
+from data_gen.tokenizer import MISTRAL, HFTokenizer, get_tokenizer, write_hf_tokenizer
 
 ROLE = {"user": UserMessage, "assistant": AssistantMessage, "system": SystemMessage}
 
@@ -148,3 +149,77 @@ def test_hf_tokenizer_encodes_identically(tmp_path, monkeypatch):
         prompt = conversation[:1]
         assert render_chat(prompt) == "<s>[INST] Report key 123. [/INST]"
         assert tok(render_chat(prompt), add_special_tokens=False).input_ids == encode_prompt("Report key 123.")
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Report key 123."}, {"role": "assistant", "content": "It is 4567."}],
+    [{"role": "user", "content": "u1"}, {"role": "assistant", "content": "a1"},
+     {"role": "user", "content": " 42 "}, {"role": "assistant", "content": "  43\n"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "q"},
+     {"role": "assistant", "content": "a"}, {"role": "user", "content": "q2"}, {"role": "assistant", "content": "b"}],
+]
+
+
+def test_exported_chat_template_gives_mistral_common_ids(tmp_path, mistral, long_prompts):
+    """The Mistral folder we export (jaxtrain's model export writes the same files) carries a chat template:
+    transformers' apply_chat_template on it gives mistral_common's ids, for training chats and for prompts."""
+    from transformers import AutoTokenizer
+
+    serving, training = mistral
+    get_tokenizer(MISTRAL).save_pretrained(tmp_path / "tok")
+    write_hf_tokenizer(tmp_path / "model")  # as in an exported model directory, next to a Mistral config.json
+    (tmp_path / "model" / "config.json").write_text(json.dumps({"model_type": "mistral",
+                                                                "architectures": ["MistralForCausalLM"]}))
+    for directory in (tmp_path / "tok", tmp_path / "model"):
+        tok = AutoTokenizer.from_pretrained(directory)
+        for messages in CONVERSATIONS + [[{"role": "user", "content": long_prompts[0]},
+                                          {"role": "assistant", "content": "The value of key 12 is 345."}]]:
+            assert tok.apply_chat_template(messages, return_dict=False) == _mc_tokens(training, messages)
+            assert tok.apply_chat_template(messages, return_dict=False) == encode_chat(messages).input_ids.tolist()
+            prompt = messages[:-1]
+            assert tok.apply_chat_template(prompt, add_generation_prompt=True, return_dict=False) == \
+                _mc_tokens(serving, prompt) == get_tokenizer(MISTRAL).encode_prompt(prompt)
+        for text in PROMPTS:
+            user = [{"role": "user", "content": text}]
+            assert tok.apply_chat_template(user, add_generation_prompt=True, return_dict=False) == encode_prompt(text)
+
+
+def test_any_template_mask_on_the_mistral_export(tmp_path, mistral):
+    """HFTokenizer's template-generic answer mask, run on the exported Mistral folder: the ids are
+    mistral_common's, and the mask is exactly each answer's SentencePiece tokens plus </s>."""
+    _, training = mistral
+    raw = training.instruct_tokenizer.tokenizer
+    write_hf_tokenizer(tmp_path)
+    tok = HFTokenizer(tmp_path)
+    assert tok.stop_ids == (EOS_ID,) and tok.vocab_size == 32000
+    for messages in CONVERSATIONS:
+        enc = tok.encode_chat(messages)
+        assert enc.input_ids.tolist() == _mc_tokens(training, messages)
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], enc.loss_mask.astype(int), [0]])))
+        answers = [m["content"] for m in messages if m["role"] == "assistant"]
+        assert [enc.input_ids[a:b].tolist() for a, b in zip(edges[::2], edges[1::2])] == \
+            [raw.encode(c, bos=False, eos=False) + [EOS_ID] for c in answers]
+        np.testing.assert_array_equal(enc.loss_mask, encode_chat(messages).loss_mask)
+
+
+def test_mistral_folders_get_the_builtin_tokenizer(tmp_path):
+    """A folder holding Mistral's own tokenizer.model (a Mistral-7B-Instruct-v0.1 download, or our export) gets
+    the built-in tokenizer, whose identity is that file's sha256."""
+    import hashlib
+    import importlib.resources
+    import shutil
+
+    from data_gen.tokenizer import MistralTokenizer, TokenizerIdentity
+
+    v1 = importlib.resources.files("mistral_common") / "data" / "tokenizer.model.v1"
+    download = tmp_path / "Mistral-7B-Instruct-v0.1"
+    download.mkdir()
+    shutil.copyfile(str(v1), download / "tokenizer.model")
+    write_hf_tokenizer(tmp_path / "export")
+    builtin = get_tokenizer(None)
+    assert isinstance(builtin, MistralTokenizer)
+    assert get_tokenizer(MISTRAL) is builtin and get_tokenizer(download) is builtin
+    assert get_tokenizer(tmp_path / "export") is builtin and get_tokenizer(builtin) is builtin
+    assert builtin.identity() == TokenizerIdentity("mistral", hashlib.sha256(v1.read_bytes()).hexdigest(), 32000)
+    assert builtin.stop_ids == (EOS_ID,) and builtin.splits_digits
+    assert builtin.encode_text("Hello") == [BOS_ID, *encode("Hello")] and builtin.decode(encode("a b")) == "a b"
