@@ -23,7 +23,7 @@ import numpy as np
 from bench.common import record
 from data_gen.tasks import PRESETS, generate
 from jaxtrain.batches import MODEL_INPUT_KEYS, BatchConfig, BucketedBatches
-from jaxtrain.config import MistralConfig
+from jaxtrain.config import ModelConfig
 from jaxtrain.sharding import MeshConfig, make_mesh, rules_for
 from jaxtrain.train import OptimizerConfig, TrainConfig, init_state, make_optimizer, make_train_step
 
@@ -38,7 +38,7 @@ def shards(folder: str, buckets: list[int]) -> str:
     return out
 
 
-def epoch(path: str, config: MistralConfig) -> dict:
+def epoch(path: str, config: ModelConfig) -> dict:
     batches = BucketedBatches(path, BatchConfig(tokens_per_batch=TOKENS_PER_BATCH, global_batch=None,
                                                 prefetch=0), num_epochs=1)
     stats = batches.padding_stats()
@@ -63,7 +63,7 @@ def main():
     folder = tempfile.mkdtemp()
     generate(PRESETS["paper-simple"].replace(num_train=24, num_eval=1), 0, f"{folder}/paper")
     generate(PRESETS["demo-simple"], 1, f"{folder}/demo")  # another seed: example ids must be unique
-    config = MistralConfig.preset("tiny")
+    config = ModelConfig.preset("tiny")
     rows = []
     for name, buckets in (("buckets 256 ... 4096", [256, 512, 1024, 2048, 4096]), ("pad to 4096", [4096])):
         rows.append({"layout": name, **epoch(shards(folder, buckets), config)})

@@ -20,7 +20,7 @@ import numpy as np
 
 from bench.common import record, train_step_seconds
 from jaxtrain.attention import resolve_impl
-from jaxtrain.config import MistralConfig
+from jaxtrain.config import ModelConfig
 from jaxtrain.flops import device_peak_flops, train_step_flops
 
 
@@ -46,7 +46,7 @@ def main():
     args = parser.parse_args()
     if not 0 < args.answer_tokens <= args.seq_len:
         raise SystemExit(f"--answer-tokens must be in 1..--seq-len ({args.seq_len}); got {args.answer_tokens}")
-    base = MistralConfig.preset("mistral-7b-v0.1").replace(dtype="bfloat16", param_dtype="float32",
+    base = ModelConfig.preset("mistral-7b-v0.1").replace(dtype="bfloat16", param_dtype="float32",
                                                            remat=args.remat)
     inputs = batch(args.batch, args.seq_len, args.answer_tokens)
     tokens = args.batch * args.seq_len

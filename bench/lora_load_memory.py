@@ -48,10 +48,10 @@ def _synthetic(folder: Path) -> None:
     import jax
 
     from jaxtrain import model
-    from jaxtrain.config import MistralConfig
+    from jaxtrain.config import ModelConfig
     from jaxtrain.hf_io import save_pretrained
 
-    config = MistralConfig(vocab_size=32000, hidden_size=2048, intermediate_size=7168, num_layers=8, num_heads=16,
+    config = ModelConfig(vocab_size=32000, hidden_size=2048, intermediate_size=7168, num_layers=8, num_heads=16,
                            num_kv_heads=4, head_dim=128, rope_theta=1e4, sliding_window=4096,
                            max_position_embeddings=32768, rms_norm_eps=1e-5, param_dtype="bfloat16")
     params = jax.jit(lambda r: model.init_params(config, r))(jax.random.key(0))

@@ -17,7 +17,7 @@ import argparse
 import dataclasses
 import math
 
-from jaxtrain.config import MistralConfig
+from jaxtrain.config import ModelConfig
 from jaxtrain.flops import PEAK_FLOPS, attention_flops_per_token, train_step_flops
 from jaxtrain.topology import parse_accelerator_type
 
@@ -48,7 +48,7 @@ SETUPS = [
 ]
 
 
-def step_flops(config: MistralConfig, lora_rank: int) -> float:
+def step_flops(config: ModelConfig, lora_rank: int) -> float:
     """FLOPs one optimizer step of GLOBAL_BATCH rows of SEQ tokens executes."""
     tokens = GLOBAL_BATCH * SEQ
     model = train_step_flops(config, tokens, SEQ, logit_tokens=GLOBAL_BATCH * ANSWER_TOKENS)
@@ -62,7 +62,7 @@ def step_flops(config: MistralConfig, lora_rank: int) -> float:
     return model - dense_forward + remat + 6 * adapters * tokens  # no weight gradients for the frozen base
 
 
-def eval_seconds(config: MistralConfig, setup: Setup, chips: int, flops_per_s: float, bandwidth: float) -> float:
+def eval_seconds(config: ModelConfig, setup: Setup, chips: int, flops_per_s: float, bandwidth: float) -> float:
     """One model's MDQA + synthetic evaluation in bf16: prefill at flops_per_s, decode at HBM bandwidth."""
     kv_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 2
     seconds = 0.0
@@ -82,7 +82,7 @@ def main() -> None:
                         help="price per chip-hour to multiply by, e.g. v5e=1.2 (check your zone's price list)")
     args = parser.parse_args()
     prices = dict((k, float(v)) for k, v in (p.split("=", 1) for p in args.price))
-    config = MistralConfig.preset("mistral-7b-instruct-v0.1")
+    config = ModelConfig.preset("mistral-7b-instruct-v0.1")
     steps = math.ceil(SAMPLES / GLOBAL_BATCH) * EPOCHS
     lo, hi = sorted(args.utilisation)
     print(f"Mistral-7B, {SAMPLES} samples x {EPOCHS} epochs = {steps} steps of {GLOBAL_BATCH} x {SEQ} tokens; "

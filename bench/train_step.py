@@ -20,13 +20,13 @@ import torch
 import transformers
 
 from bench.common import best_time, matmul_ceiling, record, train_step_seconds
-from jaxtrain.config import MistralConfig
+from jaxtrain.config import ModelConfig
 from jaxtrain.flops import train_step_flops
 
 CONFIGS = {
-    "tiny": MistralConfig.preset("tiny"),
+    "tiny": ModelConfig.preset("tiny"),
     # A ~110M-parameter Mistral shape (most of it the 32000-token embeddings and head).
-    "mistral-100m": MistralConfig(vocab_size=32000, hidden_size=768, intermediate_size=2688, num_layers=8,
+    "mistral-100m": ModelConfig(vocab_size=32000, hidden_size=768, intermediate_size=2688, num_layers=8,
                                   num_heads=12, num_kv_heads=4, head_dim=64, rope_theta=1e4,
                                   sliding_window=4096, max_position_embeddings=32768, rms_norm_eps=1e-5,
                                   dtype="float32", remat="none"),
@@ -49,7 +49,7 @@ def demo_batch(rows: int = 8) -> dict:
     return next(batches)
 
 
-def theirs(config: MistralConfig, batch: dict, repeats: int) -> float:
+def theirs(config: ModelConfig, batch: dict, repeats: int) -> float:
     torch.manual_seed(0)
     model = transformers.MistralForCausalLM(transformers.MistralConfig(**config.to_hf_dict("float32")))
     model.config._attn_implementation = "sdpa"

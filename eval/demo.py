@@ -32,14 +32,14 @@ from eval.synthetic import parse_answer, read_synthetic
 from jaxtrain import model, runs
 from jaxtrain.__main__ import ExportConfig, export
 from jaxtrain.checkpoint import CheckpointConfig, load_params_from_run
-from jaxtrain.config import MistralConfig
+from jaxtrain.config import ModelConfig
 from jaxtrain.generate import Generator, encode_generation_prompt
 from jaxtrain.hf_io import load_pretrained, load_quantized
 from jaxtrain.lora import LoraSettings
 from jaxtrain.train import OptimizerConfig, TrainConfig, train
 
 # The demo model: plain Mistral architecture (exports to Hugging Face), 2 layers of width 128, 4 heads of 32.
-DEMO_MODEL = MistralConfig.preset("demo")
+DEMO_MODEL = ModelConfig.preset("demo")
 
 # The demo task: the paper's simple task with 3 dictionaries of 2-3 entries, 1-digit keys and values.
 DEMO_TASK = TaskConfig(num_train=6000, num_eval=200, num_dicts=3, gold_dict_size=2, dict_size_range=(2, 3),
@@ -166,7 +166,7 @@ def write_demo_shards(train_file: Path, shard_dir: Path, progress: bool) -> dict
     return write_shards(examples, shard_dir, buckets=(bucket,), progress=progress)
 
 
-def retrieval_accuracy(config: MistralConfig, params, eval_file: Path, progress: bool, adapters=None) -> dict:
+def retrieval_accuracy(config: ModelConfig, params, eval_file: Path, progress: bool, adapters=None) -> dict:
     """Greedy answers to the held-out prompts, scored like `python -m eval synthetic`."""
     examples = read_synthetic(eval_file)
     prompts = [encode_generation_prompt(ex.prompt, chat=True) for ex in examples]

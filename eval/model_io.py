@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from eval.datafiles import DataError
 from jaxtrain import hf_io, model, quant, runs
 from jaxtrain.checkpoint import Checkpointer
-from jaxtrain.config import MistralConfig
+from jaxtrain.config import ModelConfig
 from jaxtrain.lora import Adapters, BaseDtype, merge
 from jaxtrain.peft_io import ADAPTER_CONFIG, load_peft
 from jaxtrain.sharding import logical_to_sharding, rules_for
@@ -98,7 +98,7 @@ def _load_hf(folder: Path, opts: _Options, flag: str):
         raise DataError(f"{flag} {folder}: not a Hugging Face model folder (no config.json)")
     int8 = opts.weights == "int8"
     try:
-        config = MistralConfig.from_pretrained(folder, **opts.overrides)
+        config = ModelConfig.from_pretrained(folder, **opts.overrides)
         shardings = opts.param_shardings(config, int8)
         if int8:
             return hf_io.load_quantized(folder, shardings=shardings, config_overrides=opts.overrides)

@@ -4,7 +4,7 @@ Schema (version 1):
   schema_version  1
   task            "mdqa" | "synthetic" | "mmlu" | "hellaswag" | "gsm8k" | "triviaqa" | "nq_open"
   label           name used in tables and plots (default: the model directory's name)
-  model           {"path": absolute path, "config": MistralConfig as HF config.json dict,
+  model           {"path": absolute path, "config": ModelConfig as HF config.json dict,
                    "kind": "hf_folder" | "run" | "lora_run" | "peft_adapters",
                    "base": {"path", "sha256" (LoRA runs, else null), "dtype": "int8" | float dtype, ["step"]},
                    "adapters": null | {"source", "rank", "alpha", "targets", "merged"}}

@@ -33,7 +33,7 @@ import tyro
 from jaxtrain import generate, model, runs, train
 from jaxtrain.batches import MODEL_INPUT_KEYS
 from jaxtrain.checkpoint import abstract_state
-from jaxtrain.config import MistralConfig
+from jaxtrain.config import ModelConfig
 from jaxtrain.flops import train_step_flops
 from jaxtrain.lora import Adapters, LoraSettings, num_params
 from jaxtrain.sharding import (MeshConfig, check_divisible, data_parallel_size, logical_to_sharding, make_mesh,
@@ -166,7 +166,7 @@ def _fill_memory(report: AotReport, compiled) -> None:
 
 # --- analytic FLOPs ---------------------------------------------------------------------------------
 
-def flops_analytic(config: MistralConfig, tokens: int, seq_len: int, logit_tokens: int | None = None) -> float:
+def flops_analytic(config: ModelConfig, tokens: int, seq_len: int, logit_tokens: int | None = None) -> float:
     """Model FLOPs of one training step over `tokens` tokens in rows of `seq_len` (`jaxtrain.flops`):
 
         6 * N_body * tokens + 6 * V * D * logit_tokens + 3 * 4 * L * Hq * D_head * K(seq_len, window) * tokens
@@ -232,9 +232,9 @@ class AotConfig:
         tokens = self.answer_tokens if self.answer_tokens is not None else (32 if self.adapters.lora_rank else 64)
         return tokens or None
 
-    def model_config(self) -> MistralConfig:
+    def model_config(self) -> ModelConfig:
         """The preset or folder's config as this step compiles it (decode: no backward, nothing to remat)."""
-        return MistralConfig.resolve(self.model, attention_impl=self.attention,
+        return ModelConfig.resolve(self.model, attention_impl=self.attention,
                                      remat="none" if self.step == "decode" else self.remat)
 
     def check(self) -> None:
@@ -328,7 +328,7 @@ def aot_train_step(cfg: AotConfig) -> AotReport:
                            extra=extra)
 
 
-def _extra(cfg: AotConfig, config: MistralConfig, mesh, compiler_options, *, seq_len: int,
+def _extra(cfg: AotConfig, config: ModelConfig, mesh, compiler_options, *, seq_len: int,
            flops_analytic: float | None = None, **options) -> dict[str, Any]:
     """The JSON line's fields beyond the compiler's: what was compiled, with which options."""
     lora = cfg.adapters.lora()

@@ -2,7 +2,7 @@
 
 ``RUN/checkpoints/<step>/`` holds five items: ``params`` and ``opt_state`` (sharded arrays, written by
 every process in parallel), ``data`` (the input iterator's JSON state), ``model_config`` (the
-MistralConfig as JSON) and ``metadata`` (free JSON, e.g. the train config). Saves are asynchronous:
+ModelConfig as JSON) and ``metadata`` (free JSON, e.g. the train config). Saves are asynchronous:
 ``save`` returns once the arrays are copied off the accelerator, and the files are written in the
 background. Orbax writes into a temporary directory and renames it when complete, so a save killed
 midway never looks like a checkpoint; step directories that are nonetheless incomplete (e.g. a
@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from jaxtrain.config import MistralConfig
+from jaxtrain.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class Restored:
     params: Any
     opt_state: Any | None
     data_state: dict | None
-    model_config: MistralConfig | None
+    model_config: ModelConfig | None
     metadata: dict
 
 
@@ -108,7 +108,7 @@ class Checkpointer:
     """Saves and restores one run's checkpoints. Use as a context manager (or call ``close``)."""
 
     def __init__(self, run_dir: str | os.PathLike, config: CheckpointConfig = CheckpointConfig(), *,
-                 model_config: MistralConfig | None = None, metadata: dict | None = None,
+                 model_config: ModelConfig | None = None, metadata: dict | None = None,
                  read_only: bool = False):
         if config.save_every < 1 or config.keep < 1:
             raise ValueError(f"save_every and keep must be >= 1 (got {config})")
@@ -226,16 +226,16 @@ class Checkpointer:
         config = out["model_config"]
         return Restored(step=step, params=out["params"], opt_state=out.get("opt_state"),
                         data_state=out["data"] or None,
-                        model_config=MistralConfig(**config) if config else None,
+                        model_config=ModelConfig(**config) if config else None,
                         metadata=out["metadata"] or {})
 
-    def read_json(self, step: int | None = None) -> tuple[int, MistralConfig | None, dict]:
+    def read_json(self, step: int | None = None) -> tuple[int, ModelConfig | None, dict]:
         """(step, model config, metadata) of a checkpoint without touching its arrays."""
         step = self._step_or_latest(step)
         out = self._mngr.restore(step, args=ocp.args.Composite(
             model_config=ocp.args.JsonRestore(), metadata=ocp.args.JsonRestore()))
         config = out["model_config"]
-        return step, (MistralConfig(**config) if config else None), out["metadata"] or {}
+        return step, (ModelConfig(**config) if config else None), out["metadata"] or {}
 
     def saved_params_shapes(self, step: int) -> Any:
         """The params tree of a checkpoint as ShapeDtypeStructs (no sharding)."""
@@ -259,8 +259,8 @@ def restore(run_dir: str | os.PathLike, abstract: dict, step: int | None = None)
 
 
 def load_params_from_run(run_dir: str | os.PathLike, step: int | None = None, *,
-                         shardings=None) -> tuple[MistralConfig, Any]:
-    """(MistralConfig, params) of a run's newest complete checkpoint (or ``step``), for eval and export.
+                         shardings=None) -> tuple[ModelConfig, Any]:
+    """(ModelConfig, params) of a run's newest complete checkpoint (or ``step``), for eval and export.
 
     Reads the parameters only, never the optimizer state. ``shardings`` (a tree matching the params)
     places them on a mesh; by default they land on this process's first device.

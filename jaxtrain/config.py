@@ -15,7 +15,7 @@ REMAT_POLICIES = ("none", "full", "save_dots", "save_qkv_proj", "save_out_proj",
 
 
 @dataclasses.dataclass(frozen=True)
-class MistralConfig:
+class ModelConfig:
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -54,9 +54,9 @@ class MistralConfig:
         if self.remat not in REMAT_POLICIES:
             problems.append(f"remat must be one of {REMAT_POLICIES} (got {self.remat!r})")
         if problems:
-            raise ValueError("invalid MistralConfig: " + "; ".join(problems))
+            raise ValueError("invalid ModelConfig: " + "; ".join(problems))
 
-    def replace(self, **changes) -> MistralConfig:
+    def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     @property
@@ -67,7 +67,7 @@ class MistralConfig:
         return self.num_layers * per_layer + d + v * d * (1 if self.tie_word_embeddings else 2)
 
     @classmethod
-    def resolve(cls, model: str, **overrides) -> MistralConfig:
+    def resolve(cls, model: str, **overrides) -> ModelConfig:
         """The config of `model`, a preset name or a Hugging Face folder (its config.json), with the given
         overrides (None values leave the field as it is): the one resolver of every command."""
         overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -76,14 +76,14 @@ class MistralConfig:
         return cls.preset(model).replace(**overrides)
 
     @classmethod
-    def preset(cls, name: str) -> MistralConfig:
+    def preset(cls, name: str) -> ModelConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
         return PRESETS[name]
 
     # --- Hugging Face config.json -------------------------------------------------------------------
     @classmethod
-    def from_hf_dict(cls, d: dict, **overrides) -> MistralConfig:
+    def from_hf_dict(cls, d: dict, **overrides) -> ModelConfig:
         archs = d.get("architectures") or ["MistralForCausalLM"]
         if d.get("model_type", "mistral") != "mistral" or "MistralForCausalLM" not in archs:
             raise ValueError(f"unsupported architecture: model_type={d.get('model_type')!r}, "
@@ -123,7 +123,7 @@ class MistralConfig:
         }
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, **overrides) -> MistralConfig:
+    def from_pretrained(cls, path: str | Path, **overrides) -> ModelConfig:
         file = Path(path) / "config.json"
         try:
             d = json.loads(file.read_text())
@@ -140,24 +140,24 @@ class MistralConfig:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> MistralConfig:
+    def from_json(cls, text: str) -> ModelConfig:
         return cls(**json.loads(text))
 
 
 _MISTRAL_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32,
                    num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5)
 
-PRESETS: dict[str, MistralConfig] = {
-    "mistral-7b-v0.1": MistralConfig(**_MISTRAL_7B, rope_theta=1e4, sliding_window=4096,
+PRESETS: dict[str, ModelConfig] = {
+    "mistral-7b-v0.1": ModelConfig(**_MISTRAL_7B, rope_theta=1e4, sliding_window=4096,
                                      max_position_embeddings=32768),
-    "mistral-7b-instruct-v0.2": MistralConfig(**_MISTRAL_7B, rope_theta=1e6, sliding_window=None,
+    "mistral-7b-instruct-v0.2": ModelConfig(**_MISTRAL_7B, rope_theta=1e6, sliding_window=None,
                                               max_position_embeddings=32768),
     # Same architecture at a few million parameters (most of them the 32000-token embeddings): tests, CPU demo.
-    "tiny": MistralConfig(vocab_size=32000, hidden_size=64, intermediate_size=192, num_layers=2,
+    "tiny": ModelConfig(vocab_size=32000, hidden_size=64, intermediate_size=192, num_layers=2,
                           num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=1e4, sliding_window=4096,
                           max_position_embeddings=32768, rms_norm_eps=1e-5, dtype="float32", remat="none"),
     # The CPU demo's model: width 128 (at 64 even one-token associative recall does not form; docs/demo.md).
-    "demo": MistralConfig(vocab_size=32000, hidden_size=128, intermediate_size=384, num_layers=2,
+    "demo": ModelConfig(vocab_size=32000, hidden_size=128, intermediate_size=384, num_layers=2,
                           num_heads=4, num_kv_heads=4, head_dim=32, rope_theta=1e4, sliding_window=4096,
                           max_position_embeddings=32768, rms_norm_eps=1e-5, dtype="float32", remat="none"),
 }

@@ -13,7 +13,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxtrain.config import MistralConfig
+from jaxtrain.config import ModelConfig
 
 # Dense bf16 peak FLOP/s per device (chip, or megacore chip for v4/v5p), from the vendors' spec sheets.
 PEAK_FLOPS = {
@@ -23,14 +23,14 @@ PEAK_FLOPS = {
 }
 
 
-def attention_flops_per_token(config: MistralConfig, seq_len: int) -> float:
+def attention_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     """Forward FLOPs of QK^T and PV for one token, averaged over a causal (windowed) sequence."""
     window = min(seq_len, config.sliding_window or seq_len)
     mean_context = window / 2 if window == seq_len else window - window * window / (2 * seq_len)
     return 4 * config.num_layers * config.num_heads * config.head_dim * mean_context
 
 
-def train_step_flops(config: MistralConfig, tokens: int, seq_len: int, logit_tokens: int | None = None) -> float:
+def train_step_flops(config: ModelConfig, tokens: int, seq_len: int, logit_tokens: int | None = None) -> float:
     """Forward + backward FLOPs of one step over `tokens` tokens of sequences of `seq_len`.
 
     `logit_tokens`: how many positions go through the LM head (default: all of them).

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from data_gen.chat import encode_prompt
 from data_gen.tokenizer import BOS_ID, EOS_ID, decode, encode
 from jaxtrain import attention, kv_cache, model
-from jaxtrain.config import MistralConfig
+from jaxtrain.config import ModelConfig
 from jaxtrain.sharding import rules_for
 
 MIN_BUCKET = 32
@@ -114,7 +114,7 @@ def _layer_variables(tree, adapters, key):
     return out
 
 
-def forward_rows(config: MistralConfig, params, ids, positions, segments, *, cache=None, empty_cache=False,
+def forward_rows(config: ModelConfig, params, ids, positions, segments, *, cache=None, empty_cache=False,
                  last: int | None = None, adapters=None):
     """Final-norm hidden states of the last `last` rows [B, last, D] (all rows if None) and the updated
     cache (None without one).
@@ -127,13 +127,13 @@ def forward_rows(config: MistralConfig, params, ids, positions, segments, *, cac
     1/32 of its FLOPs.
     """
     lora = None if adapters is None else adapters.config
-    net, layer = model.Mistral(config, lora=lora), model.DecoderLayer(config, lora)
+    net, layer = model.Transformer(config, lora=lora), model.DecoderLayer(config, lora)
     top = model.variables({k: v for k, v in params.items() if not k.startswith("layers")})
     if cache is None and not kv_cache.is_per_layer(params):
         hidden = net.apply(model.variables(params, adapters), ids, positions, segments,
-                           method=model.Mistral.hidden_states)
+                           method=model.Transformer.hidden_states)
         return (hidden if last is None else hidden[:, -last:]), None
-    x = net.apply(top, ids, method=model.Mistral.embed_tokens)
+    x = net.apply(top, ids, method=model.Transformer.embed_tokens)
     held = None
     if cache is not None:
         cache = kv_cache.constrain_cache(cache)
@@ -172,7 +172,7 @@ def forward_rows(config: MistralConfig, params, ids, positions, segments, *, cac
         (x, k, v), _ = jax.lax.scan(prefill_layer, (x, cache["k"], cache["v"]),
                                     (_layer_variables(params, adapters, "layers"), jnp.arange(config.num_layers)))
         new_kv = {"k": k, "v": v}
-    x = net.apply(top, x if last is None else x[:, -last:], method=model.Mistral.normed)
+    x = net.apply(top, x if last is None else x[:, -last:], method=model.Transformer.normed)
     if cache is None:
         return x, None
     positions_after = kv_cache.write_positions(cache["positions"], positions, segments)
@@ -245,7 +245,7 @@ def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
 class Generator:
     """Greedy / sampled generation and continuation scoring for one model, batch by batch."""
 
-    def __init__(self, config: MistralConfig, params, *, batch_size: int = 8, mesh=None, rules: str = "fsdp",
+    def __init__(self, config: ModelConfig, params, *, batch_size: int = 8, mesh=None, rules: str = "fsdp",
                  max_length: int | None = None, adapters=None, per_layer: bool | None = None):
         """`params` may hold int8 weights (`jaxtrain.quant`); `adapters` (`jaxtrain.lora.Adapters`) are
         applied unmerged. With `mesh` (params sharded on it), decoding runs under the mesh and the named

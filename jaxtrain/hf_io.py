@@ -28,7 +28,7 @@ from safetensors.numpy import save_file
 
 from data_gen.tokenizer import write_hf_tokenizer
 from jaxtrain import model, quant
-from jaxtrain.config import MistralConfig
+from jaxtrain.config import ModelConfig
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -45,7 +45,7 @@ class _TensorSpec:
         return "{i}" in self.hf_name
 
 
-def _tensor_specs(config: MistralConfig) -> list[_TensorSpec]:
+def _tensor_specs(config: ModelConfig) -> list[_TensorSpec]:
     d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
     q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
     layer = "model.layers.{i}."
@@ -133,14 +133,14 @@ def _to_ours(tensor: np.ndarray, spec: _TensorSpec, layer_shape: tuple[int, ...]
 
 
 def load_pretrained(path: str | Path, *, shardings=None, dtype: str | None = None,
-                    config_overrides: dict | None = None) -> tuple[MistralConfig, dict]:
+                    config_overrides: dict | None = None) -> tuple[ModelConfig, dict]:
     """Read a Hugging Face Mistral folder (`config.json` + safetensors) into our parameter tree.
 
     `shardings`: an optional tree of `jax.sharding.Sharding` matching the parameters; each device then
     receives only its slice. `dtype` defaults to the config's `param_dtype` (fp32 master weights).
     """
     folder = Path(path)
-    config = MistralConfig.from_pretrained(folder, **(config_overrides or {}))
+    config = ModelConfig.from_pretrained(folder, **(config_overrides or {}))
     dtype = jnp.dtype(dtype or config.param_dtype)
     source = _SafetensorsFolder(folder)
     shapes = model.param_shapes(config)
@@ -170,7 +170,7 @@ def load_pretrained(path: str | Path, *, shardings=None, dtype: str | None = Non
 
 def load_quantized(path: str | Path, *, shardings=None, dtype: str | None = None,
                    config_overrides: dict | None = None):
-    """(MistralConfig, params) with int8 projections (`jaxtrain.quant`), read from a Hugging Face folder
+    """(ModelConfig, params) with int8 projections (`jaxtrain.quant`), read from a Hugging Face folder
     tensor by tensor.
 
     Each projection tensor is read from the memory-mapped safetensors, quantised in numpy and only its
@@ -179,7 +179,7 @@ def load_quantized(path: str | Path, *, shardings=None, dtype: str | None = None
     in `dtype` (default: the compute dtype). `shardings`: a tree like `quantized_shardings`' output.
     """
     folder = Path(path)
-    config = MistralConfig.from_pretrained(folder, **(config_overrides or {}))
+    config = ModelConfig.from_pretrained(folder, **(config_overrides or {}))
     dtype = jnp.dtype(dtype or config.dtype)
     source = _SafetensorsFolder(folder)
     shapes = quant.quantized_shapes(model.param_shapes(config))
@@ -247,7 +247,7 @@ def _host(array) -> np.ndarray:
     return np.asarray(jax.device_get(array))
 
 
-def _hf_tensors(config: MistralConfig, params, dtype):
+def _hf_tensors(config: ModelConfig, params, dtype):
     """Yield (HF name, tensor) one at a time, converted to the HF layout and dtype."""
     for spec in _tensor_specs(config):
         value = _host(_get(params, spec.path))
@@ -258,7 +258,7 @@ def _hf_tensors(config: MistralConfig, params, dtype):
                                                                   dtype=dtype)
 
 
-def save_pretrained(path: str | Path, config: MistralConfig, params, *, dtype: str = "bfloat16",
+def save_pretrained(path: str | Path, config: ModelConfig, params, *, dtype: str = "bfloat16",
                     max_shard_size: int | str = "5GB", tokenizer: bool = True) -> None:
     """Write a folder that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 

@@ -24,10 +24,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxtrain.config import MistralConfig
+from jaxtrain.config import ModelConfig
 
 
-def init_cache(config: MistralConfig, batch: int, max_len: int, dtype=None, per_layer: bool = False) -> dict:
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None, per_layer: bool = False) -> dict:
     """An empty cache holding up to `max_len` tokens, or only the sliding window when that is shorter."""
     size = max_len if config.sliding_window is None else min(max_len, config.sliding_window)
     dtype = jnp.dtype(dtype or config.dtype)

@@ -29,7 +29,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxtrain import lora as lora_lib
 from jaxtrain import quant
 from jaxtrain.attention import attention
-from jaxtrain.config import MistralConfig
+from jaxtrain.config import ModelConfig
 from jaxtrain.lora import Adapters, LoraConfig
 
 Params = Any
@@ -61,7 +61,7 @@ def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.dtype(cfg.param_dtype))
 
 
-def _compute(x, cfg: MistralConfig):
+def _compute(x, cfg: ModelConfig):
     return x.astype(jnp.dtype(cfg.dtype))
 
 
@@ -88,7 +88,7 @@ def _project(module: nn.Module, name: str, spec: str, x, shape: tuple[int, ...],
 
 
 class RMSNorm(nn.Module):
-    config: MistralConfig
+    config: ModelConfig
 
     @nn.compact
     def __call__(self, x):
@@ -110,7 +110,7 @@ def rotary(x, positions, theta: float):
 
 
 class Attention(nn.Module):
-    config: MistralConfig
+    config: ModelConfig
     lora: LoraConfig | None = None
 
     @nn.compact
@@ -145,7 +145,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    config: MistralConfig
+    config: ModelConfig
     lora: LoraConfig | None = None
 
     @nn.compact
@@ -168,7 +168,7 @@ class DecoderLayer(nn.Module):
     when a prefill wants one row or a continuation score its span; its keys and values still cover
     every row)."""
 
-    config: MistralConfig
+    config: ModelConfig
     lora: LoraConfig | None = None
 
     @nn.compact
@@ -182,13 +182,13 @@ class DecoderLayer(nn.Module):
         return nn.with_logical_constraint(x, ("batch", "length", "embed")), kv_cache
 
 
-def on_xla_cpu(config: MistralConfig) -> bool:
+def on_xla_cpu(config: ModelConfig) -> bool:
     """The model runs its "auto" attention on the CPU backend (tests, the CPU demo, bench/), where two
     choices differ; `jaxtrain.aot` names a TPU kernel, so a TPU program compiled here never gets them."""
     return config.attention_impl == "auto" and jax.default_backend() == "cpu"
 
 
-def scan_unroll(config: MistralConfig) -> int:
+def scan_unroll(config: ModelConfig) -> int:
     """Layers per iteration of the layer scan: one (compile time independent of depth), except for a
     model of up to 8 layers on XLA:CPU: there the loop's stacked residuals and their zero-filled buffers
     cost a quarter of the 2-layer demo model's train step and 10% of a 111M model's (8 layers); unrolled,
@@ -197,8 +197,8 @@ def scan_unroll(config: MistralConfig) -> int:
     return config.num_layers if on_xla_cpu(config) and config.num_layers <= 8 else 1
 
 
-class Mistral(nn.Module):
-    config: MistralConfig
+class Transformer(nn.Module):
+    config: ModelConfig
     lora: LoraConfig | None = None   # adapters in the "lora" collection (jaxtrain.lora)
 
     def setup(self):
@@ -251,36 +251,36 @@ def default_inputs(input_ids, positions=None, segment_ids=None):
     return positions, segment_ids
 
 
-def _init_boxed(config: MistralConfig, rng, lora: LoraConfig | None = None, collection: str = "params"):
+def _init_boxed(config: ModelConfig, rng, lora: LoraConfig | None = None, collection: str = "params"):
     ids = jnp.zeros((1, 1), jnp.int32)
-    return Mistral(config, lora=lora).init(rng, ids, *default_inputs(ids))[collection]
+    return Transformer(config, lora=lora).init(rng, ids, *default_inputs(ids))[collection]
 
 
-def init_params(config: MistralConfig, rng) -> Params:
+def init_params(config: ModelConfig, rng) -> Params:
     """Random parameters (unboxed arrays); use `param_logical_axes` for their logical sharding names."""
     return nn.meta.unbox(_init_boxed(config, rng))
 
 
-def param_logical_axes(config: MistralConfig) -> Params:
+def param_logical_axes(config: ModelConfig) -> Params:
     """The logical axis names of every parameter, as `PartitionSpec`s of names."""
     return nn.get_partition_spec(jax.eval_shape(functools.partial(_init_boxed, config), jax.random.key(0)))
 
 
-def param_shapes(config: MistralConfig) -> Params:
+def param_shapes(config: ModelConfig) -> Params:
     return nn.meta.unbox(jax.eval_shape(functools.partial(_init_boxed, config), jax.random.key(0)))
 
 
-def init_adapters(config: MistralConfig, lora: LoraConfig, rng) -> Params:
+def init_adapters(config: ModelConfig, lora: LoraConfig, rng) -> Params:
     """Fresh adapter weights (B = 0, so step 0 is the base model); jit it with out_shardings to create them
     in their shards. Built by initialising the model with `lora`, so they are shaped like its projections."""
     return nn.meta.unbox(_init_boxed(config, rng, lora, "lora"))
 
 
-def adapter_shapes(config: MistralConfig, lora: LoraConfig) -> Params:
+def adapter_shapes(config: ModelConfig, lora: LoraConfig) -> Params:
     return nn.meta.unbox(jax.eval_shape(lambda r: _init_boxed(config, r, lora, "lora"), jax.random.key(0)))
 
 
-def adapter_logical_axes(config: MistralConfig, lora: LoraConfig) -> Params:
+def adapter_logical_axes(config: ModelConfig, lora: LoraConfig) -> Params:
     return nn.get_partition_spec(jax.eval_shape(lambda r: _init_boxed(config, r, lora, "lora"), jax.random.key(0)))
 
 
@@ -289,26 +289,26 @@ def variables(params: Params, adapters: Adapters | None = None) -> dict:
     return {"params": params} if adapters is None else {"params": params, "lora": adapters.params}
 
 
-def apply(config: MistralConfig, params: Params, *args, adapters: Adapters | None = None, dropout_rng=None,
+def apply(config: ModelConfig, params: Params, *args, adapters: Adapters | None = None, dropout_rng=None,
           method=None, **kwargs):
-    """`Mistral.apply` with optional LoRA adapters; `dropout_rng` turns on their dropout (training);
+    """`Transformer.apply` with optional LoRA adapters; `dropout_rng` turns on their dropout (training);
     `args` / `kwargs` go to `method`."""
-    net = Mistral(config, lora=None if adapters is None else adapters.config)
+    net = Transformer(config, lora=None if adapters is None else adapters.config)
     rngs = None if dropout_rng is None else {"dropout": dropout_rng}
     return net.apply(variables(params, adapters), *args, rngs=rngs, method=method, **kwargs)
 
 
-def forward(config: MistralConfig, params: Params, input_ids, *, positions=None, segment_ids=None,
+def forward(config: ModelConfig, params: Params, input_ids, *, positions=None, segment_ids=None,
             adapters: Adapters | None = None):
     """Logits [B, T, vocab] in float32. Padding: give it segment id 0 (its logits are meaningless)."""
     return apply(config, params, input_ids, *default_inputs(input_ids, positions, segment_ids), adapters=adapters)
 
 
-def hidden_states(config: MistralConfig, params: Params, input_ids, *, positions=None, segment_ids=None,
+def hidden_states(config: ModelConfig, params: Params, input_ids, *, positions=None, segment_ids=None,
                   adapters: Adapters | None = None, dropout_rng=None):
     return apply(config, params, input_ids, *default_inputs(input_ids, positions, segment_ids), adapters=adapters,
-                 dropout_rng=dropout_rng, method=Mistral.hidden_states)
+                 dropout_rng=dropout_rng, method=Transformer.hidden_states)
 
 
-def logits_from_hidden(config: MistralConfig, params: Params, hidden):
-    return Mistral(config).apply({"params": params}, hidden, method=Mistral.logits)
+def logits_from_hidden(config: ModelConfig, params: Params, hidden):
+    return Transformer(config).apply({"params": params}, hidden, method=Transformer.logits)

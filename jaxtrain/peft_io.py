@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jaxtrain import model
-from jaxtrain.config import MistralConfig
+from jaxtrain.config import ModelConfig
 from jaxtrain.lora import TARGETS, Adapters, LoraConfig
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -30,7 +30,7 @@ def _hf_dims(a_shape, b_shape) -> tuple[int, int]:
     return math.prod(a_shape[1:-1]), math.prod(b_shape[2:])
 
 
-def save_peft(path: str | Path, config: MistralConfig, adapters: Adapters, *,
+def save_peft(path: str | Path, config: ModelConfig, adapters: Adapters, *,
               base_model: str | None = None) -> None:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` for ``peft.PeftModel.from_pretrained``.
 
@@ -60,7 +60,7 @@ def save_peft(path: str | Path, config: MistralConfig, adapters: Adapters, *,
     (out / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
 
 
-def load_peft(path: str | Path, config: MistralConfig) -> Adapters:
+def load_peft(path: str | Path, config: ModelConfig) -> Adapters:
     """Read a PEFT LoRA folder (ours or one trained with `peft` on a Mistral model) into `Adapters`."""
     folder = Path(path)
     config_file, weights_file = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from jaxtrain import hf_io, model, offload, quant
 from jaxtrain.checkpoint import Checkpointer, load_params_from_run
-from jaxtrain.config import MistralConfig
+from jaxtrain.config import ModelConfig
 from jaxtrain.lora import Adapters, BaseDtype, LoraConfig, merge
 from jaxtrain.peft_io import save_peft
 from jaxtrain.sharding import logical_to_sharding
@@ -28,7 +28,7 @@ from jaxtrain.sharding import logical_to_sharding
 # --- the frozen base of a LoRA run --------------------------------------------------------------------
 
 
-def base_shardings(config: MistralConfig, base_dtype: BaseDtype, mesh, rules, *, on_host: bool = False):
+def base_shardings(config: ModelConfig, base_dtype: BaseDtype, mesh, rules, *, on_host: bool = False):
     """Shardings of the frozen base (int8: `qwix.QArray`s of shardings), laid out as in training.
 
     `on_host`: the layers' projection weights, the embedding and the LM head live in host memory
@@ -53,7 +53,7 @@ def base_shardings(config: MistralConfig, base_dtype: BaseDtype, mesh, rules, *,
     return quant.quantized_shardings(shardings) if base_dtype == "int8" else shardings
 
 
-def base_shapes(config: MistralConfig, base_dtype: BaseDtype):
+def base_shapes(config: ModelConfig, base_dtype: BaseDtype):
     """Shapes and dtypes of the frozen base as `load_base` builds it: int8 projections (the embedding,
     LM head and norms in the compute dtype, as `hf_io.load_quantized` reads them), or all in `base_dtype`."""
     dtype = jnp.dtype(config.dtype if base_dtype == "int8" else base_dtype)
@@ -87,7 +87,7 @@ def base_metadata(init_from: str | None, base_dtype: BaseDtype, seed: int) -> di
             "sha256": base_fingerprint(init_from, seed)}
 
 
-def load_base(config: MistralConfig, *, init_from: str | None, base_dtype: BaseDtype, seed: int = 0,
+def load_base(config: ModelConfig, *, init_from: str | None, base_dtype: BaseDtype, seed: int = 0,
               shardings=None):
     """The frozen base weights in `base_dtype`, from a Hugging Face folder (int8: quantised tensor by
     tensor while reading) or, without one, the random initialisation `seed` gives a full finetune."""
@@ -119,7 +119,7 @@ def run_settings(metadata: dict) -> tuple[LoraConfig, dict] | None:
     return LoraConfig(rank=d["rank"], alpha=d["alpha"], dropout=d["dropout"], targets=tuple(d["targets"])), base
 
 
-def read_run(run_dir, step: int | None = None) -> tuple[int, MistralConfig, dict]:
+def read_run(run_dir, step: int | None = None) -> tuple[int, ModelConfig, dict]:
     """(step, model config, metadata) of a run's newest complete checkpoint (or `step`), no arrays read."""
     with Checkpointer(run_dir, read_only=True) as ckpt:
         step, config, metadata = ckpt.read_json(step)
@@ -130,7 +130,7 @@ def read_run(run_dir, step: int | None = None) -> tuple[int, MistralConfig, dict
 
 @dataclasses.dataclass
 class LoadedRun:
-    config: MistralConfig
+    config: ModelConfig
     params: Any
     """The whole model (full finetune) or the frozen base (LoRA run)."""
     adapters: Adapters | None

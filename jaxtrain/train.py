@@ -36,7 +36,7 @@ from jaxtrain import lora as lora_lib
 from jaxtrain import model, offload, runs
 from jaxtrain.batches import MODEL_INPUT_KEYS, BatchConfig, BucketedBatches
 from jaxtrain.checkpoint import CheckpointConfig, Checkpointer, abstract_state, latest_step
-from jaxtrain.config import MistralConfig
+from jaxtrain.config import ModelConfig
 from jaxtrain.flops import device_peak_flops, train_step_flops
 from jaxtrain.hf_io import load_pretrained
 from jaxtrain.sharding import (MeshConfig, batch_sharding, check_divisible, data_parallel_size,
@@ -107,9 +107,9 @@ class TrainConfig:
     def lora(self) -> lora_lib.LoraConfig | None:
         return self.adapters.lora()
 
-    def model_config(self) -> MistralConfig:
+    def model_config(self) -> ModelConfig:
         """The preset or --init-from folder's config with this run's overrides."""
-        return MistralConfig.resolve(self.init_from or self.model, remat=self.remat, dtype=self.dtype,
+        return ModelConfig.resolve(self.init_from or self.model, remat=self.remat, dtype=self.dtype,
                                      param_dtype=self.param_dtype)
 
 
@@ -131,7 +131,7 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTran
     return optax.chain(*chain, adam), schedule
 
 
-def loss_sums(config: MistralConfig, params, batch, max_loss_tokens: int | None, *,
+def loss_sums(config: ModelConfig, params, batch, max_loss_tokens: int | None, *,
               adapters: lora_lib.Adapters | None = None, dropout_rng=None):
     """(sum of token losses, number of loss tokens, correctly predicted tokens) of one batch.
 
@@ -162,7 +162,7 @@ def _wrap_loss_sums(config, params, batch, max_loss_tokens, **lora_kwargs):
     return loss, (count, correct)
 
 
-def train_step(state, batch, frozen=None, *, config: MistralConfig, optimizer, schedule, max_loss_tokens,
+def train_step(state, batch, frozen=None, *, config: ModelConfig, optimizer, schedule, max_loss_tokens,
                grad_accum, lora: lora_lib.LoraConfig | None = None, seed: int = 0):
     """One optimizer step on state["params"]: all weights, or (LoRA) the adapters on the `frozen` base."""
     if lora is None:
@@ -233,7 +233,7 @@ class StepFunctions:
             return self.jitted.lower(*self._args(state, batch, frozen))
 
 
-def state_shardings(config: MistralConfig, optimizer, mesh, rules, lora: lora_lib.LoraConfig | None = None) -> dict:
+def state_shardings(config: ModelConfig, optimizer, mesh, rules, lora: lora_lib.LoraConfig | None = None) -> dict:
     """Shardings of params (from their logical axes) and of the optimizer state (like its params).
     With `lora`, "params" are the adapters."""
     if lora is None:
@@ -249,7 +249,7 @@ def state_shardings(config: MistralConfig, optimizer, mesh, rules, lora: lora_li
     return {"params": params, "opt_state": opt, "step": replicated}
 
 
-def make_train_step(config: MistralConfig, optimizer, schedule, mesh, rules, *, max_loss_tokens: int | None,
+def make_train_step(config: ModelConfig, optimizer, schedule, mesh, rules, *, max_loss_tokens: int | None,
                     grad_accum: int = 1, lora: lora_lib.LoraConfig | None = None,
                     base_dtype: lora_lib.BaseDtype = "bfloat16",
                     base_on_host: bool = False, seed: int = 0) -> StepFunctions:
@@ -289,7 +289,7 @@ def max_answer_tokens(batches: BucketedBatches) -> int | None:
     return None if rounded * 2 >= longest else rounded
 
 
-def init_state(config: MistralConfig, cfg: TrainConfig, fns: StepFunctions) -> dict:
+def init_state(config: ModelConfig, cfg: TrainConfig, fns: StepFunctions) -> dict:
     """Parameters and optimizer state created directly in their shards (never whole on one device).
     LoRA: fresh adapters (the base is loaded separately, `runs.load_base`)."""
     lora = cfg.lora()

@@ -41,11 +41,11 @@ def tiny_model(tmp_path_factory) -> Path:
     """A random `tiny` model saved as a Hugging Face folder (fp32): the model the eval tests run end to end."""
     import jax
 
-    from jaxtrain.config import MistralConfig
+    from jaxtrain.config import ModelConfig
     from jaxtrain.hf_io import save_pretrained
     from jaxtrain.model import init_params
 
     path = tmp_path_factory.mktemp("tiny-model")
-    config = MistralConfig.preset("tiny")
+    config = ModelConfig.preset("tiny")
     save_pretrained(path, config, init_params(config, jax.random.key(0)), dtype="float32")
     return path

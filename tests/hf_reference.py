@@ -5,20 +5,20 @@ from __future__ import annotations
 import torch
 import transformers
 
-from jaxtrain.config import MistralConfig
+from jaxtrain.config import ModelConfig
 
 
-def tiny_config(**overrides) -> MistralConfig:
+def tiny_config(**overrides) -> ModelConfig:
     """A small fp32 config (fp32 compute too, so differences are the port's, not bf16 rounding)."""
     fields = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=16, rope_theta=1e4, sliding_window=None,
                   max_position_embeddings=512, rms_norm_eps=1e-5, param_dtype="float32",
                   dtype="float32", remat="none")
     fields.update(overrides)
-    return MistralConfig(**fields)
+    return ModelConfig(**fields)
 
 
-def hf_model(config: MistralConfig, seed: int = 0) -> transformers.MistralForCausalLM:
+def hf_model(config: ModelConfig, seed: int = 0) -> transformers.MistralForCausalLM:
     """A `transformers.MistralForCausalLM` with random weights (norm weights too, so they are tested)."""
     torch.manual_seed(seed)
     hf_config = transformers.MistralConfig(**config.to_hf_dict("float32"))

@@ -14,10 +14,10 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from jaxtrain.checkpoint import (  # noqa: E402
     CheckpointConfig, Checkpointer, abstract_state, latest_step, load_params_from_run, restore)
-from jaxtrain.config import MistralConfig  # noqa: E402
+from jaxtrain.config import ModelConfig  # noqa: E402
 from jaxtrain.sharding import MeshConfig, make_mesh  # noqa: E402
 
-TINY = MistralConfig.preset("tiny")
+TINY = ModelConfig.preset("tiny")
 AXES = {"embed": P("fsdp", None), "layers": {"w": P(None, "fsdp", "tensor"), "norm": P()}}
 
 

@@ -16,7 +16,7 @@ from eval.__main__ import main
 from jaxtrain import lora, model, peft_io, runs
 from jaxtrain.__main__ import main as jaxtrain_main
 from jaxtrain.checkpoint import CheckpointConfig, Checkpointer
-from jaxtrain.config import MistralConfig
+from jaxtrain.config import ModelConfig
 from jaxtrain.hf_io import save_pretrained
 from jaxtrain.model import init_params
 
@@ -27,11 +27,11 @@ def setup(tmp_path_factory):
     format of `python -m jaxtrain train --lora-rank` (training itself is tested in test_lora_cli.py), and
     four held-out synthetic samples."""
     root = tmp_path_factory.mktemp("eval_lora")
-    tiny = MistralConfig.preset("tiny")
+    tiny = ModelConfig.preset("tiny")
     params = jax.jit(init_params, static_argnums=0)(tiny, jax.random.key(0))
     params["lm_head"] = params["lm_head"] * 20.0  # decisive greedy choices: no coin flips between runs
     save_pretrained(root / "base", tiny, params, dtype="float32")
-    config = MistralConfig.from_pretrained(root / "base")  # what eval uses for the exported folder too
+    config = ModelConfig.from_pretrained(root / "base")  # what eval uses for the exported folder too
 
     cfg = lora.LoraConfig(rank=4, alpha=8.0, targets=("q", "v", "o", "down"))
     rng = np.random.default_rng(2)
@@ -104,7 +104,7 @@ def test_int8_base_end_to_end(setup, tmp_path):
 ])
 def test_bad_combinations_are_refused(setup, tmp_path, capsys, flags, message):
     root = setup
-    tiny = MistralConfig.from_pretrained(root / "base")
+    tiny = ModelConfig.from_pretrained(root / "base")
     paths = {"peft": tmp_path / "peft", "run": root / "run", "base": root / "base", "other": tmp_path / "other"}
     if "{peft}" in flags:
         cfg = lora.LoraConfig(rank=2)

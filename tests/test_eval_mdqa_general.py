@@ -211,12 +211,12 @@ def windowed_model(tmp_path_factory):
     import jax
 
     from jaxtrain import attention
-    from jaxtrain.config import MistralConfig
+    from jaxtrain.config import ModelConfig
     from jaxtrain.hf_io import save_pretrained
     from jaxtrain.model import init_params
 
     path = tmp_path_factory.mktemp("windowed-model")
-    config = MistralConfig.preset("tiny").replace(sliding_window=128)
+    config = ModelConfig.preset("tiny").replace(sliding_window=128)
     save_pretrained(path, config, init_params(config, jax.random.key(0)), dtype="float32")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(attention, "CHUNK", 1024, raising=False)

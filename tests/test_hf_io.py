@@ -12,7 +12,7 @@ from safetensors.numpy import load_file
 
 from hf_reference import hf_model, tiny_config
 from jaxtrain import model
-from jaxtrain.config import MistralConfig
+from jaxtrain.config import ModelConfig
 from jaxtrain.hf_io import load_pretrained, save_pretrained
 
 
@@ -65,16 +65,16 @@ def test_load_places_params_on_requested_shardings(tmp_path):
 
 
 def test_config_presets_and_hf_config_roundtrip():
-    v01 = MistralConfig.preset("mistral-7b-v0.1")
+    v01 = ModelConfig.preset("mistral-7b-v0.1")
     assert (v01.sliding_window, v01.rope_theta, v01.num_kv_heads, v01.head_dim) == (4096, 1e4, 8, 128)
     assert 7.0e9 < v01.num_params < 7.5e9
-    v02 = MistralConfig.preset("mistral-7b-instruct-v0.2")
+    v02 = ModelConfig.preset("mistral-7b-instruct-v0.2")
     assert (v02.sliding_window, v02.rope_theta, v02.max_position_embeddings) == (None, 1e6, 32768)
-    assert MistralConfig.preset("tiny").num_params < 5e6
+    assert ModelConfig.preset("tiny").num_params < 5e6
     hf = transformers.MistralConfig(**v02.to_hf_dict())
-    assert MistralConfig.from_hf_dict(hf.to_dict()) == v02.replace(param_dtype="float32")
+    assert ModelConfig.from_hf_dict(hf.to_dict()) == v02.replace(param_dtype="float32")
     with pytest.raises(ValueError, match="unknown model preset"):
-        MistralConfig.preset("llama")
+        ModelConfig.preset("llama")
 
 
 def test_impossible_configs_are_rejected():

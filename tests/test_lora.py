@@ -202,12 +202,12 @@ def test_base_on_host_keeps_about_one_layer_of_it_in_hbm_on_tpu():
     whole stack at once)."""
     from jaxtrain import aot, quant
     from jaxtrain.checkpoint import abstract_state
-    from jaxtrain.config import MistralConfig
+    from jaxtrain.config import ModelConfig
     from jaxtrain.sharding import MeshConfig, make_mesh
     from jaxtrain.topology import parse_accelerator_type
 
     topology = parse_accelerator_type("v5e-1")
-    config = MistralConfig(vocab_size=1024, hidden_size=512, intermediate_size=2048, num_layers=8, num_heads=4,
+    config = ModelConfig(vocab_size=1024, hidden_size=512, intermediate_size=2048, num_layers=8, num_heads=4,
                            num_kv_heads=2, head_dim=128, rope_theta=1e4, sliding_window=None,
                            max_position_embeddings=4096, rms_norm_eps=1e-5, remat="full", attention_impl="xla")
     cfg = lora.LoraConfig(rank=4, alpha=8)

@@ -10,7 +10,7 @@ import tyro
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxtrain import aot
-from jaxtrain.config import MistralConfig
+from jaxtrain.config import ModelConfig
 from jaxtrain.topology import GIB, parse_accelerator_type
 
 
@@ -31,7 +31,7 @@ def test_tiny_train_step_compiles_for_v5e_8(capsys):
     assert report["output_bytes"] - report["alias_bytes"] < 2**16  # the metrics: the state updates in place
     # Arguments per chip: fp32 params + two fp32 Adam moments, FSDP-split 8 ways, plus 1/8 of the batch
     # (4 arrays of 8 x 256; TPU tiling pads these small shards, hence the tolerance).
-    n = MistralConfig.preset("tiny").num_params
+    n = ModelConfig.preset("tiny").num_params
     state = 3 * 4 * n / 8
     assert report["argument_bytes"] == pytest.approx(state + 4 * 8 * 256 * 4 / 8, rel=0.05)
     assert report["alias_bytes"] >= 0.95 * state          # the donated state is updated in place
@@ -45,7 +45,7 @@ def test_offloaded_optimizer_state_leaves_hbm(capsys):
                          "--global-batch", "8", "--answer-tokens", "16", "--offload-state",
                          "--remat", "offload_input")
     assert report["fits"] is True
-    n = MistralConfig.preset("tiny").num_params
+    n = ModelConfig.preset("tiny").num_params
     assert report["host_argument_bytes"] == pytest.approx(2 * 4 * n / 8, rel=0.05)
     assert report["argument_bytes"] == pytest.approx(4 * n / 8 + 4 * 8 * 256 * 4 / 8, rel=0.05)
 
@@ -82,7 +82,7 @@ def test_compile_for_topology_reads_the_compilers_accounting():
 def test_flops_analytic_against_a_hand_count():
     """6 N per token plus causal attention, with N from the published Mistral-7B parameter count
     (7,241,732,096: transformers' MistralForCausalLM for this config, counted on the meta device)."""
-    config = MistralConfig.preset("mistral-7b-v0.1")
+    config = ModelConfig.preset("mistral-7b-v0.1")
     total = 7_241_732_096
     embed_and_head = 2 * 32000 * 4096
     rows, seq, answer = 16, 4096, 64
@@ -97,11 +97,11 @@ def test_flops_analytic_against_a_hand_count():
 
 # --- the other steps a user must fit: LoRA on a quantised base, and eval's decoding -------------------
 
-def model_folder(tmp_path, hidden: int, **overrides) -> tuple[MistralConfig, list[str]]:
+def model_folder(tmp_path, hidden: int, **overrides) -> tuple[ModelConfig, list[str]]:
     """A config.json-only model folder whose weights are large next to TPU tile padding (with `hidden` / 8
     >= 128 even their 8-way shards fill whole tiles), so that hand counts of argument bytes hold to a few
     per cent; and its --model flag."""
-    config = MistralConfig.preset("tiny").replace(vocab_size=1024, hidden_size=hidden, intermediate_size=2 * hidden,
+    config = ModelConfig.preset("tiny").replace(vocab_size=1024, hidden_size=hidden, intermediate_size=2 * hidden,
                                                   num_heads=hidden // 128, num_kv_heads=2, head_dim=128,
                                                   max_position_embeddings=4096).replace(**overrides)
     (tmp_path / "config.json").write_text(json.dumps(config.to_hf_dict()))

@@ -659,9 +659,9 @@ def test_notebook_executes_top_to_bottom_tiny(tmp_path, monkeypatch):
 def test_cost_estimate_flops_by_hand():
     """The FLOPs per step behind docs/tpu.md's cost table, recomputed by hand from Mistral 7B's shapes."""
     from bench import tpu_cost
-    from jaxtrain.config import MistralConfig
+    from jaxtrain.config import ModelConfig
 
-    config = MistralConfig.preset("mistral-7b-instruct-v0.1")
+    config = ModelConfig.preset("mistral-7b-instruct-v0.1")
     d, ff, kv, layers, vocab = 4096, 14336, 1024, 32, 32000
     body = layers * (2 * d * d + 2 * d * kv + 3 * d * ff + 2 * d) + d   # norms included
     tokens = 16 * 4096

@@ -12,7 +12,7 @@ from pathlib import Path
 import jax
 import tyro
 
-from jaxtrain.config import MistralConfig
+from jaxtrain.config import ModelConfig
 from jaxtrain.hf_io import save_pretrained
 from jaxtrain.model import init_params
 
@@ -28,7 +28,7 @@ class Args:
 
 
 def main(args: Args) -> None:
-    config = MistralConfig.preset(args.preset)
+    config = ModelConfig.preset(args.preset)
     params = init_params(config, jax.random.key(args.seed))
     save_pretrained(args.out, config, params, dtype="float32")
     print(f"wrote a random {args.preset} model to {args.out}")
