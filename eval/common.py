@@ -25,9 +25,9 @@ from jaxtrain.sharding import MeshConfig, make_mesh, maybe_initialize_distribute
 @dataclasses.dataclass(kw_only=True)
 class CommonArgs:
     model: str
-    """Hugging Face Mistral folder (config.json + safetensors), a `python -m jaxtrain train` run directory
-    (full finetune or LoRA: the base is read from the path the run recorded and checked against its sha256),
-    or a PEFT adapter folder (with --base)."""
+    """Hugging Face folder (Llama, Qwen2 or Mistral: config.json + safetensors), a `python -m jaxtrain train` run
+    directory (full finetune or LoRA: the base is read from the path the run recorded and checked against its
+    sha256), or a PEFT adapter folder (with --base)."""
     out: Path
     """Directory for results.json, predictions.jsonl (and the MDQA plot)."""
     data_file: Path | None = None
@@ -56,6 +56,9 @@ class CommonArgs:
     """Split the parameters over all devices as in training (--mesh.*), e.g. a 7B model on a v5e-8."""
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     """Device mesh used with --shard."""
+    tokenizer: str | None = None
+    """The model's tokenizer and chat template: a folder, or mistral (default: the model folder's own, a
+    PEFT adapter's base's, or the one a training run trained with)."""
     label: str | None = None
     """Name of this run in tables and plots (default: the model directory's name)."""
     tfds_data_dir: Path | None = None
@@ -126,9 +129,9 @@ def run_task(task: Task, args: CommonArgs) -> dict:
             raise DataError(f"--mesh: {e}") from None
     loaded = load_model(args.model, dtype=args.dtype, mesh=mesh, rules=args.mesh.rules, base=args.base,
                         base_dtype=args.base_dtype, merge_adapters=args.merge_adapters,
-                        compute_dtype=args.compute_dtype)
-    generator = Generator(loaded.config, loaded.params, batch_size=args.batch_size, mesh=mesh,
-                          rules=args.mesh.rules, adapters=loaded.adapters)
+                        compute_dtype=args.compute_dtype, tokenizer=args.tokenizer)
+    generator = Generator(loaded.config, loaded.params, tokenizer=loaded.tokenizer, batch_size=args.batch_size,
+                          mesh=mesh, rules=args.mesh.rules, adapters=loaded.adapters)
     t1 = time.perf_counter()
     evaluation = task.evaluate(args, data, generator)
     t2 = time.perf_counter()

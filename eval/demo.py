@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_gen.chat import encode_chat
+from data_gen.chat import encode_chat, encode_prompt
 from data_gen.shards import TokenizedExample, write_shards
 from data_gen.tasks import TaskConfig, dumps_record, generate_split, multi_question_split
 from data_gen.tokenizer import encode
@@ -33,7 +33,7 @@ from jaxtrain import model, runs
 from jaxtrain.__main__ import ExportConfig, export
 from jaxtrain.checkpoint import CheckpointConfig, load_params_from_run
 from jaxtrain.config import ModelConfig
-from jaxtrain.generate import Generator, encode_generation_prompt
+from jaxtrain.generate import Generator
 from jaxtrain.hf_io import load_pretrained, load_quantized
 from jaxtrain.lora import LoraSettings
 from jaxtrain.train import OptimizerConfig, TrainConfig, train
@@ -169,7 +169,7 @@ def write_demo_shards(train_file: Path, shard_dir: Path, progress: bool) -> dict
 def retrieval_accuracy(config: ModelConfig, params, eval_file: Path, progress: bool, adapters=None) -> dict:
     """Greedy answers to the held-out prompts, scored like `python -m eval synthetic`."""
     examples = read_synthetic(eval_file)
-    prompts = [encode_generation_prompt(ex.prompt, chat=True) for ex in examples]
+    prompts = [encode_prompt(ex.prompt) for ex in examples]
     max_new = max(len(encode(ex.reference)) for ex in examples) + 4
     generator = Generator(config.replace(dtype="float32", remat="none"), params, batch_size=50, adapters=adapters)
     generations = generator.generate(prompts, max_new_tokens=max_new, progress=progress)
@@ -191,7 +191,7 @@ def check_hf_reload(hf_dir: Path, eval_file: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    ids = encode_generation_prompt(read_synthetic(eval_file)[0].prompt, chat=True)
+    ids = encode_prompt(read_synthetic(eval_file)[0].prompt)
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     with torch.no_grad():
         theirs = hf(torch.tensor([ids])).logits[0].numpy()

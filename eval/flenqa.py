@@ -14,13 +14,11 @@ import string
 from collections.abc import Sequence
 from pathlib import Path
 
-from data_gen.chat import encode_prompt
 from eval import metrics as M
 from eval.common import CommonArgs, Evaluation, LoadedData, Task, check_source_args, limited
 from eval.datafiles import DataError, get_int, get_str, iter_jsonl
 from eval.plots import plot_flenqa
 from eval.results import file_source
-from jaxtrain.generate import encode_text
 
 DATASETS = ("PIR", "MonoRel", "Simplified RuleTaker")
 TRUE, FALSE, REFUSED = "true", "false", "other/refused"
@@ -195,7 +193,7 @@ class FlenqaArgs(CommonArgs):
     padding_types: tuple[str, ...] | None = None
     """Keep only these padding types (same, books; default: all)."""
     chat_template: bool = True
-    """Send the prompt as one Mistral-Instruct user turn (as the authors sent it to chat models)."""
+    """Send the prompt as one user turn of the model's chat template (as the authors sent it to chat models)."""
 
 
 def _keep(rows: list[FlenqaRow], field: str, wanted, flag: str) -> list[FlenqaRow]:
@@ -246,7 +244,8 @@ def evaluate(args: FlenqaArgs, data: LoadedData, generator) -> Evaluation:
     max_new = args.max_new_tokens or (400 if args.cot else 100)
     rows: list[FlenqaRow] = data.examples
     # The prompt goes as it is, trailing newline included: mistral_common encodes a user message unstripped.
-    encode = encode_prompt if args.chat_template else encode_text
+    tokenizer = generator.tokenizer
+    encode = tokenizer.encode_prompt if args.chat_template else tokenizer.encode_text
     prompts = [encode(prompt_text(r, cot=args.cot)) for r in rows]
     generations = generator.generate(prompts, max_new_tokens=max_new, progress=args.progress)
     scored, predictions = [], []

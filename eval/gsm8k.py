@@ -62,7 +62,7 @@ class Gsm8kArgs(CommonArgs):
     max_new_tokens: int = 256
     """Generation budget (the harness's default); decoding stops earlier at "Question:"."""
     chat_template: bool = False
-    """Send the whole few-shot prompt as one Mistral-Instruct user turn."""
+    """Send the whole few-shot prompt as one user turn of the model's chat template."""
 
 
 @dataclasses.dataclass
@@ -106,8 +106,8 @@ def load(args: Gsm8kArgs) -> LoadedData:
 
 def evaluate(args: Gsm8kArgs, data: LoadedData, generator) -> Evaluation:
     gsm: Gsm8kData = data.examples
-    prompts = [encode_generation_prompt(build_prompt(ex.question, gsm.shots), chat=args.chat_template)
-               for ex in gsm.test]
+    prompts = [encode_generation_prompt(generator.tokenizer, build_prompt(ex.question, gsm.shots),
+                                        chat=args.chat_template) for ex in gsm.test]
     generations = generator.generate(prompts, max_new_tokens=args.max_new_tokens, stop_strings=STOP_STRINGS,
                                      progress=args.progress)
     strict, flexible, predictions = [], [], []

@@ -109,7 +109,7 @@ class HellaswagArgs(CommonArgs):
     6-lines-an-example text file."""
 
     chat_template: bool = False
-    """Score each ending as the answer of a Mistral-Instruct user turn holding the context."""
+    """Score each ending as the answer to a user turn (the model's chat template) holding the context."""
 
 
 def load(args: HellaswagArgs) -> LoadedData:
@@ -129,7 +129,7 @@ def load(args: HellaswagArgs) -> LoadedData:
 
 def evaluate(args: HellaswagArgs, data: LoadedData, generator) -> Evaluation:
     encode = encode_chat_pair if args.chat_template else encode_pair
-    requests = [encode(ex.query, f" {c}") for ex in data.examples for c in ex.choices]
+    requests = [encode(generator.tokenizer, ex.query, f" {c}") for ex in data.examples for c in ex.choices]
     lls = generator.loglikelihood(requests, progress=args.progress)
     acc, acc_norm, predictions = [], [], []
     pos = 0

@@ -76,7 +76,7 @@ class MdqaArgs(CommonArgs):
     max_new_tokens: int = 100
     """Generation budget; decoding also stops at the first newline (only the first line is scored)."""
     chat_template: bool = True
-    """Wrap the prompt as a Mistral-Instruct user turn (the paper's setting)."""
+    """Wrap the prompt as a user turn of the model's chat template (the paper's setting)."""
 
 
 def _parse_gold_positions(values: tuple[str, ...]) -> list[int]:
@@ -371,7 +371,7 @@ def closed_book_prompt_text(question: str) -> str:
 def evaluate(args: MdqaArgs, data: LoadedData, generator) -> Evaluation:
     items = [(setting, ex) for setting, examples in data.examples.items() for ex in examples]
     texts = [setting_prompt(setting, ex) for setting, ex in items]
-    prompts = [encode_generation_prompt(t, chat=args.chat_template) for t in texts]
+    prompts = [encode_generation_prompt(generator.tokenizer, t, chat=args.chat_template) for t in texts]
     # Only the first line is scored, so decoding can stop at the first newline.
     generations = generator.generate(prompts, max_new_tokens=args.max_new_tokens, stop_strings=("\n",),
                                      progress=args.progress)

@@ -43,7 +43,7 @@ class MmluArgs(CommonArgs):
     subjects: tuple[str, ...] | None = None
     """Evaluate only these subjects (default: every subject with a test file)."""
     chat_template: bool = False
-    """Score the letter as the answer of a Mistral-Instruct user turn holding the whole prompt."""
+    """Score the letter as the answer to a user turn (the model's chat template) holding the whole prompt."""
 
 
 @dataclasses.dataclass
@@ -111,7 +111,7 @@ def evaluate(args: MmluArgs, data: LoadedData, generator) -> Evaluation:
     requests = []
     for q in questions:
         context = build_context(q, mmlu.dev[q.subject][: args.num_fewshot])
-        requests += [encode(context, f" {letter}") for letter in LETTERS]
+        requests += [encode(generator.tokenizer, context, f" {letter}") for letter in LETTERS]
     lls = generator.loglikelihood(requests, progress=args.progress)
     per_subject: dict[str, list[float]] = defaultdict(list)
     predictions = []

@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from data_gen.tokenizer import Tokenizer, TokenizerError, get_tokenizer
 from eval.datafiles import DataError
 from jaxtrain import hf_io, model, quant, runs
 from jaxtrain.checkpoint import Checkpointer
@@ -44,6 +45,8 @@ class LoadedModel:
     """`jaxtrain.lora.Adapters` for the decoder to apply unmerged, or None."""
     info: dict = dataclasses.field(default_factory=dict)
     """What was loaded (kind, base path/sha256/dtype, adapters and whether merged): results.json's "model"."""
+    tokenizer: Tokenizer | None = None
+    """The model's tokenizer and chat template (what prompts are encoded with)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +110,13 @@ def _load_hf(folder: Path, opts: _Options, flag: str):
         raise DataError(f"{flag} {folder}: {e}") from None
 
 
+def _tokenizer(spec, flag: str) -> Tokenizer:
+    try:
+        return get_tokenizer(spec)
+    except TokenizerError as e:
+        raise DataError(f"{flag}: {e} (pass --tokenizer with the model's tokenizer folder, or mistral)") from None
+
+
 def _load_run(path: Path, base: Path | None, opts: _Options) -> runs.LoadedRun:
     """A training run (full finetune or LoRA) as `python -m jaxtrain export` reads it."""
     if opts.weights is not None and opts.weights not in ("int8", "bfloat16", "float32"):
@@ -154,14 +164,15 @@ def _check_merge(merge_adapters: bool, weights: str | None, path: Path) -> None:
 
 def load_model(path: str | Path, *, dtype: str | None = None, mesh=None, rules: str = "fsdp",
                base: str | Path | None = None, base_dtype: BaseDtype | None = None,
-               merge_adapters: bool = False, compute_dtype: str | None = None) -> LoadedModel:
+               merge_adapters: bool = False, compute_dtype: str | None = None,
+               tokenizer: str | Path | None = None) -> LoadedModel:
     """The model `--model path` names (see the module docstring), ready for `jaxtrain.generate.Generator`.
 
     `dtype` casts float weights (HF folders and runs; default: the config's param_dtype, or the stored
     dtype); `base_dtype` replaces it and also offers int8. With a `mesh`, each device receives only its
     shard of every parameter (`rules`: the sharding table of training). `compute_dtype` replaces the
-    config's compute dtype. Every wrong combination of options raises `DataError` before any weights
-    are read.
+    config's compute dtype. `tokenizer` replaces the model's own (the folder's, a PEFT base's, the one a
+    run trained with). Every wrong combination of options raises `DataError` before any weights are read.
     """
     path = Path(path)
     base = None if base is None else Path(base)
@@ -177,9 +188,11 @@ def load_model(path: str | Path, *, dtype: str | None = None, mesh=None, rules: 
         kind, source = "peft_adapters", str(path.resolve())
         _check_merge(merge_adapters, opts.weights, path)
         config, params, adapters, base_info = _load_peft(path, base, opts)
+        model_tokenizer = _tokenizer(tokenizer or base, "--tokenizer" if tokenizer else f"--base {base}")
     elif (path / "config.json").is_file():
         kind = "hf_folder"
         _check_whole_model(path, base, merge_adapters)
+        model_tokenizer = _tokenizer(tokenizer or path, "--tokenizer" if tokenizer else f"--model {path}")
         config, params = _load_hf(path, opts, "--model")
         base_info = {"path": str(path.resolve()), "sha256": None}
     elif path.is_dir():
@@ -198,6 +211,7 @@ def load_model(path: str | Path, *, dtype: str | None = None, mesh=None, rules: 
             _check_whole_model(path, base, merge_adapters)
         run = _load_run(path, base, opts)
         config, params, adapters = run.config, run.params, run.adapters
+        model_tokenizer = _tokenizer(tokenizer, "--tokenizer") if tokenizer else run.tokenizer
         if run.base is None:
             base_info = {"path": str(path.resolve()), "sha256": None, "step": run.step}
         else:
@@ -214,4 +228,6 @@ def load_model(path: str | Path, *, dtype: str | None = None, mesh=None, rules: 
                         "merged": merge_adapters}
         if merge_adapters:
             params, adapters = merge(params, adapters), None
-    return LoadedModel(config, params, adapters, {"kind": kind, "base": base_info, "adapters": adapter_info})
+    info = {"kind": kind, "base": base_info, "adapters": adapter_info,
+            "tokenizer": model_tokenizer.identity().to_json()}
+    return LoadedModel(config, params, adapters, info, model_tokenizer)

@@ -99,7 +99,7 @@ class OpenQAArgs(CommonArgs):
     max_new_tokens: int = 32
     """Answers end at the first newline, "." or ","; the cap only bounds runaway outputs."""
     chat_template: bool = False
-    """Send the prompt as a Mistral-Instruct user turn."""
+    """Send the prompt as a user turn of the model's chat template."""
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -130,7 +130,8 @@ def make_task(spec: OpenQASpec, args_type: type) -> Task:
         return LoadedData(examples, sources, len(examples))
 
     def evaluate(args: OpenQAArgs, data: LoadedData, generator) -> Evaluation:
-        prompts = [encode_generation_prompt(spec.prompt(ex.question), chat=args.chat_template) for ex in data.examples]
+        prompts = [encode_generation_prompt(generator.tokenizer, spec.prompt(ex.question), chat=args.chat_template)
+                   for ex in data.examples]
         generations = generator.generate(prompts, max_new_tokens=args.max_new_tokens, stop_strings=STOP_STRINGS,
                                          progress=args.progress)
         em, em_squad, predictions = [], [], []

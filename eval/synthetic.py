@@ -14,7 +14,6 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from data_gen.tokenizer import encode
 from eval import metrics as M
 from eval.common import CommonArgs, Evaluation, LoadedData, Task, check_source_args, limited
 from eval.datafiles import DataError, find_file, get_int, get_str, iter_jsonl
@@ -117,7 +116,7 @@ class SyntheticArgs(CommonArgs):
     position_bins: int = 5
     """Report accuracy in this many equal ranges of gold dictionary positions."""
     chat_template: bool = True
-    """Prompt in the Mistral-Instruct format the model was finetuned with."""
+    """Prompt in the model's chat format (its chat template), as it was finetuned."""
 
 
 def load(args: SyntheticArgs) -> LoadedData:
@@ -131,8 +130,9 @@ def load(args: SyntheticArgs) -> LoadedData:
 
 def evaluate(args: SyntheticArgs, data: LoadedData, generator) -> Evaluation:
     examples: list[SyntheticExample] = data.examples
-    max_new = args.max_new_tokens or max(len(encode(ex.reference)) for ex in examples) + 16
-    prompts = [encode_generation_prompt(ex.prompt, chat=args.chat_template) for ex in examples]
+    tokenizer = generator.tokenizer
+    max_new = args.max_new_tokens or max(len(tokenizer.encode(ex.reference)) for ex in examples) + 16
+    prompts = [encode_generation_prompt(tokenizer, ex.prompt, chat=args.chat_template) for ex in examples]
     generations = generator.generate(prompts, max_new_tokens=max_new, progress=args.progress)
     scores: dict[str, list[float]] = defaultdict(list)
     by_bin: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))

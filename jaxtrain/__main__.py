@@ -1,4 +1,5 @@
-"""`python -m jaxtrain {train,export,aot}`: finetune, write a Hugging Face folder, prove a TPU fit."""
+"""`python -m jaxtrain {train,export,aot,import-gguf}`: finetune, write a Hugging Face folder, prove a TPU fit,
+bring a GGUF checkpoint in as a Hugging Face folder."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from typing import Annotated, Literal
 
 import tyro
 
-from jaxtrain import aot, runs
+from jaxtrain import aot, import_gguf, runs
 from jaxtrain.aot import AotConfig
+from jaxtrain.import_gguf import ImportGgufConfig
 from jaxtrain.train import NonFiniteLoss, TrainConfig, train
 
 
@@ -32,15 +34,19 @@ class ExportConfig:
 def export(cfg: ExportConfig) -> None:
     what = runs.export_run(cfg.checkpoint, cfg.out, step=cfg.step, merged=cfg.merged, peft=cfg.peft, dtype=cfg.dtype,
                            max_shard_size=cfg.max_shard_size)
-    loader = "peft.PeftModel.from_pretrained(base, folder)" if cfg.peft else "transformers.AutoModelForCausalLM.from_pretrained"
+    loader = ("peft.PeftModel.from_pretrained(base, folder)" if cfg.peft
+              else "transformers.AutoModelForCausalLM.from_pretrained")
     print(f"wrote {cfg.out}: {what}; load it with {loader}")
 
 
-Command = (Annotated[TrainConfig, tyro.conf.subcommand("train", description="Finetune on data_gen shards.")]
-           | Annotated[ExportConfig, tyro.conf.subcommand("export", description="Checkpoint -> HF folder.")]
-           | Annotated[AotConfig, tyro.conf.subcommand("aot", description="Compile a step (full or LoRA "
-                                                                          "train step, or decode) for a TPU slice here; "
-                                                                          "report memory per chip.")])
+Command = (
+    Annotated[TrainConfig, tyro.conf.subcommand("train", description="Finetune on data_gen shards.")]
+    | Annotated[ExportConfig, tyro.conf.subcommand("export", description="Checkpoint -> HF folder.")]
+    | Annotated[AotConfig, tyro.conf.subcommand(
+        "aot", description="Compile a step (full or LoRA train step, or decode) for a TPU slice here; report memory "
+                           "per chip.")]
+    | Annotated[ImportGgufConfig, tyro.conf.subcommand(
+        "import-gguf", description="GGUF file -> HF folder (default: SmolLM2-135M-Instruct).")])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,9 +56,11 @@ def main(argv: list[str] | None = None) -> int:
             train(cfg)
         elif isinstance(cfg, AotConfig):
             return aot.main(cfg)
+        elif isinstance(cfg, ImportGgufConfig):
+            return import_gguf.main(cfg)
         else:
             export(cfg)
-    except (ValueError, FileNotFoundError, KeyError, NonFiniteLoss) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError, KeyError, NonFiniteLoss) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

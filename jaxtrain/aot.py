@@ -390,7 +390,8 @@ def aot_decode_step(cfg: AotConfig) -> AotReport:
                 return fn.lower(*args, **kwargs)
         return run
 
-    prefill_args = (params, adapters, ids, ids, ids, rng, scalar, scalar)
+    stop_ids = jax.ShapeDtypeStruct((1,), jnp.int32, sharding=replicated)
+    prefill_args = (params, adapters, ids, ids, ids, rng, scalar, scalar, stop_ids)
     kept: dict = {}
     prefill = compile_lowered(lower(generate.prefill, *prefill_args, max_new_tokens=cfg.new_tokens, **static),
                               topology, compiler_options=options, extra=extra, keep=kept)

@@ -5,7 +5,8 @@ Shapes are fixed per (batch size, prompt bucket, max new tokens) so each combina
 prompts are left-padded to a length bucket (`bucket_length`; padding gets segment id 0 and never enters
 the cache), the prompt is prefilled in one pass (`prefill`), then single-token steps run inside
 `lax.while_loop` in chunks (`decode_chunk`). Between chunks the host checks stop strings, so rows stop on
-`</s>` (on device) or on any stop string (on the host) without decoding text on every step. The cache is
+the tokenizer's stop ids (`</s>`, `<|im_end|>`, `<|eot_id|>`: on device) or on any stop string (on the
+host) without decoding text on every step. The cache is
 a ring buffer of the sliding window (`jaxtrain.kv_cache`), so prompts longer than the window decode
 exactly like `transformers`. The weights may be int8 (`jaxtrain.quant`) and LoRA adapters may ride along
 unmerged (`adapters`), so a 7B base and its finetune both decode on one 16 GiB chip.
@@ -30,8 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from data_gen.chat import encode_prompt
-from data_gen.tokenizer import BOS_ID, EOS_ID, decode, encode
+from data_gen.tokenizer import Tokenizer, get_tokenizer
 from jaxtrain import attention, kv_cache, model
 from jaxtrain.config import ModelConfig
 from jaxtrain.sharding import rules_for
@@ -187,9 +187,10 @@ def _step_logits(config, params, adapters, ids, positions, segments, cache, empt
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "greedy"))
-def prefill(params, adapters, ids, positions, segments, rng, temperature, top_p, *, config, max_new_tokens,
+def prefill(params, adapters, ids, positions, segments, rng, temperature, top_p, stop_ids, *, config, max_new_tokens,
             greedy):
-    """Prefill left-padded prompts into an empty cache and sample each row's first token: the decode state."""
+    """Prefill left-padded prompts into an empty cache and sample each row's first token: the decode state.
+    A row is done once it samples one of `stop_ids` [n] (the tokenizer's end-of-turn / end-of-sequence ids)."""
     batch, length = ids.shape
     cache = kv_cache.init_cache(config, batch, length + max_new_tokens, per_layer=kv_cache.is_per_layer(params))
     logits, cache = _step_logits(config, params, adapters, ids, positions, segments, cache, empty_cache=True)
@@ -198,8 +199,8 @@ def prefill(params, adapters, ids, positions, segments, rng, temperature, top_p,
     tokens = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(first)
     has_prompt = segments.any(axis=1)
     return {"tokens": tokens, "count": jnp.ones((batch,), jnp.int32), "step": jnp.int32(1),
-            "next_position": positions[:, -1] + 1, "done": (first == EOS_ID) | ~has_prompt,
-            "cache": cache, "rng": rng}
+            "next_position": positions[:, -1] + 1, "done": jnp.isin(first, stop_ids) | ~has_prompt,
+            "cache": cache, "rng": rng, "stop_ids": stop_ids}
 
 
 @functools.partial(jax.jit, static_argnames=("config", "greedy"), donate_argnames=("state",))
@@ -221,8 +222,8 @@ def decode_chunk(params, adapters, state, temperature, top_p, *, config, greedy)
                            s["tokens"].at[jnp.arange(token.shape[0]), s["count"]].set(token))
         advance = (~s["done"]).astype(jnp.int32)
         return {"tokens": tokens, "count": s["count"] + advance, "step": s["step"] + 1,
-                "next_position": s["next_position"] + advance, "done": s["done"] | (token == EOS_ID),
-                "cache": cache, "rng": rng}
+                "next_position": s["next_position"] + advance, "done": s["done"] | jnp.isin(token, s["stop_ids"]),
+                "cache": cache, "rng": rng, "stop_ids": s["stop_ids"]}
 
     return jax.lax.while_loop(cond, body, state)
 
@@ -245,12 +246,14 @@ def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
 class Generator:
     """Greedy / sampled generation and continuation scoring for one model, batch by batch."""
 
-    def __init__(self, config: ModelConfig, params, *, batch_size: int = 8, mesh=None, rules: str = "fsdp",
-                 max_length: int | None = None, adapters=None, per_layer: bool | None = None):
-        """`params` may hold int8 weights (`jaxtrain.quant`); `adapters` (`jaxtrain.lora.Adapters`) are
-        applied unmerged. With `mesh` (params sharded on it), decoding runs under the mesh and the named
-        logical-axis `rules`, as training does, so the model's sharding constraints (the KV cache's
-        included) apply. `per_layer` (default: on XLA:CPU without a mesh) holds a copy of the weights and
+    def __init__(self, config: ModelConfig, params, *, tokenizer: Tokenizer | str | None = None, batch_size: int = 8,
+                 mesh=None, rules: str = "fsdp", max_length: int | None = None, adapters=None,
+                 per_layer: bool | None = None):
+        """`tokenizer` (a `data_gen.tokenizer.Tokenizer` or what `get_tokenizer` takes; default Mistral 7B's)
+        decodes text and gives the stop ids. `params` may hold int8 weights (`jaxtrain.quant`); `adapters`
+        (`jaxtrain.lora.Adapters`) are applied unmerged. With `mesh` (params sharded on it), decoding runs
+        under the mesh and the named logical-axis `rules`, as training does, so the model's sharding
+        constraints (the KV cache's included) apply. `per_layer` (default: on XLA:CPU without a mesh) holds a copy of the weights and
         the KV cache one buffer per layer (`jaxtrain.kv_cache`): decode steps 1.4-1.8x faster there."""
         if per_layer is None:
             per_layer = model.on_xla_cpu(config) and mesh is None
@@ -259,6 +262,8 @@ class Generator:
             adapters = None if adapters is None else adapters.replace(params=kv_cache.unstack_layers(adapters.params))
         self.config, self.params, self.batch_size, self.mesh, self.rules = config, params, batch_size, mesh, rules
         self.adapters = adapters
+        self.tokenizer = get_tokenizer(tokenizer)
+        self.stop_ids = np.asarray(self.tokenizer.stop_ids, np.int32)
         self.max_length = max_length or config.max_position_embeddings
         self.timings = Timings()   # of the last `generate` call
 
@@ -312,7 +317,7 @@ class Generator:
             kwargs = dict(config=self.config, greedy=greedy)
             start = time.perf_counter()
             state = prefill(self.params, self.adapters, ids, positions, segments, sub, temperature, top_p,
-                            max_new_tokens=max_new_tokens, **kwargs)
+                            self.stop_ids, max_new_tokens=max_new_tokens, **kwargs)
             in_prefill, steps_before = True, 1
             stopped = [False] * len(rows)
             while True:
@@ -328,7 +333,8 @@ class Generator:
                 if stop_strings:
                     tokens, counts = np.asarray(state["tokens"]), np.asarray(state["count"])
                     for r in range(len(rows)):
-                        if not done[r] and _cut_at_stop(decode(tokens[r, :counts[r]].tolist()), stop_strings)[1]:
+                        text = self.tokenizer.decode(tokens[r, :counts[r]].tolist())
+                        if not done[r] and _cut_at_stop(text, stop_strings)[1]:
                             stopped[r] = True
                     if any(stopped):
                         state["done"] = jnp.asarray(done | np.pad(stopped, (0, len(done) - len(rows))))
@@ -339,9 +345,9 @@ class Generator:
             tokens, counts = np.asarray(state["tokens"]), np.asarray(state["count"])
             for r, i in enumerate(chunk):
                 ids_out = tokens[r, :counts[r]].tolist()
-                if EOS_ID in ids_out:
-                    ids_out = ids_out[:ids_out.index(EOS_ID)]
-                text, _ = _cut_at_stop(decode(ids_out), stop_strings)
+                stop = next((k for k, t in enumerate(ids_out) if t in self.tokenizer.stop_ids), len(ids_out))
+                ids_out = ids_out[:stop]
+                text, _ = _cut_at_stop(self.tokenizer.decode(ids_out), stop_strings)
                 results[i] = Generation(text=text, token_ids=ids_out)
 
     def loglikelihood(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
@@ -378,33 +384,29 @@ class Generator:
 
 
 # --- Prompts: text to token ids, the way the reference evaluations do --------------------------------
-# Two conventions:
-# - plain text (lm-evaluation-harness with a Hugging Face Mistral tokenizer, which adds BOS): `[BOS] + encode`;
-#   a (context, continuation) pair is encoded whole and split after the context's tokens, with the context's
-#   trailing whitespace moved to the continuation (the harness's `_encode_pair`), so the continuation gets
-#   the tokens it has inside the full text;
-# - chat (Mistral-Instruct, `data_gen.chat.encode_prompt`): the prompt is one user turn and the answer is
-#   encoded on its own, exactly as an assistant turn is in training data.
+# Two conventions, with the model's own tokenizer:
+# - plain text (lm-evaluation-harness with a Hugging Face tokenizer): the tokenizer's default encoding of the
+#   text (`Tokenizer.encode_text`: Mistral's adds BOS); a (context, continuation) pair is encoded whole and split
+#   after the context's tokens, with the context's trailing whitespace moved to the continuation (the
+#   harness's `_encode_pair`), so the continuation gets the tokens it has inside the full text;
+# - chat (`Tokenizer.encode_prompt`: the model's chat template, Mistral-Instruct for Mistral 7B): the prompt is
+#   one user turn and the answer is encoded on its own, as an assistant turn is in training data.
 
-def encode_text(text: str) -> list[int]:
-    """`[BOS] + ids(text)`: a plain-text prompt."""
-    return [BOS_ID, *encode(text)]
-
-
-def encode_pair(context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(context ids with BOS, continuation ids) for log-likelihood scoring of plain-text prompts."""
+def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) for log-likelihood scoring of plain-text prompts."""
     stripped = context.rstrip()
     continuation = context[len(stripped):] + continuation
-    whole = encode_text(stripped + continuation)
-    context_ids = encode_text(stripped)
+    whole = tokenizer.encode_text(stripped + continuation)
+    context_ids = tokenizer.encode_text(stripped)
     return context_ids, whole[len(context_ids):]
 
 
-def encode_chat_pair(context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(`<s>[INST] context [/INST]`, ids of the stripped continuation) for chat-formatted scoring."""
-    return encode_prompt(context.strip()), encode(continuation.strip())
+def encode_chat_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(the chat prompt of a user turn holding the context, ids of the stripped continuation) for
+    chat-formatted scoring."""
+    return tokenizer.encode_prompt(context.strip()), tokenizer.encode(continuation.strip())
 
 
-def encode_generation_prompt(text: str, *, chat: bool) -> list[int]:
+def encode_generation_prompt(tokenizer: Tokenizer, text: str, *, chat: bool) -> list[int]:
     """A generation prompt in either convention (the chat form strips the text: it is a user message)."""
-    return encode_prompt(text.strip()) if chat else encode_text(text)
+    return tokenizer.encode_prompt(text.strip()) if chat else tokenizer.encode_text(text)

@@ -26,7 +26,7 @@ import qwix
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from data_gen.tokenizer import write_hf_tokenizer
+from data_gen.tokenizer import MISTRAL, Tokenizer, get_tokenizer
 from jaxtrain import model, quant
 from jaxtrain.config import ModelConfig
 
@@ -62,6 +62,9 @@ def _tensor_specs(config: ModelConfig) -> list[_TensorSpec]:
         _TensorSpec(("layers", "mlp", "up"), layer + "mlp.up_proj.weight", (f, d), True),
         _TensorSpec(("layers", "mlp", "down"), layer + "mlp.down_proj.weight", (d, f), True),
     ]
+    if config.qkv_bias:
+        specs += [_TensorSpec(("layers", "attn", b), layer + f"self_attn.{proj}.bias", (n,), False)
+                  for b, proj, n in (("bq", "q_proj", q), ("bk", "k_proj", kv), ("bv", "v_proj", kv))]
     if not config.tie_word_embeddings:
         specs.append(_TensorSpec(("lm_head",), "lm_head.weight", (v, d), True))
     return specs
@@ -134,7 +137,7 @@ def _to_ours(tensor: np.ndarray, spec: _TensorSpec, layer_shape: tuple[int, ...]
 
 def load_pretrained(path: str | Path, *, shardings=None, dtype: str | None = None,
                     config_overrides: dict | None = None) -> tuple[ModelConfig, dict]:
-    """Read a Hugging Face Mistral folder (`config.json` + safetensors) into our parameter tree.
+    """Read a Hugging Face folder of a supported architecture (`config.json` + safetensors) into our parameters.
 
     `shardings`: an optional tree of `jax.sharding.Sharding` matching the parameters; each device then
     receives only its slice. `dtype` defaults to the config's `param_dtype` (fp32 master weights).
@@ -259,8 +262,10 @@ def _hf_tensors(config: ModelConfig, params, dtype):
 
 
 def save_pretrained(path: str | Path, config: ModelConfig, params, *, dtype: str = "bfloat16",
-                    max_shard_size: int | str = "5GB", tokenizer: bool = True) -> None:
-    """Write a folder that `transformers.AutoModelForCausalLM.from_pretrained` loads.
+                    max_shard_size: int | str = "5GB", tokenizer: Tokenizer | str | None = MISTRAL) -> None:
+    """Write a folder that `transformers.AutoModelForCausalLM.from_pretrained` loads, and with `tokenizer`
+    (a `data_gen.tokenizer.Tokenizer`, or what `get_tokenizer` takes; None: none) its tokenizer files and
+    chat template, so `AutoTokenizer.from_pretrained(path).apply_chat_template` formats chats as in training.
 
     Tensors are converted and written one shard at a time; only process 0 writes on a multi-host pod.
     """
@@ -295,10 +300,16 @@ def save_pretrained(path: str | Path, config: ModelConfig, params, *, dtype: str
         index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
         (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     (out / "config.json").write_text(json.dumps(config.to_hf_dict(str(np_dtype)), indent=2) + "\n")
-    generation = {"bos_token_id": 1, "eos_token_id": 2}
+    hf = config.to_hf_dict()
+    tokenizer = None if tokenizer is None else get_tokenizer(tokenizer)
+    # The tokenizer's stop ids (e.g. Llama 3's <|eot_id|> beside <|end_of_text|>), so generation stops there.
+    eos = hf["eos_token_id"] if tokenizer is None else list(tokenizer.stop_ids)
+    if isinstance(eos, list) and len(eos) == 1:
+        eos = eos[0]
+    generation = {"bos_token_id": hf["bos_token_id"], "eos_token_id": eos}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    if tokenizer:
-        write_hf_tokenizer(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
 
 
 def _flush(out: Path, tensors: dict[str, np.ndarray], number: int, writer: bool):

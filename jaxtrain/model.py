@@ -1,8 +1,10 @@
-"""Mistral in Flax, readable top to bottom: embedding → N × (attention + SwiGLU MLP) → norm → LM head.
+"""The Llama-family decoder (Llama 2/3.x, Qwen2/2.5, Mistral) in Flax, readable top to bottom: embedding →
+N × (attention + SwiGLU MLP) → norm → LM head.
 
-Three things keep it faithful to the released checkpoints, as `transformers`' PyTorch Mistral (our
-reference in the parity tests) computes them: RoPE theta and the sliding window come from the config,
-RMSNorm normalises in float32, and attention masks by positions (`jaxtrain.attention`).
+Three things keep it faithful to the released checkpoints, as `transformers`' PyTorch models (our reference
+in the parity tests) compute them: RoPE (theta, Llama 3.1's scaling) and the sliding window come from the
+config, RMSNorm normalises in float32, and attention masks by positions (`jaxtrain.attention`). Qwen2's
+q/k/v biases are the only architectural branch.
 
 Mechanisms for scale, MaxText-style: every parameter carries logical axis names (mapped to mesh axes by
 the one rules table in `jaxtrain.sharding`), key activations are constrained by logical names too, the
@@ -19,6 +21,7 @@ place where int8 base weights (`jaxtrain.quant`) and low-rank adapters (`jaxtrai
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -98,10 +101,26 @@ class RMSNorm(nn.Module):
         return weight.astype(x.dtype) * normed.astype(x.dtype)
 
 
-def rotary(x, positions, theta: float):
+def rope_frequencies(config: ModelConfig):
+    """RoPE's inverse frequencies [head_dim / 2] in float32: theta^(-2i/d), with Llama 3.1's scaling when the
+    config has it (long wavelengths divided by `factor`, short ones kept, the band between interpolated, as
+    transformers' `_compute_llama3_parameters`)."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    old_len = scaling.original_max_position_embeddings
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > old_len / scaling.low_freq_factor, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= old_len / scaling.high_freq_factor) & (wavelen <= old_len / scaling.low_freq_factor)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def rotary(x, positions, inv_freq):
     """Rotary embedding of x [B, T, H, D] at integer positions [B, T] (the rotate-half layout of HF)."""
-    head_dim = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq
     angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
     x1, x2 = jnp.split(x, 2, axis=-1)
@@ -126,12 +145,17 @@ class Attention(nn.Module):
         q = _project(self, "wq", "btd,dhk->bthk", x[:, first:], (d, h, hd), ("embed", "heads", "head_dim"))
         k = _project(self, "wk", "btd,dhk->bthk", x, (d, kvh, hd), ("embed", "kv_heads", "head_dim"))
         v = _project(self, "wv", "btd,dhk->bthk", x, (d, kvh, hd), ("embed", "kv_heads", "head_dim"))
+        if cfg.qkv_bias:   # Qwen2
+            q = q + _compute(_param(self, "bq", (h, hd), ("heads", "head_dim"), nn.initializers.zeros), cfg)
+            k = k + _compute(_param(self, "bk", (kvh, hd), ("kv_heads", "head_dim"), nn.initializers.zeros), cfg)
+            v = v + _compute(_param(self, "bv", (kvh, hd), ("kv_heads", "head_dim"), nn.initializers.zeros), cfg)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
         v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
         q, k, v = (checkpoint_name(t, QKV) for t in (q, k, v))
-        q = rotary(q, positions[:, first:], cfg.rope_theta)
-        k = rotary(k, positions, cfg.rope_theta)
+        inv_freq = rope_frequencies(cfg)
+        q = rotary(q, positions[:, first:], inv_freq)
+        k = rotary(k, positions, inv_freq)
 
         keys, values, kv_positions, kv_segments = k, v, positions, segment_ids
         if kv_cache is not None:

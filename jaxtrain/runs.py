@@ -1,9 +1,13 @@
-"""Training runs as models: the frozen base of a LoRA run, and loading or exporting what a run trained.
+"""Training runs as models: the frozen base of a LoRA run, the run's tokenizer, and loading or exporting what
+a run trained.
 
 A full-finetune run's checkpoints hold the whole model. A LoRA run's hold the adapters, and its metadata
 names the base they adapt (`base_metadata`: the Hugging Face folder it was read from, its sha256, the dtype
 and seed), which is read again from there, and must hash the same, whenever the run is used: by
-`python -m jaxtrain export` (`export_run`), by `python -m eval` (`load_run`) and by `--resume`.
+`python -m jaxtrain export` (`export_run`), by `python -m eval` (`load_run`) and by `--resume`. A run
+keeps a copy of its tokenizer's files (RUN/tokenizer, `save_run_tokenizer`; none for Mistral 7B's
+built-in one), so its export carries the tokenizer and chat template it was trained with even when the
+base folder is gone.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import jax.numpy as jnp
 from etils import epath
 from tqdm.auto import tqdm
 
+from data_gen.tokenizer import MISTRAL, HFTokenizer, Tokenizer, get_tokenizer
 from jaxtrain import hf_io, model, offload, quant
 from jaxtrain.checkpoint import Checkpointer, load_params_from_run
 from jaxtrain.config import ModelConfig
@@ -105,6 +110,40 @@ def load_base(config: ModelConfig, *, init_from: str | None, base_dtype: BaseDty
     return params if shardings is None else jax.device_put(params, shardings)
 
 
+# --- the run's tokenizer --------------------------------------------------------------------------------
+
+TOKENIZER_DIR = "tokenizer"
+GENERATION_CONFIG = "generation_config.json"   # beside the tokenizer's own files: its stop ids
+
+
+def save_run_tokenizer(run_dir, tokenizer: Tokenizer, *, copy: bool = True) -> dict:
+    """With `copy` (process 0 of a pod), a Hugging Face tokenizer's files copied into RUN/tokenizer byte for
+    byte (so their sha256 stays the one the shards recorded), with the folder's generation_config.json (its
+    stop ids); returns what the checkpoint metadata records."""
+    if not isinstance(tokenizer, HFTokenizer):
+        return {"source": MISTRAL, **tokenizer.identity().to_json()}
+    if copy:
+        target = epath.Path(run_dir) / TOKENIZER_DIR
+        tokenizer.save_pretrained(target)
+        if (tokenizer.folder / GENERATION_CONFIG).is_file():
+            (target / GENERATION_CONFIG).write_bytes((tokenizer.folder / GENERATION_CONFIG).read_bytes())
+    return {"source": str(tokenizer.folder.resolve()), **tokenizer.identity().to_json()}
+
+
+def run_tokenizer(run_dir, metadata: dict) -> Tokenizer:
+    """The tokenizer a run trained with: its RUN/tokenizer copy (or where it was read from), checked against
+    the recorded sha256; Mistral 7B's for runs that record none (written before other tokenizers)."""
+    recorded = metadata.get("tokenizer")
+    if recorded is None or recorded["source"] == MISTRAL:
+        return get_tokenizer(MISTRAL)
+    copy = Path(run_dir) / TOKENIZER_DIR
+    tokenizer = get_tokenizer(copy if copy.is_dir() else recorded["source"])
+    if tokenizer.identity().sha256 != recorded["sha256"]:
+        raise ValueError(f"{run_dir}: the tokenizer at {tokenizer.folder} is not the one this run trained with "
+                         f"(sha256 {tokenizer.identity().sha256}, the run recorded {recorded['sha256']})")
+    return tokenizer
+
+
 # --- runs -----------------------------------------------------------------------------------------------
 
 
@@ -137,6 +176,7 @@ class LoadedRun:
     step: int
     base: dict | None
     """LoRA: the base as loaded ("init_from", "dtype", "seed", "sha256"); None for a full finetune."""
+    tokenizer: Tokenizer
 
 
 def load_run(run_dir, step: int | None = None, *, weights: str | None = None, base_path: str | Path | None = None,
@@ -163,7 +203,7 @@ def load_run(run_dir, step: int | None = None, *, weights: str | None = None, ba
                 params = jax.device_put(params, quant.quantized_shardings(shardings(model.param_logical_axes(config))))
         elif weights is not None:
             params = jax.tree.map(lambda x: x.astype(weights), params)
-        return LoadedRun(config, params, None, step, None)
+        return LoadedRun(config, params, None, step, None, run_tokenizer(run_dir, metadata))
     lora, recorded = settings
     init_from = str(Path(base_path).resolve()) if base_path is not None else recorded["init_from"]
     if init_from is not None and not Path(init_from).is_dir():
@@ -181,7 +221,7 @@ def load_run(run_dir, step: int | None = None, *, weights: str | None = None, ba
     _, adapter_params = load_params_from_run(run_dir, step,
                                              shardings=shardings(model.adapter_logical_axes(config, lora)))
     base = {**recorded, "init_from": init_from, "dtype": base_dtype, "sha256": sha256}
-    return LoadedRun(config, params, Adapters(adapter_params, lora), step, base)
+    return LoadedRun(config, params, Adapters(adapter_params, lora), step, base, run_tokenizer(run_dir, metadata))
 
 
 def export_run(run_dir, out, *, step: int | None = None, merged: bool = False, peft: bool = False,
@@ -201,7 +241,8 @@ def export_run(run_dir, out, *, step: int | None = None, merged: bool = False, p
         if merged or peft:
             raise ValueError(f"{run_dir}: --merged/--peft apply to LoRA runs; this run trained all weights")
         config, params = load_params_from_run(run_dir, step)
-        hf_io.save_pretrained(out, config, params, dtype=dtype, max_shard_size=max_shard_size)
+        hf_io.save_pretrained(out, config, params, dtype=dtype, max_shard_size=max_shard_size,
+                              tokenizer=run_tokenizer(run_dir, metadata))
         return f"the whole model ({dtype})"
     lora, base = settings
     if peft:
@@ -211,5 +252,5 @@ def export_run(run_dir, out, *, step: int | None = None, merged: bool = False, p
     base_dtype = "float32" if dtype == "float32" else "bfloat16"
     run = load_run(run_dir, step, weights=base_dtype)
     hf_io.save_pretrained(out, run.config, merge(run.params, run.adapters, jnp.dtype(base_dtype)), dtype=dtype,
-                          max_shard_size=max_shard_size)
+                          max_shard_size=max_shard_size, tokenizer=run.tokenizer)
     return f"merged model ({dtype})"

@@ -32,6 +32,8 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
+from data_gen.shards import open_shards
+from data_gen.tokenizer import Tokenizer, TokenizerError, get_tokenizer
 from jaxtrain import lora as lora_lib
 from jaxtrain import model, offload, runs
 from jaxtrain.batches import MODEL_INPUT_KEYS, BatchConfig, BucketedBatches
@@ -77,6 +79,9 @@ class TrainConfig:
     """model preset (ignored for the architecture when --init-from is given)"""
     init_from: str | None = None
     """Hugging Face folder to finetune; without it the model starts from random weights"""
+    tokenizer: str | None = None
+    """the model's tokenizer, which must be the one the shards were made with: a folder or "mistral"
+    (default: --init-from's own; Mistral 7B's for a preset without --init-from)"""
     epochs: int = 2
     max_steps: int | None = None
     """stop after this many steps (default: all epochs)"""
@@ -111,6 +116,17 @@ class TrainConfig:
         """The preset or --init-from folder's config with this run's overrides."""
         return ModelConfig.resolve(self.init_from or self.model, remat=self.remat, dtype=self.dtype,
                                      param_dtype=self.param_dtype)
+
+    def model_tokenizer(self, config: ModelConfig) -> Tokenizer:
+        """--tokenizer, else --init-from's own, else Mistral 7B's; its ids must fit the model's vocabulary."""
+        try:
+            tokenizer = get_tokenizer(self.tokenizer or self.init_from)
+        except TokenizerError as e:
+            raise ValueError(f"{e} (the model's tokenizer: pass --tokenizer mistral or a tokenizer folder)") from None
+        if tokenizer.vocab_size > config.vocab_size:
+            raise ValueError(f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} tokens, more than the model's "
+                             f"vocab_size {config.vocab_size}: not this model's tokenizer (--tokenizer)")
+        return tokenizer
 
 
 # --- the step -----------------------------------------------------------------------------------------
@@ -376,12 +392,13 @@ def train(cfg: TrainConfig) -> dict:
     if jax.process_index() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
     config = cfg.model_config()
+    tokenizer = cfg.model_tokenizer(config)
     mesh = make_mesh(cfg.mesh)
     rules = rules_for(cfg.mesh.rules)
     check_divisible(model.param_shapes(config), model.param_logical_axes(config), mesh, rules)
     batch_cfg = BatchConfig(tokens_per_batch=cfg.tokens_per_batch, global_batch=cfg.global_batch, seed=cfg.seed)
-    batches = BucketedBatches(cfg.data, batch_cfg, row_multiple=data_parallel_size(mesh) * cfg.grad_accum,
-                              num_epochs=cfg.epochs)
+    batches = BucketedBatches(open_shards(cfg.data, tokenizer=tokenizer), batch_cfg,
+                              row_multiple=data_parallel_size(mesh) * cfg.grad_accum, num_epochs=cfg.epochs)
     total = batches.steps_per_epoch * cfg.epochs
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
@@ -391,7 +408,8 @@ def train(cfg: TrainConfig) -> dict:
     fns = make_train_step(config, optimizer, schedule, mesh, rules, max_loss_tokens=answer_tokens,
                           grad_accum=cfg.grad_accum, lora=lora, base_dtype=cfg.adapters.base_dtype,
                           base_on_host=cfg.adapters.base_on_host, seed=cfg.seed)
-    metadata = {"train_config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str))}
+    metadata = {"train_config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
+                "tokenizer": runs.save_run_tokenizer(run_dir, tokenizer, copy=jax.process_index() == 0)}
     if lora is not None:
         metadata.update(lora=lora.to_dict(), base=runs.base_metadata(cfg.init_from, cfg.adapters.base_dtype, cfg.seed))
         _check_same_base(run_dir, cfg, metadata["base"])

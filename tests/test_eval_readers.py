@@ -5,7 +5,7 @@ import json
 import pytest
 
 from data_gen import tasks as data_tasks
-from data_gen.tokenizer import BOS_ID, load_tokenizer
+from data_gen.tokenizer import BOS_ID, get_tokenizer, load_tokenizer
 from eval import gsm8k, hellaswag, mdqa, mmlu, openqa, synthetic
 from eval.__main__ import main
 from eval.datafiles import DataError
@@ -169,11 +169,12 @@ def test_synthetic_reader_on_multisubkey(tmp_path):
 
 # --- tokenization of plain-text scoring requests ------------------------------------------------------
 def test_encode_pair_splits_like_the_harness():
-    sp = load_tokenizer()
-    context, cont = encode_pair("Question: x\nAnswer:", " B")
+    sp, tokenizer = load_tokenizer(), get_tokenizer("mistral")
+    context, cont = encode_pair(tokenizer, "Question: x\nAnswer:", " B")
     assert context == [BOS_ID, *sp.encode("Question: x\nAnswer:")]
     assert cont == [sp.piece_to_id("▁B")]
-    assert encode_pair("Answer: ", "B") == encode_pair("Answer:", " B")  # trailing space moves to the answer
+    # the trailing space moves to the answer
+    assert encode_pair(tokenizer, "Answer: ", "B") == encode_pair(tokenizer, "Answer:", " B")
 
 
 # --- malformed data ----------------------------------------------------------------------------------

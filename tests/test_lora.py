@@ -81,7 +81,7 @@ def test_peft_export_matches_peft_and_merged_matches_transformers(base, tmp_path
     assert np.abs(ours - theirs).max() <= TOL
 
     merged = lora.merge(params, adapters)
-    save_pretrained(tmp_path / "merged", config, merged, dtype="float32", tokenizer=False)
+    save_pretrained(tmp_path / "merged", config, merged, dtype="float32", tokenizer=None)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     assert np.abs(_torch_logits(loaded, ids) - ours).max() <= TOL
     assert np.abs(np.asarray(model.forward(config, merged, ids)) - ours).max() <= TOL

@@ -17,6 +17,7 @@ import torch
 import transformers
 
 from data_gen.shards import TokenizedExample, write_shards
+from data_gen.tokenizer import write_hf_tokenizer
 from hf_reference import hf_model, tiny_config
 from jaxtrain import model, runs
 from jaxtrain.__main__ import main
@@ -34,6 +35,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora_cli")
     config = tiny_config(vocab_size=32000)
     hf_model(config, seed=11).save_pretrained(root / "base")
+    write_hf_tokenizer(root / "base")   # the tokenizer the shards below were made with: Mistral 7B's
     rng = np.random.default_rng(0)
     examples = []
     for i in range(24):
