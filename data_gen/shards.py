@@ -396,6 +396,14 @@ class ShardSet:
     buckets: list[Bucket]
 
 
+def content_sha256(manifest: dict) -> str:
+    """sha256 of what a shard set holds: every bucket's length and its files' names, record counts and sha256s
+    as the manifest lists them (the same examples written again give the same hash; other tokens do not)."""
+    content = [[b["max_len"], [[s["file"], s["num_records"], s["sha256"]] for s in b["shards"]]]
+               for b in manifest["buckets"]]
+    return hashlib.sha256(json.dumps(content).encode()).hexdigest()
+
+
 def _read_manifest(root: epath.Path, tokenizer: TokenizerIdentity | None) -> dict:
     path = root / MANIFEST
     if not path.is_file():
