@@ -11,6 +11,21 @@ import json
 from pathlib import Path
 
 DTYPES = ("float32", "bfloat16", "float16")
+_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+         "max_position_embeddings")
+_HF_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window")
+
+
+def _type_problems(values: dict, ints: tuple[str, ...], numbers: tuple[str, ...]) -> list[str]:
+    """What is not a JSON integer / number among `values` (a config.json holding "64" for 64, say)."""
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+    problems = [f"{k} must be an integer, got {values[k]!r}" for k in ints
+                if values.get(k) is not None and not is_int(values[k])]
+    return problems + [f"{k} must be a number, got {values[k]!r}" for k in numbers
+                       if values.get(k) is not None and (isinstance(values[k], bool)
+                                                         or not isinstance(values[k], int | float))]
 REMAT_POLICIES = ("none", "full", "save_dots", "save_qkv_proj", "save_out_proj", "offload_dots", "offload_input")
 
 
@@ -34,9 +49,10 @@ class ModelConfig:
     attention_impl: str = "auto"
 
     def __post_init__(self):
-        problems = []
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+        problems = _type_problems(dataclasses.asdict(self), _INTS + ("sliding_window",), ("rope_theta", "rms_norm_eps"))
+        if problems:
+            raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+        for name in _INTS:
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive (got {getattr(self, name)})")
         if self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads:
@@ -84,6 +100,8 @@ class ModelConfig:
     # --- Hugging Face config.json -------------------------------------------------------------------
     @classmethod
     def from_hf_dict(cls, d: dict, **overrides) -> ModelConfig:
+        if problems := _type_problems(d, _HF_INTS, ("rope_theta", "rms_norm_eps")):
+            raise ValueError("; ".join(problems))
         archs = d.get("architectures") or ["MistralForCausalLM"]
         if d.get("model_type", "mistral") != "mistral" or "MistralForCausalLM" not in archs:
             raise ValueError(f"unsupported architecture: model_type={d.get('model_type')!r}, "
