@@ -13,7 +13,8 @@ from typing import Annotated, Literal
 
 import tyro
 
-from data_gen.shards import DEFAULT_BUCKETS, ShardError, examples_from_jsonl, format_padding_report, write_shards
+from data_gen.shards import (DEFAULT_BUCKETS, MANIFEST, ShardError, examples_from_jsonl, format_padding_report,
+                             write_shards)
 from data_gen.tasks import PRESETS, TaskConfig, generate
 from data_gen.tokenizer import MISTRAL, TokenizerIdentity, get_tokenizer
 
@@ -105,7 +106,7 @@ def run_shards(cmd: ShardsCommand) -> None:
         if not path.is_file():
             raise SystemExit(f"error: input file {path} not found")
         gen = path.parent / "generation.json"
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is reported by file:line when tokenized
             lines = sum(1 for line in f if line.strip())
         try:
             generation = json.loads(gen.read_text()) if gen.is_file() else None
@@ -126,6 +127,11 @@ def run_shards(cmd: ShardsCommand) -> None:
         _Counted(examples(), sum(i["num_lines"] for i in inputs)), cmd.out, buckets=cmd.buckets,
         overflow=cmd.overflow, records_per_shard=cmd.records_per_shard, metadata={"inputs": inputs},
         progress=cmd.progress, tokenizer=tokenizer)
+    if not manifest["num_examples"]:
+        (cmd.out / MANIFEST).unlink()  # an empty shard set trains nothing; free --out for the next attempt
+        why = (f"all {manifest['num_rejected']} were longer than {max(cmd.buckets)} tokens (raise --buckets, or "
+               "--overflow truncate)" if manifest["num_rejected"] else "the input holds none")
+        raise SystemExit(f"error: {cmd.out}: no example was written: {why}")
     for b in manifest["buckets"]:
         print(f"bucket {b['max_len']:>6}: {b['num_examples']} examples, {b['num_tokens']} tokens, "
               f"{len(b['shards'])} file(s)")

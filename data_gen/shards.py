@@ -303,11 +303,16 @@ def examples_from_jsonl(path: str | os.PathLike, tokenizer: Tokenizer | None = N
     """
     path = pathlib.Path(path)
     tokenizer = get_tokenizer(tokenizer)
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ShardError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+                                 ) from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
@@ -394,6 +399,14 @@ class ShardSet:
     path: epath.Path
     manifest: dict
     buckets: list[Bucket]
+
+
+def content_sha256(manifest: dict) -> str:
+    """sha256 of what a shard set holds: every bucket's length and its files' names, record counts and sha256s
+    as the manifest lists them (the same examples written again give the same hash; other tokens do not)."""
+    content = [[b["max_len"], [[s["file"], s["num_records"], s["sha256"]] for s in b["shards"]]]
+               for b in manifest["buckets"]]
+    return hashlib.sha256(json.dumps(content).encode()).hexdigest()
 
 
 def _read_manifest(root: epath.Path, tokenizer: TokenizerIdentity | None) -> dict:

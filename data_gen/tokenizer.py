@@ -150,7 +150,8 @@ def _as_messages(messages_or_user_text: str | Messages) -> Messages:
 
 def _checked_turns(messages: Messages, *, last_role: str | None) -> list[tuple[str, str]]:
     """(role, content) pairs of a chat every tokenizer here accepts: an optional system message first, then
-    user and assistant turns alternating, starting with user; non-empty string contents."""
+    user and assistant turns alternating, starting with user; string contents with some non-whitespace text (a
+    blank answer would teach the model to answer nothing)."""
     if not isinstance(messages, Sequence) or isinstance(messages, str | bytes) or not messages:
         raise ChatFormatError("'messages' must be a non-empty list of {'role': ..., 'content': ...} objects")
     turns = []
@@ -160,8 +161,9 @@ def _checked_turns(messages: Messages, *, last_role: str | None) -> list[tuple[s
         role, content = msg.get("role"), msg.get("content")
         if role not in ("system", "user", "assistant"):
             raise ChatFormatError(f"messages[{i}].role must be 'system', 'user' or 'assistant', got {role!r}")
-        if not isinstance(content, str) or not content:
-            raise ChatFormatError(f"messages[{i}].content must be a non-empty string, got {content!r}")
+        if not isinstance(content, str) or not content.strip():
+            raise ChatFormatError(f"messages[{i}].content must be a non-empty string (not only whitespace), got "
+                                  f"{content!r}")
         turns.append((role, content))
     offset = int(turns[0][0] == "system")
     if offset and (len(turns) < 2 or turns[1][0] != "user"):

@@ -198,20 +198,24 @@ def load_model(path: str | Path, *, dtype: str | None = None, mesh=None, rules: 
     elif path.is_dir():
         try:
             with Checkpointer(path, read_only=True) as ckpt:
-                step, _, metadata = ckpt.read_json()
+                _, _, metadata = ckpt.read_json()
         except FileNotFoundError as e:
             raise DataError(f"--model {path}: {e}; expected a Hugging Face folder (with config.json), a PEFT "
                             "adapter folder (with adapter_config.json) or a training run directory") from None
+        except ValueError as e:  # no intact checkpoint
+            raise DataError(f"--model {path}: {e}") from None
         settings = runs.run_settings(metadata)
         if settings is not None:
-            kind, source = "lora_run", f"{path.resolve()} (step {step})"
+            kind = "lora_run"
             _check_merge(merge_adapters, opts.weights or settings[1]["dtype"], path)
         else:
             kind = "run"
             _check_whole_model(path, base, merge_adapters)
-        run = _load_run(path, base, opts)
+        run = _load_run(path, base, opts)  # the newest intact checkpoint
         config, params, adapters = run.config, run.params, run.adapters
         model_tokenizer = _tokenizer(tokenizer, "--tokenizer") if tokenizer else run.tokenizer
+        if kind == "lora_run":
+            source = f"{path.resolve()} (step {run.step})"
         if run.base is None:
             base_info = {"path": str(path.resolve()), "sha256": None, "step": run.step}
         else:

@@ -90,4 +90,7 @@ def load_results(path: Path) -> dict:
     if results["schema_version"] != SCHEMA_VERSION:
         raise DataError(f"{path}: schema_version {results['schema_version']} is not supported "
                         f"(expected {SCHEMA_VERSION})")
+    count = results["num_examples"]
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise DataError(f"{path}: num_examples must be a whole number, got {count!r}")
     return results

@@ -12,15 +12,15 @@ import tyro
 from jaxtrain import aot, import_gguf, runs
 from jaxtrain.aot import AotConfig
 from jaxtrain.import_gguf import ImportGgufConfig
-from jaxtrain.train import NonFiniteLoss, TrainConfig, train
+from jaxtrain.train import EX_TEMPFAIL, NonFiniteLoss, Preempted, TrainConfig, train
 
 
 @dataclasses.dataclass
 class ExportConfig:
     checkpoint: str
-    """training run folder (its newest complete checkpoint is exported)"""
+    """training run folder (its newest intact checkpoint is exported)"""
     out: str
-    """Hugging Face folder to write"""
+    """Hugging Face folder to write; an existing export there is replaced whole"""
     step: int | None = None
     """export this step instead of the newest"""
     dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
@@ -29,11 +29,13 @@ class ExportConfig:
     """LoRA runs: write the base model with the adapters folded in (the default for LoRA runs)"""
     peft: bool = False
     """LoRA runs: write a PEFT adapter folder (adapter_config.json + adapter_model.safetensors) instead"""
+    verify: bool = True
+    """check the checkpoint's files against their recorded sha256 first (one read pass over the weights)"""
 
 
 def export(cfg: ExportConfig) -> None:
     what = runs.export_run(cfg.checkpoint, cfg.out, step=cfg.step, merged=cfg.merged, peft=cfg.peft, dtype=cfg.dtype,
-                           max_shard_size=cfg.max_shard_size)
+                           max_shard_size=cfg.max_shard_size, verify=cfg.verify)
     loader = ("peft.PeftModel.from_pretrained(base, folder)" if cfg.peft
               else "transformers.AutoModelForCausalLM.from_pretrained")
     print(f"wrote {cfg.out}: {what}; load it with {loader}")
@@ -60,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
             return import_gguf.main(cfg)
         else:
             export(cfg)
+    except Preempted as e:
+        print(f"preempted: {e}", file=sys.stderr)
+        return EX_TEMPFAIL
     except (ValueError, FileNotFoundError, FileExistsError, ImportError, KeyError, NonFiniteLoss) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import grain
 import numpy as np
 
-from data_gen.shards import open_shards
+from data_gen.shards import ShardSet, content_sha256, open_shards
 
 PAD_ID = 0
 MODEL_INPUT_KEYS = ("input_ids", "loss_mask", "segment_ids", "positions")
@@ -70,14 +70,19 @@ def _seed(*parts: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(p) for p in parts]))
 
 
-def _as_buckets(shards) -> list[BucketLike]:
+def _as_buckets(shards) -> tuple[list[BucketLike], dict | None]:
+    """The buckets, and what identifies the data: where the shards are and the sha256 of their manifest's
+    checksums (None for buckets given as a sequence)."""
     if isinstance(shards, (str, os.PathLike)):  # a local folder or gs://... (read through etils.epath)
-
         shards = open_shards(shards)
     buckets = list(getattr(shards, "buckets", shards))
     if not buckets:
         raise ValueError("the shard set has no buckets")
-    return buckets
+    identity = None
+    if isinstance(shards, ShardSet):
+        path = str(shards.path) if "://" in str(shards.path) else os.path.abspath(shards.path)
+        identity = {"shards": path, "shards_sha256": content_sha256(shards.manifest)}
+    return buckets, identity
 
 
 class BucketedBatches:
@@ -109,7 +114,7 @@ class BucketedBatches:
         if row_multiple < 1:
             raise ValueError(f"row_multiple must be >= 1 (got {row_multiple})")
         self.config = config
-        self.buckets = _as_buckets(shards)
+        self.buckets, self._identity = _as_buckets(shards)
         self.process_index, self.process_count = process_index, process_count
         self.num_epochs = num_epochs
         self.rows_per_batch = self._rows_per_batch(config, math.lcm(row_multiple, process_count))
@@ -239,10 +244,18 @@ class BucketedBatches:
 
     def get_state(self) -> dict:
         """JSON-serialisable position: the next batch is step ``index`` of epoch ``epoch``."""
-        return {"version": _STATE_VERSION, "epoch": self._epoch, "index": self._index, **self._fingerprint()}
+        return {"version": _STATE_VERSION, "epoch": self._epoch, "index": self._index, **self._fingerprint(),
+                **(self._identity or {})}
 
     def set_state(self, state: dict) -> None:
-        """Continue exactly where ``get_state()`` was taken; the data and batching must be the same."""
+        """Continue exactly where ``get_state()`` was taken; the data (by content) and batching must be the same.
+        A state without the shards' hash (saved before it was recorded) is compared by shape only."""
+        saved = state.get("shards_sha256")
+        if self._identity and saved and saved != self._identity["shards_sha256"]:
+            now = self._identity
+            raise ValueError(f"cannot resume on other data: the checkpoint was trained on the shards "
+                             f"{state.get('shards')} (content sha256 {saved[:16]}...), not on {now['shards']} "
+                             f"(sha256 {now['shards_sha256'][:16]}...); resume needs the same shards")
         expected = self._fingerprint()
         got = {k: state.get(k) for k in expected}
         if state.get("version") != _STATE_VERSION or got != expected:

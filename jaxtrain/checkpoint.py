@@ -10,28 +10,65 @@ non-atomic file system) are ignored here as well.
 
 Restoring takes an *abstract* state (``jax.ShapeDtypeStruct`` leaves carrying the target shardings), so
 arrays are read straight into their shards on the current mesh, whatever mesh wrote them.
+
+Every step directory carries ``checksums.json`` (size and sha256 of every file of its items), written by
+process 0 once the items are on disk and before orbax renames the step into place, so a step that looks
+complete always has them. Every read (resume, export, eval) verifies the files it is about to restore
+first, in one sequential pass. Without an explicit step, a damaged newest checkpoint is reported by path
+and the newest intact one is used instead; a writable ``Checkpointer`` (training) moves the damaged one
+aside to ``RUN/discarded/<step>-damaged`` so that the run can save that step again. Rotation keeps the
+newest ``keep`` steps plus the newest one known to hold finite weights (``mark_finite``), so a run that
+diverges always has a good checkpoint left.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
+import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
 
 from jaxtrain.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
+DISCARDED_DIR = "discarded"
+"""RUN/discarded/<step>-<why>: checkpoints taken out of use (damaged, or holding weights that gave a
+non-finite loss), kept for inspection and never read."""
+CHECKSUMS = "checksums.json"
 _ARRAY_ITEMS = ("params", "opt_state")
 _JSON_ITEMS = ("data", "model_config", "metadata")
 _STEP_MARKER = "_CHECKPOINT_METADATA"  # written by orbax into every finalized step directory
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message is one line naming it and why."""
+
+
+class _Unreadable(Exception):
+    """Orbax could not read a step (a damaged file that no checksum covered)."""
+
+
+class _QuietReadOnly(logging.Filter):
+    """Orbax warns "Given directory is read only" on every read-only manager, i.e. on every export and eval."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Given directory is read only")
+
+
+logging.getLogger("absl").addFilter(_QuietReadOnly())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +81,9 @@ class CheckpointConfig:
     """keep the newest K checkpoints"""
     async_save: bool = True
     """write checkpoints in the background while training continues"""
+    verify: bool = True
+    """check every file of a checkpoint against the sha256 recorded when it was saved before restoring it
+    (one read pass over the files restored; off: restore unchecked)"""
 
 
 @dataclasses.dataclass
@@ -77,14 +117,96 @@ def _shapes_by_path(tree) -> dict[str, tuple[int, ...]]:
             for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def _manager(directory: epath.Path, config: CheckpointConfig, *, read_only: bool) -> ocp.CheckpointManager:
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+def _files_of(step_dir: epath.Path, items: Sequence[str]) -> list[str]:
+    """Every file under the given item folders of a step, as paths relative to the step, sorted."""
+    found, folders = [], [step_dir / item for item in items if (step_dir / item).is_dir()]
+    while folders:  # epath has no recursive glob on buckets
+        for p in folders.pop().iterdir():
+            if p.is_dir():
+                folders.append(p)
+            else:
+                found.append(str(p.relative_to(step_dir)))
+    return sorted(found)
+
+
+def _sha256(path: epath.Path, bar) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+            bar.update(len(chunk))
+    return digest.hexdigest()
+
+
+def _progress(step_dir: epath.Path, files: list[str], what: str):
+    size = sum((step_dir / f).stat().length for f in files)
+    return tqdm(total=size, unit="B", unit_scale=True, desc=f"{what} checkpoint {step_dir.name.split('.')[0]}",
+                disable=size < 2**30, leave=False)
+
+
+def write_checksums(step_dir: epath.Path) -> None:
+    """Record size and sha256 of every file of every item of a step in ``step_dir/checksums.json``."""
+    files = _files_of(step_dir, _ARRAY_ITEMS + _JSON_ITEMS)
+    with _progress(step_dir, files, "hashing") as bar:
+        table = {f: {"size": (step_dir / f).stat().length, "sha256": _sha256(step_dir / f, bar)} for f in files}
+    (step_dir / CHECKSUMS).write_text(json.dumps({"algorithm": "sha256", "files": table}, indent=1) + "\n")
+
+
+def verify_checksums(step_dir: epath.Path, items: Sequence[str]) -> str | None:
+    """None when every recorded file of ``items`` (and of the small JSON items) is there with its recorded size
+    and sha256, else the first problem ("params/d/ab12: 1024 bytes, checksums.json says 4096"). Sizes are
+    compared before anything is read; then one sequential read pass. Raises FileNotFoundError without
+    checksums.json."""
+    try:
+        table = json.loads((step_dir / CHECKSUMS).read_text())["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        return f"{CHECKSUMS} is unreadable ({_first_line(e)})"
+    wanted = tuple(items) + _JSON_ITEMS
+    listed = sorted(f for f in table if f.split("/", 1)[0] in wanted)
+    for f in listed:
+        path = step_dir / f
+        if not path.is_file():
+            return f"{f}: missing"
+        size = path.stat().length
+        if size != table[f]["size"]:
+            return f"{f}: {size} bytes, {CHECKSUMS} says {table[f]['size']}"
+    with _progress(step_dir, listed, "verifying") as bar:
+        for f in listed:
+            if _sha256(step_dir / f, bar) != table[f]["sha256"]:
+                return f"{f}: sha256 differs from {CHECKSUMS} (the file changed after it was saved)"
+    return None
+
+
+@dataclasses.dataclass
+class _KeepNewestAndLastFinite:
+    """Orbax preservation policy: the newest ``keep`` steps, and the newest step at or below ``finite``
+    (its weights gave a finite loss), whatever ``keep`` says."""
+
+    keep: int
+    finite: int | None = None
+
+    def should_preserve(self, checkpoints, *, context) -> list[bool]:
+        steps = [c.step for c in checkpoints]
+        good = [s for s in steps if self.finite is not None and s <= self.finite]
+        protected = max(good) if good else None
+        return [i >= len(steps) - self.keep or s == protected for i, s in enumerate(steps)]
+
+
+def _manager(directory: epath.Path, config: CheckpointConfig, *, read_only: bool,
+             policy: _KeepNewestAndLastFinite | None = None,
+             on_written: Callable[[], None] | None = None) -> ocp.CheckpointManager:
     if read_only:
         options = ocp.CheckpointManagerOptions(read_only=True, create=False, enable_async_checkpointing=False,
                                                save_interval_steps=0)
-    else:
+    else:  # always the async checkpointer: its post-finalization callback writes checksums.json
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=config.keep, cleanup_tmp_directories=True,
-            enable_async_checkpointing=config.async_save)
+            preservation_policy=policy, cleanup_tmp_directories=True, enable_async_checkpointing=True,
+            async_options=ocp.AsyncOptions(post_finalization_callback=on_written))
     handlers = {**{k: ocp.StandardCheckpointHandler() for k in _ARRAY_ITEMS},
                 **{k: ocp.JsonCheckpointHandler() for k in _JSON_ITEMS}}
     return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
@@ -118,12 +240,16 @@ class Checkpointer:
         self.config = config
         self.model_config = model_config
         self.metadata = dict(metadata or {})
+        self.read_only = read_only
+        self._in_flight: int | None = None  # the step whose background save is being finalised
+        self._policy = _KeepNewestAndLastFinite(config.keep)
         if not read_only:
             if jax.process_index() == 0:
                 self._remove_incomplete()
             if jax.process_count() > 1:
                 multihost_utils.sync_global_devices("jaxtrain.checkpoint: incomplete steps removed")
-        self._mngr = _manager(self.directory, config, read_only=read_only)
+        self._mngr = _manager(self.directory, config, read_only=read_only, policy=self._policy,
+                              on_written=self._write_checksums)
 
     def _remove_incomplete(self) -> None:
         """Remove step directories that never finished: they would otherwise block later saves."""
@@ -143,7 +269,8 @@ class Checkpointer:
         """Save if ``step`` is due (every ``save_every``) or ``force`` (end of training, preemption).
 
         Returns whether a save was started (never twice for one step). Blocks only until the arrays are
-        copied to host memory, so the caller may then donate or overwrite them.
+        copied to host memory, so the caller may then donate or overwrite them (with ``async_save=False``:
+        until the checkpoint is on disk).
         """
         if not (force or self.should_save(step)) or step == self._mngr.latest_step():
             return False
@@ -155,7 +282,24 @@ class Checkpointer:
             model_config=ocp.args.JsonSave(model_config),
             metadata=ocp.args.JsonSave(self.metadata),
         )
-        return self._mngr.save(step, args=args, force=True)
+        self._mngr.wait_until_finished()  # orbax waits for the previous save anyway; then _in_flight is ours
+        self._in_flight = step
+        started = self._mngr.save(step, args=args, force=True)
+        if not self.config.async_save:
+            self._mngr.wait_until_finished()
+        return started
+
+    def _write_checksums(self) -> None:
+        """Orbax's post-finalisation callback (process 0, background thread): the items of the step in flight
+        are complete and the step is not yet renamed into place (or, on a bucket, not yet marked committed)."""
+        step = self._in_flight
+        candidates = sorted(self.directory.glob(f"{step}.orbax-checkpoint-tmp*")) or [self.directory / str(step)]
+        write_checksums(candidates[-1])
+
+    def mark_finite(self, step: int) -> None:
+        """The weights of every checkpoint up to ``step`` gave a finite loss: rotation keeps the newest of them
+        even when ``keep`` newer ones exist, so a run that diverges later still has a good checkpoint."""
+        self._policy.finite = step
 
     def reached_preemption(self, step: int) -> bool:
         """True on every process once any of them received a preemption notice (multi-host safe)."""
@@ -175,6 +319,26 @@ class Checkpointer:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def discard(self, step: int, why: str) -> epath.Path:
+        """Take a checkpoint out of use: move it to RUN/discarded/<step>-<why> (process 0; every process waits)
+        and return where it went. Only a writable Checkpointer (training) does this."""
+        if self.read_only:
+            raise RuntimeError("a read-only Checkpointer never moves checkpoints")
+        self._mngr.wait_until_finished()
+        aside = self.directory.parent / DISCARDED_DIR
+        target = aside / f"{step}-{why}"
+        n = 1
+        while target.exists():
+            n += 1
+            target = aside / f"{step}-{why}-{n}"
+        if jax.process_index() == 0:
+            aside.mkdir(parents=True, exist_ok=True)
+            (self.directory / str(step)).rename(target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"jaxtrain.checkpoint: step {step} discarded")
+        self._mngr.reload()
+        return target
+
     # --- restoring --------------------------------------------------------------------------------
     def steps(self) -> list[int]:
         """Complete checkpoints, oldest first."""
@@ -185,63 +349,130 @@ class Checkpointer:
         steps = self.steps()
         return steps[-1] if steps else None
 
-    def _step_or_latest(self, step: int | None) -> int:
+    def _damage(self, step: int, items: Sequence[str]) -> str | None:
+        """Why a step's files of ``items`` cannot be trusted, or None (verified, or not verifiable: a warning).
+        Process 0 reads the files; every process gets its verdict."""
+        step_dir = self.directory / str(step)
+        why, unverified = None, False
+        if self.config.verify and jax.process_index() == 0:
+            try:
+                why = verify_checksums(step_dir, items)
+            except FileNotFoundError:
+                unverified = True
+        if jax.process_count() > 1:
+            code = multihost_utils.broadcast_one_to_all(np.int32(2 if why else int(unverified)))
+            why = why or ("damaged (found by process 0, see its log)" if int(code) == 2 else None)
+            unverified = int(code) == 1
+        if unverified and jax.process_index() == 0:
+            print(f"warning: {step_dir} has no {CHECKSUMS} (saved before checkpoints carried checksums); "
+                  "restoring it unverified", file=sys.stderr)
+        return why
+
+    def _newest_intact(self, step: int | None, items: Sequence[str], read: Callable[[int], Any]) -> Any:
+        """``read(s)`` for ``step``, or without one for the newest checkpoint whose files of ``items`` are
+        intact, reporting every newer damaged one (and, when writable, moving it aside)."""
         steps = self.steps()
         if not steps:
             raise FileNotFoundError(f"{self.directory}: no complete checkpoint")
-        if step is None:
-            return steps[-1]
-        if step not in steps:
+        if step is not None and step not in steps:
             raise FileNotFoundError(f"{self.directory}: no complete checkpoint for step {step} "
                                     f"(available: {steps})")
-        return step
+        damaged: list[tuple[int, str]] = []
+        for s in [step] if step is not None else steps[::-1]:
+            why = self._damage(s, items)
+            if why is None:
+                try:
+                    result = read(s)
+                except _Unreadable as e:
+                    why = str(e)
+                else:
+                    self._report_damaged(damaged, s)
+                    return result
+            if step is not None:
+                raise CheckpointError(f"{self.directory / str(s)} is damaged ({why})")
+            damaged.append((s, why))
+        listed = "; ".join(f"{s}: {why}" for s, why in damaged)
+        raise CheckpointError(f"{self.directory}: no intact checkpoint ({listed})")
 
-    def _check_params_match(self, step: int, abstract_params) -> None:
-        saved = self._mngr.item_metadata(step)["params"]
-        saved = getattr(saved, "tree", saved)
-        want, have = _shapes_by_path(abstract_params), _shapes_by_path(saved)
-        diffs = [f"{k}: checkpoint {have.get(k, 'missing')} vs model {want.get(k, 'missing')}"
-                 for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)]
-        if diffs:
-            raise ValueError(f"{self.directory / str(step)}: parameters do not match the model "
-                             f"({len(diffs)} differences):\n  " + "\n  ".join(diffs[:20]))
+    def _report_damaged(self, damaged: list[tuple[int, str]], used: int) -> None:
+        for s, why in damaged:
+            moved = "" if self.read_only else f"; moved it to {self.discard(s, 'damaged')}"
+            if jax.process_index() == 0:
+                print(f"warning: {self.directory / str(s)} is damaged ({why}); using {self.directory / str(used)}, "
+                      f"the newest intact checkpoint{moved}", file=sys.stderr)
 
-    def restore(self, abstract: dict, step: int | None = None) -> Restored:
-        """Restore ``abstract["params"]`` (and ``abstract["opt_state"]`` if given) onto their shardings.
+    def _orbax(self, call: Callable[[], Any]) -> Any:
+        try:
+            return call()
+        except Exception as e:  # noqa: BLE001 - orbax and tensorstore report a damaged file in many ways
+            raise _Unreadable(_first_line(e)) from e
 
-        Leaves of ``abstract`` are ``jax.ShapeDtypeStruct`` with ``sharding`` set (or arrays, whose
-        sharding is used); the mesh may differ from the one that saved. ``step`` defaults to the newest
-        complete checkpoint.
-        """
-        step = self._step_or_latest(step)
-        abstract = {k: jax.tree.map(_as_abstract, abstract[k]) for k in _ARRAY_ITEMS if abstract.get(k) is not None}
-        self._check_params_match(step, abstract["params"])
+    def _check_matches(self, step: int, abstract: dict) -> None:
+        """The arrays asked for have the saved tree and shapes (else: another model or optimizer, not damage)."""
+        saved_items = self._orbax(lambda: self._mngr.item_metadata(step))
+        for item, what in (("params", "parameters do not match the model"),
+                           ("opt_state", "optimizer state does not match (another optimizer or its settings?)")):
+            if item not in abstract:
+                continue
+            saved = getattr(saved_items[item], "tree", saved_items[item])
+            want, have = _shapes_by_path(abstract[item]), _shapes_by_path(saved)
+            diffs = [f"{k}: checkpoint {have.get(k, 'missing')} vs model {want.get(k, 'missing')}"
+                     for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)]
+            if diffs:
+                raise ValueError(f"{self.directory / str(step)}: {what} ({len(diffs)} differences):\n  "
+                                 + "\n  ".join(diffs[:20]))
+
+    def _restore_step(self, step: int, abstract: dict) -> Restored:
+        self._check_matches(step, abstract)
         items = {k: ocp.args.StandardRestore(v) for k, v in abstract.items()}
         items.update({k: ocp.args.JsonRestore() for k in _JSON_ITEMS})
-        try:
-            out = self._mngr.restore(step, args=ocp.args.Composite(**items))
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{self.directory / str(step)}: cannot restore onto the given state "
-                             f"(different optimizer or model?): {e}") from e
+        out = self._orbax(lambda: self._mngr.restore(step, args=ocp.args.Composite(**items)))
         config = out["model_config"]
         return Restored(step=step, params=out["params"], opt_state=out.get("opt_state"),
                         data_state=out["data"] or None,
                         model_config=ModelConfig(**config) if config else None,
                         metadata=out["metadata"] or {})
 
-    def read_json(self, step: int | None = None) -> tuple[int, ModelConfig | None, dict]:
-        """(step, model config, metadata) of a checkpoint without touching its arrays."""
-        step = self._step_or_latest(step)
-        out = self._mngr.restore(step, args=ocp.args.Composite(
-            model_config=ocp.args.JsonRestore(), metadata=ocp.args.JsonRestore()))
+    def restore(self, abstract: dict, step: int | None = None) -> Restored:
+        """Restore ``abstract["params"]`` (and ``abstract["opt_state"]`` if given) onto their shardings.
+
+        Leaves of ``abstract`` are ``jax.ShapeDtypeStruct`` with ``sharding`` set (or arrays, whose
+        sharding is used); the mesh may differ from the one that saved. ``step`` defaults to the newest
+        intact checkpoint (see the module docstring); a damaged ``step`` is a ``CheckpointError``.
+        """
+        abstract = {k: jax.tree.map(_as_abstract, abstract[k]) for k in _ARRAY_ITEMS if abstract.get(k) is not None}
+        return self._newest_intact(step, tuple(abstract), lambda s: self._restore_step(s, abstract))
+
+    def _read_json(self, step: int) -> tuple[int, ModelConfig | None, dict]:
+        out = self._orbax(lambda: self._mngr.restore(step, args=ocp.args.Composite(
+            model_config=ocp.args.JsonRestore(), metadata=ocp.args.JsonRestore())))
         config = out["model_config"]
         return step, (ModelConfig(**config) if config else None), out["metadata"] or {}
 
+    def read_json(self, step: int | None = None) -> tuple[int, ModelConfig | None, dict]:
+        """(step, model config, metadata) of a checkpoint (default: the newest whose small JSON items are
+        intact) without touching its arrays."""
+        return self._newest_intact(step, (), self._read_json)
+
     def saved_params_shapes(self, step: int) -> Any:
         """The params tree of a checkpoint as ShapeDtypeStructs (no sharding)."""
-        saved = self._mngr.item_metadata(step)["params"]
+        saved = self._orbax(lambda: self._mngr.item_metadata(step))["params"]
         saved = getattr(saved, "tree", saved)
         return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), saved)
+
+    def restore_params(self, step: int | None = None, *, shardings=None) -> Restored:
+        """The parameters only (never the optimizer state) of ``step`` or the newest intact checkpoint, in the
+        saved tree; ``shardings`` (a tree matching the params) places them, by default on this process's
+        first device."""
+        def read(s: int) -> Restored:
+            _, config, _ = self._read_json(s)
+            if config is None:
+                raise ValueError(f"{self.directory / str(s)}: the checkpoint has no model config")
+            shapes = self.saved_params_shapes(s)
+            where = shardings if shardings is not None else jax.tree.map(
+                lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), shapes)
+            return self._restore_step(s, {"params": abstract_state(shapes, where)})
+        return self._newest_intact(step, ("params",), read)
 
 
 def latest_step(run_dir: str | os.PathLike) -> int | None:
@@ -259,18 +490,9 @@ def restore(run_dir: str | os.PathLike, abstract: dict, step: int | None = None)
 
 
 def load_params_from_run(run_dir: str | os.PathLike, step: int | None = None, *,
-                         shardings=None) -> tuple[ModelConfig, Any]:
-    """(ModelConfig, params) of a run's newest complete checkpoint (or ``step``), for eval and export.
-
-    Reads the parameters only, never the optimizer state. ``shardings`` (a tree matching the params)
-    places them on a mesh; by default they land on this process's first device.
-    """
-    with Checkpointer(run_dir, read_only=True) as ckpt:
-        step, config, _ = ckpt.read_json(step)
-        if config is None:
-            raise ValueError(f"{ckpt.directory / str(step)}: the checkpoint has no model config")
-        shapes = ckpt.saved_params_shapes(step)
-        if shardings is None:
-            shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), shapes)
-        return config, ckpt.restore({"params": abstract_state(shapes, shardings)}, step).params
-
+                         shardings=None, verify: bool = True) -> tuple[ModelConfig, Any]:
+    """(ModelConfig, params) of a run's newest intact checkpoint (or ``step``), for eval and export; see
+    ``Checkpointer.restore_params``."""
+    with Checkpointer(run_dir, CheckpointConfig(verify=verify), read_only=True) as ckpt:
+        restored = ckpt.restore_params(step, shardings=shardings)
+    return restored.model_config, restored.params

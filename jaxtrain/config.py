@@ -15,9 +15,24 @@ import json
 from pathlib import Path
 
 DTYPES = ("float32", "bfloat16", "float16")
+_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+         "max_position_embeddings")
+_HF_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_qkv_proj", "save_out_proj", "offload_dots", "offload_input")
 # Hugging Face architecture -> its config.json model_type.
 ARCHITECTURES = {"MistralForCausalLM": "mistral", "LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+
+
+def _type_problems(values: dict, ints: tuple[str, ...], numbers: tuple[str, ...]) -> list[str]:
+    """What is not a JSON integer / number among `values` (a config.json holding "64" for 64, say)."""
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+    problems = [f"{k} must be an integer, got {values[k]!r}" for k in ints
+                if values.get(k) is not None and not is_int(values[k])]
+    return problems + [f"{k} must be a number, got {values[k]!r}" for k in numbers
+                       if values.get(k) is not None and (isinstance(values[k], bool)
+                                                         or not isinstance(values[k], int | float))]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,14 +85,15 @@ class ModelConfig:
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
-        problems = []
+        problems = _type_problems(dataclasses.asdict(self), _INTS + ("sliding_window",), ("rope_theta", "rms_norm_eps"))
+        if problems:
+            raise ValueError("invalid ModelConfig: " + "; ".join(problems))
         if self.architecture not in ARCHITECTURES:
             problems.append(f"architecture must be one of {sorted(ARCHITECTURES)} (got {self.architecture!r})")
         if self.sliding_window is not None and self.architecture == "LlamaForCausalLM":
             problems.append("LlamaForCausalLM has no sliding window (got sliding_window="
                             f"{self.sliding_window})")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+        for name in _INTS:
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive (got {getattr(self, name)})")
         if self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads:
@@ -133,6 +149,8 @@ class ModelConfig:
     def from_hf_dict(cls, d: dict, **overrides) -> ModelConfig:
         """The config of a Hugging Face `config.json` of a supported architecture; anything the port does not
         compute (another architecture, RoPE scaling, biases, activation) is refused with the field named."""
+        if problems := _type_problems(d, _HF_INTS, ("rope_theta", "rms_norm_eps")):
+            raise ValueError("; ".join(problems))
         model_type = d.get("model_type", "mistral")
         archs = d.get("architectures") or [a for a, t in ARCHITECTURES.items() if t == model_type][:1]
         arch = next((a for a in archs if a in ARCHITECTURES), None)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -312,11 +313,19 @@ def save_pretrained(path: str | Path, config: ModelConfig, params, *, dtype: str
         tokenizer.save_pretrained(out)
 
 
+def write_safetensors(tensors: dict[str, np.ndarray], path: Path) -> None:
+    """safetensors' save_file, with the file mode any new file gets (0644 under umask 022; save_file makes 0600)."""
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def _flush(out: Path, tensors: dict[str, np.ndarray], number: int, writer: bool):
     """Write one shard under a temporary name (renamed once the shard count is known)."""
     tmp = out / f".shard-{number:05d}.safetensors.tmp"
     if writer:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        write_safetensors(tensors, tmp)
     names = list(tensors)
     tensors.clear()
     return tmp, names

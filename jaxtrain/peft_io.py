@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from jaxtrain import model
 from jaxtrain.config import ModelConfig
+from jaxtrain.hf_io import write_safetensors
 from jaxtrain.lora import TARGETS, Adapters, LoraConfig
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -49,7 +49,7 @@ def save_peft(path: str | Path, config: ModelConfig, adapters: Adapters, *,
             prefix = PEFT_PREFIX.format(i=i) + module
             tensors[prefix + ".lora_A.weight"] = np.ascontiguousarray(a[i].reshape(fan_in, cfg.rank).T)
             tensors[prefix + ".lora_B.weight"] = np.ascontiguousarray(b[i].reshape(cfg.rank, fan_out).T)
-    save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    write_safetensors(tensors, out / ADAPTER_WEIGHTS)
     peft_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
         "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "bias": "none",

@@ -12,8 +12,12 @@ base folder is gone.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +28,10 @@ from tqdm.auto import tqdm
 
 from data_gen.tokenizer import MISTRAL, HFTokenizer, Tokenizer, get_tokenizer
 from jaxtrain import hf_io, model, offload, quant
-from jaxtrain.checkpoint import Checkpointer, load_params_from_run
+from jaxtrain.checkpoint import CheckpointConfig, Checkpointer, Restored
 from jaxtrain.config import ModelConfig
 from jaxtrain.lora import Adapters, BaseDtype, LoraConfig, merge
-from jaxtrain.peft_io import save_peft
+from jaxtrain.peft_io import ADAPTER_CONFIG, save_peft
 from jaxtrain.sharding import logical_to_sharding
 
 # --- the frozen base of a LoRA run --------------------------------------------------------------------
@@ -167,6 +171,12 @@ def read_run(run_dir, step: int | None = None) -> tuple[int, ModelConfig, dict]:
     return step, config, metadata
 
 
+def _read_params(run_dir, step: int | None, shardings=None, *, verify: bool = True) -> Restored:
+    """The trained arrays of `step`, or of the newest intact checkpoint (`Checkpointer.restore_params`)."""
+    with Checkpointer(run_dir, CheckpointConfig(verify=verify), read_only=True) as ckpt:
+        return ckpt.restore_params(step, shardings=shardings)
+
+
 @dataclasses.dataclass
 class LoadedRun:
     config: ModelConfig
@@ -180,15 +190,16 @@ class LoadedRun:
 
 
 def load_run(run_dir, step: int | None = None, *, weights: str | None = None, base_path: str | Path | None = None,
-             mesh=None, rules=None, config_overrides: dict | None = None) -> LoadedRun:
+             mesh=None, rules=None, config_overrides: dict | None = None, verify: bool = True) -> LoadedRun:
     """A training run's model: the whole model of a full finetune, or a LoRA run's base and adapters.
 
     `weights`: "int8" or a float dtype for the weights that are not adapters (default: as stored; a LoRA
     run's base as it trained). `base_path`: where a LoRA run's base is now, if it moved (it must hash to
     the recorded sha256). With a `mesh` (and the sharding `rules` of training) each device receives only
-    its shard. `config_overrides` (e.g. the compute dtype) apply to the returned config.
+    its shard. `config_overrides` (e.g. the compute dtype) apply to the returned config. Without `step`, the
+    newest intact checkpoint is read (`LoadedRun.step` says which).
     """
-    step, config, metadata = read_run(run_dir, step)
+    _, config, metadata = read_run(run_dir, step)
     config = config.replace(**(config_overrides or {}))
 
     def shardings(logical_axes):
@@ -196,14 +207,15 @@ def load_run(run_dir, step: int | None = None, *, weights: str | None = None, ba
 
     settings = run_settings(metadata)
     if settings is None:
-        _, params = load_params_from_run(run_dir, step, shardings=shardings(model.param_logical_axes(config)))
+        restored = _read_params(run_dir, step, shardings(model.param_logical_axes(config)), verify=verify)
+        params = restored.params
         if weights == "int8":
             params = quant.quantize_params(params)
             if mesh is not None:
                 params = jax.device_put(params, quant.quantized_shardings(shardings(model.param_logical_axes(config))))
         elif weights is not None:
             params = jax.tree.map(lambda x: x.astype(weights), params)
-        return LoadedRun(config, params, None, step, None, run_tokenizer(run_dir, metadata))
+        return LoadedRun(config, params, None, restored.step, None, run_tokenizer(run_dir, metadata))
     lora, recorded = settings
     init_from = str(Path(base_path).resolve()) if base_path is not None else recorded["init_from"]
     if init_from is not None and not Path(init_from).is_dir():
@@ -218,39 +230,80 @@ def load_run(run_dir, step: int | None = None, *, weights: str | None = None, ba
         raise ValueError(f"a LoRA run's base loads as int8, bfloat16 or float32 (got {base_dtype})")
     params = load_base(config, init_from=init_from, base_dtype=base_dtype, seed=recorded["seed"],
                        shardings=None if mesh is None else base_shardings(config, base_dtype, mesh, rules))
-    _, adapter_params = load_params_from_run(run_dir, step,
-                                             shardings=shardings(model.adapter_logical_axes(config, lora)))
+    restored = _read_params(run_dir, step, shardings(model.adapter_logical_axes(config, lora)), verify=verify)
     base = {**recorded, "init_from": init_from, "dtype": base_dtype, "sha256": sha256}
-    return LoadedRun(config, params, Adapters(adapter_params, lora), step, base, run_tokenizer(run_dir, metadata))
+    return LoadedRun(config, params, Adapters(restored.params, lora), restored.step, base,
+                     run_tokenizer(run_dir, metadata))
 
 
 def export_run(run_dir, out, *, step: int | None = None, merged: bool = False, peft: bool = False,
-               dtype: str = "bfloat16", max_shard_size: str = "5GB") -> str:
+               dtype: str = "bfloat16", max_shard_size: str = "5GB", verify: bool = True) -> str:
     """Write a run as a Hugging Face folder, or a LoRA run as a PEFT adapter folder (`peft`); returns what
     was written.
 
     A LoRA run is merged into its base by default (`merged` says so explicitly): the adapters are folded
     into the base as the run read it from disk (bf16/fp32 weights, also for a run trained on the int8
-    base, as QLoRA does), computing in float32 and writing in `dtype`.
+    base, as QLoRA does), computing in float32 and writing in `dtype`. Without `step` the newest intact
+    checkpoint is exported. `out` is replaced whole (`_replacing`).
     """
     if merged and peft:
         raise ValueError("--merged and --peft exclude each other")
     _, config, metadata = read_run(run_dir, step)
     settings = run_settings(metadata)
-    if settings is None:
-        if merged or peft:
-            raise ValueError(f"{run_dir}: --merged/--peft apply to LoRA runs; this run trained all weights")
-        config, params = load_params_from_run(run_dir, step)
-        hf_io.save_pretrained(out, config, params, dtype=dtype, max_shard_size=max_shard_size,
-                              tokenizer=run_tokenizer(run_dir, metadata))
-        return f"the whole model ({dtype})"
-    lora, base = settings
-    if peft:
-        config, adapters = load_params_from_run(run_dir, step)
-        save_peft(out, config, Adapters(adapters, lora), base_model=base["init_from"])
-        return f"PEFT adapter folder for {base['init_from'] or base['sha256']}"
-    base_dtype = "float32" if dtype == "float32" else "bfloat16"
-    run = load_run(run_dir, step, weights=base_dtype)
-    hf_io.save_pretrained(out, run.config, merge(run.params, run.adapters, jnp.dtype(base_dtype)), dtype=dtype,
-                          max_shard_size=max_shard_size, tokenizer=run.tokenizer)
-    return f"merged model ({dtype})"
+    if settings is None and (merged or peft):
+        raise ValueError(f"{run_dir}: --merged/--peft apply to LoRA runs; this run trained all weights")
+    with _replacing(out) as folder:
+        if settings is None:
+            restored = _read_params(run_dir, step, verify=verify)
+            hf_io.save_pretrained(folder, restored.model_config, restored.params, dtype=dtype,
+                                  max_shard_size=max_shard_size, tokenizer=run_tokenizer(run_dir, metadata))
+            return f"the whole model ({dtype}) of step {restored.step}"
+        lora, base = settings
+        if peft:
+            restored = _read_params(run_dir, step, verify=verify)
+            save_peft(folder, restored.model_config, Adapters(restored.params, lora), base_model=base["init_from"])
+            return f"PEFT adapter folder of step {restored.step} for {base['init_from'] or base['sha256']}"
+        base_dtype = "float32" if dtype == "float32" else "bfloat16"
+        run = load_run(run_dir, step, weights=base_dtype, verify=verify)
+        hf_io.save_pretrained(folder, run.config, merge(run.params, run.adapters, jnp.dtype(base_dtype)),
+                              dtype=dtype, max_shard_size=max_shard_size, tokenizer=run.tokenizer)
+        return f"merged model ({dtype}) of step {run.step}"
+
+
+def _holds_export(folder: Path) -> bool:
+    return folder.is_dir() and (not any(folder.iterdir()) or (folder / "config.json").is_file()
+                                or (folder / ADAPTER_CONFIG).is_file())
+
+
+@contextlib.contextmanager
+def _replacing(out) -> Iterator[Path]:
+    """A new folder beside `out` to write an export into; once written it replaces `out` whole (the old folder
+    renamed aside, the new one renamed in, the old one deleted), so no file of an earlier export (a stale shard
+    or index) survives and a failed export leaves `out` as it was. An `out` that exists and holds no export
+    (no config.json or adapter_config.json, not empty) is refused. Only process 0 writes (as in save_pretrained)."""
+    target = Path(out).absolute()
+    if jax.process_index() != 0:
+        yield target
+        return
+    if target.exists() and not _holds_export(target):
+        raise ValueError(f"{target}: {'a file' if target.is_file() else 'a folder'} with no exported model in it "
+                         "(no config.json or adapter_config.json); export replaces the whole folder, so give a new "
+                         "or empty --out")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in target.parent.glob(f".{target.name}.export-*"):  # of an export that was killed
+        shutil.rmtree(leftover)
+    new, old = (target.parent / f".{target.name}.export-{kind}-{os.getpid()}" for kind in ("new", "old"))
+    new.mkdir()
+    try:
+        yield new
+        if target.exists():
+            target.rename(old)
+        new.rename(target)
+    except BaseException:
+        if old.exists() and not target.exists():
+            old.rename(target)
+        raise
+    finally:
+        for path in (new, old):
+            if path.exists():
+                shutil.rmtree(path)

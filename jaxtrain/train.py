@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from etils import epath
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
@@ -37,7 +38,7 @@ from data_gen.tokenizer import Tokenizer, TokenizerError, get_tokenizer
 from jaxtrain import lora as lora_lib
 from jaxtrain import model, offload, runs
 from jaxtrain.batches import MODEL_INPUT_KEYS, BatchConfig, BucketedBatches
-from jaxtrain.checkpoint import CheckpointConfig, Checkpointer, abstract_state, latest_step
+from jaxtrain.checkpoint import CHECKPOINT_DIR, DISCARDED_DIR, CheckpointConfig, Checkpointer, abstract_state
 from jaxtrain.config import ModelConfig
 from jaxtrain.flops import device_peak_flops, train_step_flops
 from jaxtrain.hf_io import load_pretrained
@@ -96,7 +97,10 @@ class TrainConfig:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     resume: bool = False
-    """continue from the newest checkpoint in --out (exactly: params, optimizer, data position)"""
+    """continue from the newest intact checkpoint in --out (exactly: params, optimizer, data position)"""
+    overwrite: bool = False
+    """start afresh in an --out that holds another run: its checkpoints, metrics and TensorBoard events are
+    deleted first (without --resume or --overwrite such a folder is refused)"""
     remat: str | None = None
     """remat policy override: none, full, save_dots, save_qkv_proj, save_out_proj, offload_dots, offload_input"""
     dtype: str | None = None
@@ -127,6 +131,30 @@ class TrainConfig:
             raise ValueError(f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} tokens, more than the model's "
                              f"vocab_size {config.vocab_size}: not this model's tokenizer (--tokenizer)")
         return tokenizer
+
+    def validate(self) -> None:
+        """Refuse settings that cannot train (one line naming every bad flag) before anything is written."""
+        o, c = self.optimizer, self.checkpoint
+        rules = [
+            (o.lr > 0 and math.isfinite(o.lr), f"--lr must be positive (got {o.lr})"),
+            (self.epochs >= 1, f"--epochs must be at least 1 (got {self.epochs})"),
+            (self.max_steps is None or self.max_steps >= 1, f"--max-steps must be at least 1 (got {self.max_steps})"),
+            (self.grad_accum >= 1, f"--grad-accum must be at least 1 (got {self.grad_accum})"),
+            (self.log_every >= 1, f"--log-every must be at least 1 (got {self.log_every})"),
+            (0 <= o.warmup_ratio <= 1, f"--warmup-ratio must lie in [0, 1] (got {o.warmup_ratio})"),
+            (o.final_lr_ratio >= 0, f"--final-lr-ratio must not be negative (got {o.final_lr_ratio})"),
+            (o.weight_decay >= 0, f"--weight-decay must not be negative (got {o.weight_decay})"),
+            (o.clip_norm >= 0, f"--clip-norm must not be negative (got {o.clip_norm})"),
+            (0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"--b1 and --b2 must lie in [0, 1) (got {o.b1}, {o.b2})"),
+            (o.eps > 0, f"--eps must be positive (got {o.eps})"),
+            (c.save_every >= 1 and c.keep >= 1, f"--checkpoint.save-every and --checkpoint.keep must be at least 1 "
+                                                f"(got {c.save_every}, {c.keep})"),
+            (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other (continue the run "
+                                                   "in --out, or replace it)"),
+        ]
+        problems = [message for ok, message in rules if not ok]
+        if problems:
+            raise ValueError("; ".join(problems))
 
 
 # --- the step -----------------------------------------------------------------------------------------
@@ -199,8 +227,10 @@ def train_step(state, batch, frozen=None, *, config: ModelConfig, optimizer, sch
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
+    # The norm of the updated weights overflows float32 once any weight passes ~1e19: such a state is never saved.
     metrics = {"loss": loss / denom, "accuracy": correct / denom, "loss_tokens": count,
-               "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"])}
+               "grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params),
+               "lr": schedule(state["step"])}
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
 
@@ -324,12 +354,9 @@ def init_state(config: ModelConfig, cfg: TrainConfig, fns: StepFunctions) -> dic
     return {"params": params, "opt_state": opt_state, "step": step}
 
 
-def _check_same_base(run_dir: epath.Path, cfg: TrainConfig, base: dict) -> None:
+def _check_same_base(run_dir: epath.Path, saved_metadata: dict, base: dict) -> None:
     """--resume of a LoRA run must find the base model it started from."""
-    if not cfg.resume or latest_step(run_dir) is None:
-        return
-    with Checkpointer(run_dir, read_only=True) as old:
-        saved = old.read_json()[2].get("base")
+    saved = saved_metadata.get("base")
     if saved and saved["sha256"] != base["sha256"]:
         raise ValueError(f"{run_dir}: --resume with a different base model: the checkpoints were trained on "
                          f"{saved['init_from'] or saved['sha256']} (sha256 {saved['sha256']}), "
@@ -338,6 +365,42 @@ def _check_same_base(run_dir: epath.Path, cfg: TrainConfig, base: dict) -> None:
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+EX_TEMPFAIL = 75
+"""Exit status of `python -m jaxtrain train` stopped by SIGTERM after saving (sysexits.h: temporary failure, try
+again): not 0, so `train && export` stops, and not 1, so a wrapper can tell "resume me" from an error."""
+
+
+class Preempted(Exception):
+    """Training stopped on SIGTERM after saving its state; it is not finished (rerun with --resume)."""
+
+
+_RUN_FILES = (CHECKPOINT_DIR, DISCARDED_DIR, runs.TOKENIZER_DIR, "metrics.jsonl", "tensorboard")
+
+
+def _prepare_run_dir(run_dir: epath.Path, cfg: TrainConfig) -> None:
+    """An --out that holds a run is continued (--resume), replaced (--overwrite: its files deleted first) or
+    refused, so that no run's checkpoints are rotated away or shadowed by another's."""
+    ckpts = run_dir / CHECKPOINT_DIR
+    steps = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) if ckpts.is_dir() else []
+    held = bool(steps) or (run_dir / "metrics.jsonl").exists()
+    if held and not (cfg.resume or cfg.overwrite):
+        what = f"checkpoints {', '.join(map(str, steps))}" if steps else "metrics.jsonl"
+        raise ValueError(f"{run_dir} holds a training run ({what}); pass --resume to continue it, or --overwrite to "
+                         "delete it and start afresh")
+    if jax.process_index() == 0:
+        if held and cfg.overwrite:
+            for name in _RUN_FILES:
+                path = run_dir / name
+                if path.is_dir():
+                    path.rmtree()
+                elif path.exists():
+                    path.unlink()
+            print(f"--overwrite: deleted the previous run's checkpoints and metrics in {run_dir}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("jaxtrain.train: run folder ready")
 
 
 class _Preemption:
@@ -361,12 +424,16 @@ class _MetricsLog:
     under ./tensorboard/<run name>, since tensorboardX writes local files only.
     """
 
-    def __init__(self, run_dir: epath.Path, resume: bool):
+    def __init__(self, run_dir: epath.Path, start: int):
+        """Rows of steps after `start` (logged before a crash, about to be redone) are dropped."""
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
         from tensorboardX import SummaryWriter
-        self.jsonl = (run_dir / "metrics.jsonl").open("a" if resume else "w")
+        path = run_dir / "metrics.jsonl"
+        kept = [row for row in _rows(path) if row["step"] <= start] if start and path.exists() else []
+        path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        self.jsonl = path.open("a")
         local = "://" not in str(run_dir)
         self.tb = SummaryWriter(str(run_dir / "tensorboard") if local else f"tensorboard/{run_dir.name}")
 
@@ -385,12 +452,25 @@ class _MetricsLog:
             self.tb.close()
 
 
+def _rows(path: epath.Path) -> list[dict]:
+    """The rows of a metrics.jsonl; a line cut short by a crash is skipped."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
+
+
 def train(cfg: TrainConfig) -> dict:
-    """Run (or resume) a finetune; returns the last step's metrics."""
+    """Run (or resume) a finetune; returns the last step's metrics. Raises `Preempted` when SIGTERM stopped it
+    after saving, `NonFiniteLoss` when the loss, the gradient or the weights stop being finite."""
+    cfg.validate()
     maybe_initialize_distributed()
     run_dir = epath.Path(cfg.out)
-    if jax.process_index() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
     config = cfg.model_config()
     tokenizer = cfg.model_tokenizer(config)
     mesh = make_mesh(cfg.mesh)
@@ -399,6 +479,7 @@ def train(cfg: TrainConfig) -> dict:
     batch_cfg = BatchConfig(tokens_per_batch=cfg.tokens_per_batch, global_batch=cfg.global_batch, seed=cfg.seed)
     batches = BucketedBatches(open_shards(cfg.data, tokenizer=tokenizer), batch_cfg,
                               row_multiple=data_parallel_size(mesh) * cfg.grad_accum, num_epochs=cfg.epochs)
+    _prepare_run_dir(run_dir, cfg)
     total = batches.steps_per_epoch * cfg.epochs
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
@@ -412,41 +493,75 @@ def train(cfg: TrainConfig) -> dict:
                 "tokenizer": runs.save_run_tokenizer(run_dir, tokenizer, copy=jax.process_index() == 0)}
     if lora is not None:
         metadata.update(lora=lora.to_dict(), base=runs.base_metadata(cfg.init_from, cfg.adapters.base_dtype, cfg.seed))
-        _check_same_base(run_dir, cfg, metadata["base"])
-        fns.frozen = runs.load_base(config, init_from=cfg.init_from, base_dtype=cfg.adapters.base_dtype,
-                                    seed=cfg.seed, shardings=fns.frozen_shardings)
     ckpt = Checkpointer(run_dir, cfg.checkpoint, model_config=config, metadata=metadata)
+    try:
+        state, start = None, 0
+        if cfg.resume and ckpt.latest_step() is not None:
+            shapes = jax.eval_shape(lambda: init_state(config, dataclasses.replace(cfg, init_from=None), fns))
+            restored = ckpt.restore(abstract_state(shapes, fns.state_shardings))
+            where = ckpt.directory / str(restored.step)
+            try:
+                batches.set_state(restored.data_state)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+            if lora is not None:
+                _check_same_base(run_dir, restored.metadata, metadata["base"])
+            state = {"params": restored.params, "opt_state": restored.opt_state,
+                     "step": jax.device_put(jnp.int32(restored.step), fns.state_shardings["step"])}
+            start = restored.step
+            if jax.process_index() == 0:
+                print(f"resumed from {where} (step {start} of {total})")
+        if lora is not None:
+            fns.frozen = runs.load_base(config, init_from=cfg.init_from, base_dtype=cfg.adapters.base_dtype,
+                                        seed=cfg.seed, shardings=fns.frozen_shardings)
+        if state is None:
+            state = init_state(config, cfg, fns)
+        metrics = _loop(cfg, config, fns, state, batches, ckpt, start, total)
+    finally:
+        ckpt.close()
+    return metrics
 
-    if cfg.resume and ckpt.latest_step() is not None:
-        shapes = jax.eval_shape(lambda: init_state(config, dataclasses.replace(cfg, init_from=None), fns))
-        restored = ckpt.restore(abstract_state(shapes, fns.state_shardings))
-        state = {"params": restored.params, "opt_state": restored.opt_state,
-                 "step": jax.device_put(jnp.int32(restored.step), fns.state_shardings["step"])}
-        batches.set_state(restored.data_state)
-        start = restored.step
+
+def _non_finite(out: dict, step: int, local: dict, ckpt: Checkpointer) -> NonFiniteLoss:
+    """The error for a step whose loss, gradient or updated weights are not finite. Its state is never saved;
+    a checkpoint of the weights that gave a non-finite loss (the previous step's) is moved aside."""
+    ids = [i for i in local["example_ids"] if i]
+    ckpt.wait()  # the previous step's save may still be finishing in the background
+    if math.isfinite(out["loss"]) and math.isfinite(out["grad_norm"]):
+        what = (f"the update of step {step} made the weights non-finite (parameter norm {out['param_norm']}; batch "
+                f"of examples {ids}); that state was not saved")
     else:
-        state, start = init_state(config, cfg, fns), 0
+        what = (f"non-finite loss ({out['loss']}) or gradient norm ({out['grad_norm']}) at step {step}, batch of "
+                f"examples {ids}")
+        if step - 1 in ckpt.steps():
+            what += f"; the checkpoint of step {step - 1} holds the weights that gave it: moved to " \
+                    f"{ckpt.discard(step - 1, 'nonfinite')}"
+    last = ckpt.latest_step()
+    return NonFiniteLoss(what + (f"; the last good checkpoint is step {last}" if last is not None else
+                                 "; no good checkpoint is left"))
 
+
+def _loop(cfg: TrainConfig, config: ModelConfig, fns: StepFunctions, state: dict, batches: BucketedBatches,
+          ckpt: Checkpointer, start: int, total: int) -> dict:
+    """Steps `start` + 1 .. `total`, logging and saving; returns the last step's metrics."""
     peak = device_peak_flops() * jax.device_count()
-    log = _MetricsLog(run_dir, resume=start > 0)
+    log = _MetricsLog(epath.Path(cfg.out), start)
     preemption = _Preemption()
     bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not cfg.progress)
     metrics: dict = {}
-    step = start
+    step, stopped = start, False
     try:
         while step < total:
             local = next(batches)
-            batch = make_global_batch(local, mesh, fns.batch_sharding, keys=MODEL_INPUT_KEYS)
+            batch = make_global_batch(local, fns.mesh, fns.batch_sharding, keys=MODEL_INPUT_KEYS)
             t0 = time.perf_counter()
             state, out = fns.step(state, batch)
             out = {k: float(v) for k, v in jax.device_get(out).items()}
             seconds = time.perf_counter() - t0
             step += 1
-            if not math.isfinite(out["loss"]) or not math.isfinite(out["grad_norm"]):
-                ids = [i for i in local["example_ids"] if i]
-                raise NonFiniteLoss(f"non-finite loss ({out['loss']}) or gradient norm ({out['grad_norm']}) at "
-                                    f"step {step}, batch of examples {ids}; the last good checkpoint "
-                                    f"(step {ckpt.latest_step()}) is left as it was")
+            if not all(math.isfinite(out[k]) for k in ("loss", "grad_norm", "param_norm")):
+                raise _non_finite(out, step, local, ckpt)
+            ckpt.mark_finite(step - 1)  # the weights after step - 1 gave this finite loss
             tokens = int(np.asarray(local["segment_ids"]).sum()) * jax.process_count()
             flops = train_step_flops(config, tokens, int(local["bucket_len"]),
                                      logit_tokens=int(out["loss_tokens"]))
@@ -457,15 +572,18 @@ def train(cfg: TrainConfig) -> dict:
             bar.update(1)
             bar.set_postfix(loss=f"{out['loss']:.4f}", acc=f"{out['accuracy']:.3f}",
                             tok_s=f"{metrics['tokens_per_s']:.0f}")
-            stop = preemption.requested or ckpt.reached_preemption(step)
+            stopped = preemption.requested or ckpt.reached_preemption(step)
             ckpt.save(step, params=state["params"], opt_state=state["opt_state"],
-                      data_state=batches.get_state(), force=stop or step == total)
-            if stop:
+                      data_state=batches.get_state(), force=stopped or step == total)
+            if stopped:
                 print(f"preemption: saved step {step}; rerun with --resume to continue")
                 break
     finally:
         bar.close()
         preemption.restore()
         log.close()
-        ckpt.close()
+    if stopped:
+        ckpt.wait()
+        raise Preempted(f"stopped by SIGTERM at step {step} of {total} after saving it; rerun with --resume to "
+                        "continue")
     return metrics

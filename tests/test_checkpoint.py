@@ -1,5 +1,6 @@
 """Orbax checkpoints: bit-identical round trip, restore onto another mesh, keep-last-K, half-written steps."""
 
+import logging
 import os
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -157,3 +158,82 @@ def test_clear_errors(tmp_path, cpus):
         restore(tmp_path, {"params": abstract_on(other, cpus[0])})
     with pytest.raises(FileNotFoundError, match=r"no complete checkpoint for step 2 \(available: \[1\]\)"):
         load_params_from_run(tmp_path, step=2)
+
+
+# --- damaged checkpoints: checksums, fallback to the previous intact one ------------------------------------
+
+def _two_steps(run, cpus, *, async_save=True):
+    """Checkpoints 1 and 2 of a run whose params differ; returns the params saved at each step."""
+    params, opt_state = trained_state(make_mesh(MeshConfig(fsdp=8), cpus))
+    later = jax.tree.map(lambda x: x * 2, params)
+    with Checkpointer(run, CheckpointConfig(save_every=1, async_save=async_save), model_config=TINY) as ckpt:
+        ckpt.save(1, params=params, opt_state=opt_state, data_state={"i": 1})
+        ckpt.save(2, params=later, opt_state=opt_state, data_state={"i": 2})
+    return params, later
+
+
+def _damage(run, step, how):
+    """Flip one bit in, cut in half, or delete the largest data file of a checkpoint's params (OCDBT keeps the
+    array bytes in files under a `d/` folder); returns its path."""
+    files = [p for p in (run / "checkpoints" / str(step) / "params").rglob("*") if p.is_file() and p.parent.name == "d"]
+    victim = max(files, key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    if how == "flip":
+        data[len(data) // 2] ^= 0x40
+        victim.write_bytes(bytes(data))
+    elif how == "truncate":
+        victim.write_bytes(bytes(data[:len(data) // 2]))
+    else:
+        victim.unlink()
+    return victim
+
+
+@pytest.mark.parametrize("how, async_save", [("flip", True), ("flip", False), ("truncate", True), ("delete", False)])
+def test_a_damaged_newest_checkpoint_is_named_and_the_previous_intact_one_used(tmp_path, cpus, capsys, how,
+                                                                               async_save):
+    first, _ = _two_steps(tmp_path, cpus, async_save=async_save)
+    victim = _damage(tmp_path, 2, how)
+    config, got = load_params_from_run(tmp_path)
+    assert config == TINY
+    assert_bit_identical(got, first)  # the arrays saved at step 1, not a corrupted step 2
+    err = capsys.readouterr().err
+    assert f"warning: {tmp_path / 'checkpoints' / '2'} is damaged ({victim.relative_to(tmp_path / 'checkpoints' / '2')}" in err
+    assert f"using {tmp_path / 'checkpoints' / '1'}" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'checkpoints' / '2'} is damaged \("):  # asked for by number
+        load_params_from_run(tmp_path, step=2)
+
+
+def test_no_intact_checkpoint_is_a_one_line_error(tmp_path, cpus):
+    _two_steps(tmp_path, cpus)
+    _damage(tmp_path, 2, "truncate")
+    _damage(tmp_path, 1, "flip")
+    with pytest.raises(ValueError) as error:
+        load_params_from_run(tmp_path)
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / 'checkpoints'}: no intact checkpoint")
+    assert "\n" not in message and "different optimizer" not in message
+    assert "2: params/" in message and "1: params/" in message
+
+
+def test_resume_moves_a_damaged_checkpoint_aside_so_training_can_save_that_step_again(tmp_path, cpus, capsys):
+    first, later = _two_steps(tmp_path, cpus)
+    _damage(tmp_path, 2, "flip")
+    params, opt_state = trained_state(make_mesh(MeshConfig(fsdp=8), cpus))
+    with Checkpointer(tmp_path, CheckpointConfig(save_every=1), model_config=TINY) as ckpt:
+        got = ckpt.restore({"params": abstract_on(params), "opt_state": opt_state})
+        assert got.step == 1 and got.data_state == {"i": 1}
+        assert_bit_identical(got.params, first)
+        assert ckpt.steps() == [1]
+        assert ckpt.save(2, params=later, opt_state=opt_state, data_state={"i": 2})
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
+    assert os.listdir(tmp_path / "discarded") == ["2-damaged"]
+    assert f"moved it to {tmp_path / 'discarded' / '2-damaged'}" in capsys.readouterr().err
+    assert_bit_identical(load_params_from_run(tmp_path)[1], later)
+
+
+def test_reading_a_run_logs_no_read_only_warning(tmp_path, cpus, caplog):
+    _two_steps(tmp_path, cpus)
+    with caplog.at_level(logging.INFO):
+        load_params_from_run(tmp_path)
+        latest_step(tmp_path)
+    assert not [r for r in caplog.records if "read only" in r.getMessage()]

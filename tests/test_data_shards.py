@@ -331,3 +331,32 @@ def test_manifests_record_the_tokenizer_and_old_ones_still_open(tmp_path):
     path.write_text(json.dumps({**manifest, "tokenizer": {"sha256": v1_sha256}}))
     with pytest.raises(ShardError, match=r"manifest\.json: tokenizer entry must have name, sha256 and vocab_size"):
         open_shards(tmp_path)
+
+
+def test_bytes_that_are_not_utf8_name_file_and_line(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(json.dumps(_chat(0)).encode() + b"\n" + json.dumps(_chat(1)).encode()[:-2] + b"\xff\"}\n")
+    with pytest.raises(ShardError, match=rf"^{path}:2: not UTF-8 text \(byte 0xff at column \d+\)$"):
+        list(examples_from_jsonl(path))
+    with pytest.raises(SystemExit, match=rf"^error: {path}:2: not UTF-8 text"):
+        main(["shards", "--input", str(path), "--out", str(tmp_path / "out"), "--no-progress"])
+
+
+def test_whitespace_only_answers_are_refused(tmp_path):
+    path = tmp_path / "data.jsonl"
+    blank = {"messages": [{"role": "user", "content": "Question?"}, {"role": "assistant", "content": " \n\t"}]}
+    path.write_text(json.dumps(_chat(0)) + "\n" + json.dumps(blank) + "\n")
+    with pytest.raises(ShardError, match=rf"{path}:2: messages\[1\]\.content must be a non-empty string"):
+        list(examples_from_jsonl(path))
+
+
+def test_shards_command_that_writes_no_example_fails(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(_chat(i)) + "\n" for i in range(3)))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=r"^error: .*no example was written: all 3 were longer than 4 tokens") as exit_:
+        main(["shards", "--input", str(path), "--out", str(out), "--buckets", "4", "--no-progress"])
+    assert exit_.value.code not in (0, None)
+    assert not (out / "manifest.json").exists()  # the same --out can be used again
+    main(["shards", "--input", str(path), "--out", str(out), "--buckets", "64", "--no-progress"])
+    assert open_shards(out).manifest["num_examples"] == 3

@@ -85,6 +85,15 @@ def test_compare_names_the_bad_metric(tmp_path, capsys, task, metrics, message):
     assert f"error: {tmp_path}: " in (err := capsys.readouterr().err) and message in err
 
 
+
+def test_compare_names_a_file_without_an_example_count(tmp_path, capsys):
+    run = _results("hellaswag", "x", {"acc": 0.5}, n=None)
+    (tmp_path / "results.json").write_text(json.dumps(run))
+    with pytest.raises(SystemExit):
+        main(["compare", str(tmp_path), "--out", str(tmp_path)])
+    assert f"error: {tmp_path / 'results.json'}: num_examples must be a whole number, got None" in capsys.readouterr().err
+
+
 # --- one table of everything: MDQA at 20 and 120 documents, FLenQA, synthetic, the five benchmarks ----------
 def _mean(name, value, stderr, **extra):
     return {name: value, f"{name}_stderr": stderr, **extra}

@@ -123,3 +123,15 @@ def test_truncated_safetensors_is_named(hf_folder):
     file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
     with pytest.raises(ValueError, match="model.safetensors"):
         load_pretrained(hf_folder)
+
+
+def test_config_json_with_a_number_as_a_string_is_named(hf_folder):
+    config = json.loads((hf_folder / "config.json").read_text())
+    config["hidden_size"] = "64"
+    (hf_folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=rf"^{hf_folder / 'config.json'}: hidden_size must be an integer, got '64'$"):
+        load_pretrained(hf_folder)
+    config["hidden_size"], config["rms_norm_eps"] = 64, "1e-5"
+    (hf_folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"rms_norm_eps must be a number, got '1e-5'"):
+        ModelConfig.from_pretrained(hf_folder)

@@ -455,19 +455,23 @@ def test_recipe_refuses_bad_settings(tmp_path, env, message):
     assert proc.returncode != 0 and message in proc.stderr
 
 
-def test_recipe_rerun_skips_finished_steps(tmp_path):
+@pytest.mark.parametrize("status", [3, 75])
+def test_recipe_rerun_skips_finished_steps(tmp_path, status):
     """A recipe that died in training (e.g. a preempted spot TPU) continues there when re-run: nothing that
     finished is redone and training starts again with --resume. The stand-in interpreter only records its
-    arguments (and fails once), to follow the recipe's control flow."""
+    arguments (and fails once, with an error or with 75, what `python -m jaxtrain train` returns after saving on
+    SIGTERM: the step is not done either way), to follow the recipe's control flow."""
     calls = tmp_path / "calls.txt"
     fake = tmp_path / "python"
     fake.write_text('#!/usr/bin/env bash\necho "$*" >> "$CALLS"\n'
-                    '[[ -n ${FAIL_ON:-} && "$*" == *"$FAIL_ON"* ]] && exit 3\nexit 0\n')
+                    f'[[ -n ${{FAIL_ON:-}} && "$*" == *"$FAIL_ON"* ]] && exit {status}\nexit 0\n')
     fake.chmod(0o755)
     env = clean_env(tmp_path, TINY="1", WORK=str(tmp_path / "w"), EVAL_DATA=str(tmp_path), PYTHON=str(fake),
                     CALLS=str(calls), TASKS="mdqa synthetic")
     first = sh(RECIPE, env={**env, "FAIL_ON": "jaxtrain train"}, check=False)
-    assert first.returncode == 3
+    assert first.returncode == status
+    assert ("train-template-seed0: interrupted (exit status 75" in first.stderr) == (status == 75)
+    assert not (tmp_path / "w" / ".done" / "train-template-seed0").exists()
     first_calls = calls.read_text().splitlines()
     assert first_calls[-1].startswith("-m jaxtrain train") and first_calls[-1].endswith(" --resume")
     calls.unlink()
@@ -479,6 +483,7 @@ def test_recipe_rerun_skips_finished_steps(tmp_path):
         ["jaxtrain", "export", "--checkpoint"], ["eval", "mdqa", "--model"], ["eval", "synthetic", "--model"],
         ["eval", "compare", f"{tmp_path}/w/results/base/mdqa/results.json"],
         ["eval", "compare", f"{tmp_path}/w/results/base/synthetic-template-seed0/results.json"]]
+
 
 
 def run_recipe_for_real(recipe: Path, tmp_path: Path, **env: str) -> Path:

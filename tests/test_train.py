@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,27 +17,41 @@ import pytest
 from data_gen.shards import TokenizedExample, write_shards
 from hf_reference import tiny_config
 from jaxtrain import model
+from jaxtrain.__main__ import main
 from jaxtrain.checkpoint import Checkpointer, load_params_from_run
+from jaxtrain.config import ModelConfig
 from jaxtrain.train import _accumulate, _wrap_loss_sums, loss_sums
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    """24 random examples of 30-120 tokens with a 6-12 token answer at the end, in two buckets."""
-    rng = np.random.default_rng(0)
+def write_random_shards(out, token_seed=0):
+    """24 examples of 30-120 tokens with a 6-12 token answer at the end, in two buckets; the lengths are always
+    the same, the tokens depend on `token_seed` (another data set of the same shape)."""
+    rng, tokens = np.random.default_rng(0), np.random.default_rng(1000 + token_seed)
     examples = []
     for i in range(24):
         n = int(rng.integers(30, 121))
         ids = rng.integers(3, 32000, size=n).astype(np.int32)
+        if token_seed:
+            ids = tokens.integers(3, 32000, size=n).astype(np.int32)
         ids[0] = 1
         mask = np.zeros(n, bool)
         mask[n - int(rng.integers(6, 13)):] = True
         examples.append(TokenizedExample(id=f"ex{i}", input_ids=ids, loss_mask=mask))
-    out = tmp_path_factory.mktemp("shards")
-    write_shards(examples, out, buckets=(64, 128))
+    write_shards(examples, out, buckets=(64, 128), progress=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_random_shards(tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture(scope="module")
+def other_shards(tmp_path_factory):
+    """Same bucket shapes and example counts as `shards`, other tokens."""
+    return write_random_shards(tmp_path_factory.mktemp("other_shards"), token_seed=1)
 
 
 def run_train(out, shards, *extra, devices=1, wait=True):
@@ -143,25 +158,118 @@ def test_sigkill_then_resume_is_bit_identical_and_sigterm_saves(tmp_path, shards
     _wait_for(lambda: (preempted / "metrics.jsonl").exists() and len(metrics(preempted)) >= 3, proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == 75, err[-3000:]  # EX_TEMPFAIL: `train && export` must not go on
     assert "preemption: saved step" in out
     saved = max(_complete_steps(preempted))
     assert saved == metrics(preempted)[-1]["step"] < 12
-    assert run_train(preempted, shards, *flags, "--resume").returncode == 0
+    resumed = run_train(preempted, shards, *flags, "--resume")
+    assert resumed.returncode == 0
+    assert f"resumed from {preempted / 'checkpoints' / str(saved)} (step {saved} of 12)" in resumed.stdout
     _same_params(reference, preempted)
+    assert [m["step"] for m in metrics(preempted)] == list(range(1, 13))
 
 
-def test_non_finite_loss_stops_with_step_and_examples_named(tmp_path, shards):
+@pytest.mark.parametrize("lr, stop, discarded", [
+    ("1e15", "non-finite loss (nan) or gradient norm (nan) at step 3", ["2-nonfinite"]),
+    ("1e30", "the update of step 2 made the weights non-finite (parameter norm inf", None),
+])
+def test_a_run_that_diverges_keeps_its_last_good_checkpoint(tmp_path, shards, lr, stop, discarded):
+    """Step 1 runs at lr 0 (warm-up) and leaves the weights as initialised; step 2's update explodes them. At lr
+    1e15 they stay finite (~4e14, parameter norm 4e17), step 2 is saved, and step 3's loss is NaN: the checkpoint
+    of step 2 holds the weights that gave it. At lr 1e30 the weights' norm overflows at step 2, which is never
+    saved. Either way the last good checkpoint is step 1's, which keep=1 rotation must not have deleted."""
     out = tmp_path / "nan"
-    result = run_train(out, shards, "--lr", "1e30", "--warmup-ratio", "0", "--checkpoint.save-every", "1",
-                       "--checkpoint.no-async-save")
+    result = run_train(out, shards, "--lr", lr, "--warmup-ratio", "0.5", "--max-steps", "6",
+                       "--checkpoint.save-every", "1", "--checkpoint.keep", "1", "--checkpoint.no-async-save")
     assert result.returncode == 1
-    assert "non-finite loss" in result.stderr and "at step 2" in result.stderr and "ex" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert f"error: {stop}" in result.stderr and "batch of examples ['ex" in result.stderr
+    assert "the last good checkpoint is step 1" in result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
     assert _complete_steps(out) == [1]
+    (_, params) = load_params_from_run(out)
+    # lr 0 at step 1: the weights as `train` initialises them (jitted, like init_state)
+    initial = jax.jit(lambda key: model.init_params(ModelConfig.preset("tiny"), key))(jax.random.key(0))
+    for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(initial)):
+        assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
+    assert (sorted(os.listdir(out / "discarded")) if (out / "discarded").exists() else None) == discarded
 
 
 def test_bad_mesh_is_a_clear_error(tmp_path, shards):
     result = run_train(tmp_path / "bad", shards, "--mesh.fsdp", "3", devices=8)
     assert result.returncode == 1
     assert "bad mesh" in result.stderr and "Traceback" not in result.stderr
+
+
+# --- run folders are never silently overwritten --------------------------------------------------------------
+
+FOUR_STEPS = ("--max-steps", "4", "--checkpoint.save-every", "2", "--checkpoint.no-async-save")
+
+
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory, shards):
+    """A finished run of 4 steps with checkpoints 2 and 4; tests work on copies."""
+    run = tmp_path_factory.mktemp("four") / "run"
+    result = run_train(run, shards, *FOUR_STEPS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run
+
+
+def _files(run):
+    return {p.relative_to(run): p.read_bytes() for p in sorted(Path(run).rglob("*")) if p.is_file()}
+
+
+def _cli(capsys, *args):
+    """`python -m jaxtrain ARGS` in this process: (exit status, stderr)."""
+    status = main(list(map(str, args)))
+    return status, capsys.readouterr().err
+
+
+def test_a_run_folder_needs_resume_or_overwrite_and_resume_needs_the_same_shards(tmp_path, shards, other_shards,
+                                                                                  four_steps, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(four_steps, run)
+    before = _files(run)
+    base = ["train", "--model", "tiny", "--out", run, "--global-batch", "8", "--no-progress", "--max-steps", "2"]
+
+    status, err = _cli(capsys, *base, "--data", shards, "--seed", "7")
+    assert status == 1 and err.count("\n") == 1
+    assert f"error: {run} holds a training run" in err and "--resume" in err and "--overwrite" in err
+    status, err = _cli(capsys, *base, "--data", other_shards, "--resume")
+    assert status == 1 and err.count("\n") == 1
+    assert str(shards) in err and str(other_shards) in err
+    status, err = _cli(capsys, *base, "--data", shards, "--resume", "--overwrite")
+    assert status == 1 and "exclude each other" in err
+    assert _files(run) == before  # nothing touched
+
+    new = run_train(run, other_shards, "--max-steps", "2", "--seed", "7", "--overwrite",
+                    "--checkpoint.save-every", "2", "--checkpoint.no-async-save")
+    assert new.returncode == 0, new.stderr[-3000:]
+    assert os.listdir(run / "checkpoints") == ["2"]
+    assert [m["step"] for m in metrics(run)] == [1, 2]  # the old run's checkpoints 2 and 4 are gone
+
+
+def test_resume_replaces_the_metrics_of_redone_steps(tmp_path, shards, four_steps):
+    run = tmp_path / "run"
+    shutil.copytree(four_steps, run)
+    original = metrics(run)
+    shutil.rmtree(run / "checkpoints" / "4")  # as if killed after logging step 4, before its checkpoint
+    resumed = run_train(run, shards, *FOUR_STEPS, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {run / 'checkpoints' / '2'} (step 2 of 4)" in resumed.stdout
+    again = metrics(run)
+    assert [m["step"] for m in again] == [1, 2, 3, 4]
+    exact = ("loss", "grad_norm", "accuracy", "lr")  # bit-identical resume: the redone steps log the same values
+    assert [{k: m[k] for k in exact} for m in again] == [{k: m[k] for k in exact} for m in original]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--lr", "-1e-5"), "--lr must be positive"),
+    (("--epochs", "0"), "--epochs must be at least 1"),
+    (("--max-steps", "0"), "--max-steps must be at least 1"),
+])
+def test_impossible_settings_are_refused_before_anything_is_written(tmp_path, shards, capsys, flags, message):
+    out = tmp_path / "run"
+    status, err = _cli(capsys, "train", "--model", "tiny", "--data", shards, "--out", out, "--global-batch", "8",
+                       "--no-progress", *flags)
+    assert status == 1 and message in err and err.count("\n") == 1
+    assert not out.exists()

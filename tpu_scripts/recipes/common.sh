@@ -71,15 +71,21 @@ check_base_model() {
 }
 
 # step NAME CMD...: run CMD unless step NAME finished in an earlier run of this recipe; remember it when it
-# succeeds (markers in $WORK/.done, so a crashed or preempted recipe picks up where it stopped).
+# succeeds (markers in $WORK/.done, so a crashed or preempted recipe picks up where it stopped). A failing CMD
+# stops the recipe with its status; 75 (EX_TEMPFAIL: `jaxtrain train` stopped by SIGTERM after saving) says so.
 step() {
-  local name=$1 marker=$WORK/.done/$1
+  local name=$1 marker=$WORK/.done/$1 status=0
   shift
   if [[ $DRY_RUN != 1 && -e $marker ]]; then
     info "skip $name (done before; delete $marker to redo)"
     return
   fi
-  run "$@"
+  run "$@" || status=$?
+  if ((status == 75)); then
+    info "$name: interrupted (exit status 75: stopped by SIGTERM after saving a checkpoint); not done:" \
+      "run the recipe again to resume it"
+  fi
+  if ((status != 0)); then exit "$status"; fi
   if [[ $DRY_RUN != 1 ]]; then mkdir -p "$WORK/.done" && touch "$marker"; fi
 }
 
@@ -91,16 +97,18 @@ fresh_step() {
 }
 
 # make_data PRESET [SHARDS FLAGS...]: synthetic data ($WORK/data/RUN) and its shards ($WORK/shards/RUN)
-# for every data set of the grid; with --template for the template variant.
+# for every data set of the grid; with --template for the template variant, and DATA_ARGS (extra
+# `data_gen generate` flags, e.g. "--num-dicts 20 --tokenizer DIR") when the recipe sets them.
 make_data() {
-  local preset=$1 r template
+  local preset=$1 r template extra
   shift
+  read -ra extra <<<"${DATA_ARGS:-}"
   info "== data ($preset)"
   for r in "${RUNS[@]}"; do
     template=()
     if [[ $r == template-* ]]; then template=(--template); fi
     step "data-$r" "$PYTHON" -m data_gen generate --preset "$preset" --seed "${r##*-seed}" "${template[@]}" \
-      --overwrite --out "$WORK/data/$r"
+      "${extra[@]}" --overwrite --out "$WORK/data/$r"
     fresh_step "shards-$r" "$WORK/shards/$r" "$PYTHON" -m data_gen shards --input "$WORK/data/$r/train.jsonl" \
       --out "$WORK/shards/$r" "$@"
   done
