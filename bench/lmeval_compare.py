@@ -51,6 +51,13 @@ def _write_jsonl(path: Path, rows) -> Path:
     return path
 
 
+def _read_lines(path: Path) -> list[str]:
+    import gzip
+
+    with gzip.open(path, "rt") as f:
+        return f.read().splitlines()
+
+
 def _hellaswag_rows(path: Path):
     lines = path.read_text().split("\n")
     for start in range(0, len(lines) - 5, 6):
@@ -78,7 +85,8 @@ def _triviaqa_rows(path: Path):
 def write_tasks(shared_data: Path, out: Path, *, subjects=SUBJECTS) -> dict[str, list[str]]:
     """Task YAMLs (and converted data) under `out`; returns the harness task names of each of `TASKS`:
     needles_<task>, and per MMLU subject needles_mmlu_<subject> (0-shot, as `mmlu`) and
-    needles_mmlu5_<subject> (`num_fewshot: 5`, as `--num_fewshot 5`)."""
+    needles_mmlu5_<subject> (`num_fewshot: 5`, as `--num_fewshot 5`). Also `wikitext`: the harness's
+    `loglikelihood_rolling` task over 8 pages of MDQA passages (for model backends; eval has no such task)."""
     out.mkdir(parents=True, exist_ok=True)
     harness = harness_tasks_dir()
     cache = str(out / "hf_datasets_cache")
@@ -108,6 +116,11 @@ def write_tasks(shared_data: Path, out: Path, *, subjects=SUBJECTS) -> dict[str,
                          {"validation": shared_data / "nq_open" / "nq_open_dev.jsonl"}, training_split=None)],
         "mmlu": [], "mmlu_5shot": [],
     }
+    pages = [{"page": "\n\n".join(f"{c['title']}\n{c['text']}" for c in json.loads(line)["ctxs"][:4])}
+             for line in _read_lines(shared_data / "mdqa" / "nq-open-20_total_documents_gold_at_0.jsonl.gz")[:8]]
+    names["wikitext"] = [task("needles_wikitext", harness / "wikitext" / "wikitext.yaml",
+                              {"test": _write_jsonl(out / "pages.jsonl", pages)}, training_split=None,
+                              validation_split=None)]
     for subject in subjects:
         files = {split: _write_jsonl(out / f"mmlu_{subject}_{split}.jsonl",
                                      _mmlu_rows(shared_data / "mmlu" / split / f"{subject}_{split}.csv", subject))
@@ -244,6 +257,73 @@ def compare(task: str, harness: dict, tasks: list[str], ours: tuple[dict, list[d
     generative = task in ("gsm8k", "triviaqa", "nq_open")
     return Comparison(task, len(predictions), same_prompt, same_ids, same_output if generative else None, agree,
                       metrics, None if generative else ll_gap)
+
+
+def read_cli_output(output_path: Path) -> dict:
+    """What `lm_eval ... --output_path DIR --log_samples` wrote, in `run_harness`'s form: the results, and
+    per task the samples with their arguments as tuples and their responses parsed back from the strings
+    the harness writes ((log-likelihood, is-greedy) pairs; generated texts stay as they are)."""
+    (results_file,) = Path(output_path).rglob("results_*.json")
+    samples = {}
+    for path in results_file.parent.glob("samples_*.jsonl"):
+        task = path.name.removeprefix("samples_").rsplit("_", 1)[0]
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        for row in rows:
+            row["arguments"] = [tuple(a.values()) for a in row["arguments"].values()]
+            row["resps"] = [[(float(r[0][0]), r[0][1] == "True") if isinstance(r[0], list) else r[0]]
+                            for r in row["resps"]]
+        samples[task] = rows
+    return {"results": json.loads(results_file.read_text())["results"], "samples": samples}
+
+
+@dataclasses.dataclass
+class BackendComparison:
+    """Two harness runs of one task (say the `needles` and `hf` backends), request by request."""
+
+    task: str
+    rows: int
+    same_arguments: int
+    """rows whose requests (prompt, continuation or generation settings) are identical"""
+    same_texts: int
+    """generated texts that are identical (of `texts`)"""
+    texts: int
+    same_greedy: int
+    """log-likelihoods whose is-greedy flag is identical (of `scores`)"""
+    scores: int
+    max_ll_gap: float
+    """largest |difference| of a log-likelihood (a choice's, or a whole text's rolling one)"""
+    max_rel_gap: float
+    """the same relative to the harness's value (rolling log-likelihoods sum thousands of tokens)"""
+    metrics: dict[str, tuple[float, float]]
+
+
+def compare_runs(a: dict, b: dict, task: str) -> BackendComparison:
+    """`a` against `b` (both `run_harness` results) on `task`: every logged sample's arguments and raw responses
+    (texts, (log-likelihood, is-greedy) pairs, rolling log-likelihoods), and the task's numeric metrics."""
+    rows = same_arguments = same_texts = texts = same_greedy = scores = 0
+    ll_gap = rel_gap = 0.0
+    b_samples = {(s["doc_id"], s["filter"]): s for s in b["samples"][task]}
+    for sa in a["samples"][task]:
+        sb = b_samples[(sa["doc_id"], sa["filter"])]
+        rows += 1
+        same_arguments += sa["arguments"] == sb["arguments"]
+        for ra, rb in zip((r[0] for r in sa["resps"]), (r[0] for r in sb["resps"]), strict=True):
+            if isinstance(ra, str):
+                texts += 1
+                same_texts += ra == rb
+                continue
+            if isinstance(ra, tuple):   # (log-likelihood, is greedy)
+                (la, ga), (lb, gb) = ra, rb
+                scores += 1
+                same_greedy += ga == gb
+            else:                       # a rolling log-likelihood
+                la, lb = ra, rb
+            ll_gap = max(ll_gap, abs(la - lb))
+            rel_gap = max(rel_gap, abs(la - lb) / max(abs(lb), 1e-30))
+    metrics = {k: (float(v), float(b["results"][task][k])) for k, v in a["results"][task].items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "sample_len" and "stderr" not in k}
+    return BackendComparison(task, rows, same_arguments, same_texts, texts, same_greedy, scores, ll_gap, rel_gap,
+                             metrics)
 
 
 def hf_token_ids(model_dir: Path) -> Callable[[str], list[int]]:

@@ -19,39 +19,23 @@ MAX_GEN_TOKS = 32
 
 
 @pytest.fixture(scope="module")
-def decisive_model(tmp_path_factory):
-    import jax
-
-    from jaxtrain.config import ModelConfig
-    from jaxtrain.hf_io import save_pretrained
-    from jaxtrain.model import init_params
-
-    path = tmp_path_factory.mktemp("decisive-tiny")
-    config = ModelConfig.preset("tiny")
-    params = jax.jit(init_params, static_argnums=0)(config, jax.random.key(0))
-    params["lm_head"] = params["lm_head"] * 20.0
-    save_pretrained(path, config, params, dtype="float32")
-    return path
-
-
-@pytest.fixture(scope="module")
-def harness(decisive_model, shared_data, tmp_path_factory):
+def harness(decisive_tiny_model, shared_data, tmp_path_factory):
     """One harness run over every task (`hf` backend, float32, CPU), samples logged."""
     out = tmp_path_factory.mktemp("harness")
     names = C.write_tasks(shared_data, out / "tasks")
-    results = C.run_harness("hf", {"pretrained": str(decisive_model), "dtype": "float32", "device": "cpu"},
+    results = C.run_harness("hf", {"pretrained": str(decisive_tiny_model), "dtype": "float32", "device": "cpu"},
                             out / "tasks", [t for task in C.TASKS for t in names[task]], limit=LIMIT,
                             gen_kwargs={"max_gen_toks": MAX_GEN_TOKS})
     return names, results
 
 
 @pytest.mark.parametrize("task", C.TASKS)
-def test_per_example_agreement_with_the_harness(task, decisive_model, shared_data, harness, tmp_path):
+def test_per_example_agreement_with_the_harness(task, decisive_tiny_model, shared_data, harness, tmp_path):
     from jaxtrain.generate import encode_text
 
     names, results = harness
-    ours = C.run_ours(task, decisive_model, shared_data, tmp_path, limit=LIMIT, max_gen_toks=MAX_GEN_TOKS)
-    c = C.compare(task, results, names[task], ours, C.hf_token_ids(decisive_model), encode_text)
+    ours = C.run_ours(task, decisive_tiny_model, shared_data, tmp_path, limit=LIMIT, max_gen_toks=MAX_GEN_TOKS)
+    c = C.compare(task, results, names[task], ours, C.hf_token_ids(decisive_tiny_model), encode_text)
     expected_rows = LIMIT * (len(C.SUBJECTS) if task.startswith("mmlu") else 1)
     assert c.rows == expected_rows
     assert c.same_prompt == c.rows and c.same_ids == c.rows
