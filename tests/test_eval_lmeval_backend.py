@@ -53,6 +53,22 @@ def test_every_request_type_as_the_hf_backend(decisive_tiny_model, tasks):
         _check(c, rolling=task == "needles_wikitext")
 
 
+def test_chat_template_as_the_hf_backend(decisive_tiny_model, tasks):
+    """`--apply_chat_template --fewshot_as_multiturn`: the 5-shot MMLU conversation rendered in the Mistral-Instruct
+    format and read back into ids as the Hugging Face tokenizer reads the `hf` backend's rendering."""
+    tasks_dir, names = tasks
+    wanted = names["mmlu_5shot"][:1]
+    runs = [lm_eval.simple_evaluate(model=model, model_args={"pretrained": str(decisive_tiny_model), **extra},
+                                    tasks=wanted, limit=2, batch_size=4, log_samples=True, bootstrap_iters=0,
+                                    apply_chat_template=True, fewshot_as_multiturn=True,
+                                    task_manager=lm_eval.tasks.TaskManager(include_path=str(tasks_dir),
+                                                                           include_defaults=False))
+            for model, extra in (("needles", {"compute_dtype": "float32"}), ("hf", {"dtype": "float32", "device": "cpu"}))]
+    c = C.compare_runs(*runs, wanted[0])
+    assert c.rows == 2 and "[/INST] B</s>[INST]" in runs[1]["samples"][wanted[0]][0]["arguments"][0][0]
+    _check(c)
+
+
 def test_command_line_on_a_lora_run(decisive_tiny_model, tasks, tmp_path):
     """`python -m eval.lmeval --model needles --model_args pretrained=RUN` (adapters unmerged on the run's
     base) scores as the `hf` backend does on the run exported merged."""
