@@ -100,17 +100,15 @@ def write_tasks(shared_data: Path, out: Path, *, subjects=SUBJECTS) -> dict[str,
         (out / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         return name
 
+    hellaswag = _write_jsonl(out / "hellaswag.jsonl", _hellaswag_rows(shared_data / "hellaswag" / "hellaswag_val.txt"))
+    triviaqa = _write_jsonl(out / "triviaqa.jsonl", _triviaqa_rows(shared_data / "triviaqa" / "triviaqa_sm_sub.jsonl"))
     names = {
-        "hellaswag": [task("needles_hellaswag", harness / "hellaswag" / "hellaswag.yaml",
-                           {"validation": _write_jsonl(out / "hellaswag.jsonl",
-                                                       _hellaswag_rows(shared_data / "hellaswag" / "hellaswag_val.txt"))},
+        "hellaswag": [task("needles_hellaswag", harness / "hellaswag" / "hellaswag.yaml", {"validation": hellaswag},
                            training_split=None)],
         "gsm8k": [task("needles_gsm8k", harness / "gsm8k" / "gsm8k.yaml",
                        {"train": shared_data / "gsm8k" / "gsm8k_train_fewshot.jsonl",
                         "test": shared_data / "gsm8k" / "gsm8k_test.jsonl"})],
-        "triviaqa": [task("needles_triviaqa", harness / "triviaqa" / "default.yaml",
-                          {"validation": _write_jsonl(out / "triviaqa.jsonl",
-                                                      _triviaqa_rows(shared_data / "triviaqa" / "triviaqa_sm_sub.jsonl"))},
+        "triviaqa": [task("needles_triviaqa", harness / "triviaqa" / "default.yaml", {"validation": triviaqa},
                           training_split=None)],
         "nq_open": [task("needles_nq_open", harness / "nq_open" / "nq_open.yaml",
                          {"validation": shared_data / "nq_open" / "nq_open_dev.jsonl"}, training_split=None)],
@@ -160,11 +158,11 @@ def our_argv(task: str, shared_data: Path, *, max_gen_toks: int | None, subjects
 
 
 def run_ours(task: str, model: Path, shared_data: Path, out: Path, *, limit: int | None,
-             max_gen_toks: int | None, flags=()) -> tuple[dict, list[dict]]:
+             max_gen_toks: int | None, flags=(), subjects=SUBJECTS) -> tuple[dict, list[dict]]:
     """`python -m eval <task>` in-process (float32 compute); its results and predictions."""
     from eval.__main__ import main
 
-    argv = our_argv(task, shared_data, max_gen_toks=max_gen_toks)
+    argv = our_argv(task, shared_data, max_gen_toks=max_gen_toks, subjects=subjects)
     results = main([argv[0], "--model", str(model), "--out", str(out), "--compute-dtype", "float32",
                     "--no-progress", *(["--limit", str(limit)] if limit else []), *argv[1:], *flags])
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
@@ -336,9 +334,12 @@ def hf_token_ids(model_dir: Path) -> Callable[[str], list[int]]:
 
 
 # --- the table ------------------------------------------------------------------------------------------
-def table(rows: list[tuple[Comparison, float, float]]) -> str:
-    lines = ["| task | rows | same prompt / ids / output | same choice or answer | metric: needles vs lm-eval | "
-             "max log-lik. gap | needles s | lm-eval s |", "|---|---|---|---|---|---|---|---|"]
+HEADER = ("| task | rows | same prompt / ids / output | same choice or answer | metric: needles vs lm-eval | "
+          "max log-lik. gap | needles s | lm-eval s |\n|---|---|---|---|---|---|---|---|")
+
+
+def table(rows: list[tuple[Comparison, float, float]], header: bool = True) -> str:
+    lines = [HEADER] if header else []
     for c, ours_s, harness_s in rows:
         output = "-" if c.same_output is None else c.same_output
         metrics = "; ".join(f"{m} {100 * a:.1f} vs {100 * b:.1f}" for m, (a, b) in c.metrics.items())
@@ -355,30 +356,33 @@ def main(argv=None) -> str:
     parser.add_argument("--max-gen-toks", type=int, default=None,
                         help="generation budget on both sides (default: the harness's 256)")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    parser.add_argument("--subjects", nargs="+", default=None,
+                        help="MMLU subjects (default: every subject with a test file in the data)")
     parser.add_argument("--data", type=Path, default=SHARED_DATA)
     parser.add_argument("--out", type=Path, default=Path("lmeval_compare_out"))
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args(argv)
     from jaxtrain.generate import encode_text
 
-    names = write_tasks(args.data, args.out / "tasks")
+    subjects = args.subjects or sorted(p.name.removesuffix("_test.csv")
+                                       for p in (args.data / "mmlu" / "test").glob("*_test.csv"))
+    names = write_tasks(args.data, args.out / "tasks", subjects=subjects)
     gen_kwargs = None if args.max_gen_toks is None else {"max_gen_toks": args.max_gen_toks}
     harness_ids = hf_token_ids(args.model)
     rows = []
     for task in args.tasks:
         t0 = time.perf_counter()
         ours = run_ours(task, args.model, args.data, args.out / "needles" / task, limit=args.limit,
-                        max_gen_toks=args.max_gen_toks, flags=["--batch-size", str(args.batch_size)])
+                        max_gen_toks=args.max_gen_toks, flags=["--batch-size", str(args.batch_size)],
+                        subjects=subjects)
         t1 = time.perf_counter()
         harness = run_harness("hf", {"pretrained": str(args.model), "dtype": "float32", "device": "cpu"},
                               args.out / "tasks", names[task], limit=args.limit, batch_size=args.batch_size,
                               gen_kwargs=gen_kwargs)
         t2 = time.perf_counter()
         rows.append((compare(task, harness, names[task], ours, harness_ids, encode_text), t1 - t0, t2 - t1))
-        print(table(rows[-1:]), flush=True)
-    text = table(rows)
-    print(text)
-    return text
+        print(table(rows[-1:], header=len(rows) == 1), flush=True)
+    return table(rows)
 
 
 if __name__ == "__main__":

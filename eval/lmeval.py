@@ -15,8 +15,9 @@ from collections.abc import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    import eval.lmeval_backend  # noqa: F401  registers "needles"
     from lm_eval.__main__ import cli_evaluate
+
+    import eval.lmeval_backend  # noqa: F401  registers "needles"
 
     if argv is not None:   # the harness's parser reads sys.argv itself
         sys.argv = ["lm_eval", *argv]

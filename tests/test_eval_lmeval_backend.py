@@ -63,7 +63,8 @@ def test_chat_template_as_the_hf_backend(decisive_tiny_model, tasks):
                                     apply_chat_template=True, fewshot_as_multiturn=True,
                                     task_manager=lm_eval.tasks.TaskManager(include_path=str(tasks_dir),
                                                                            include_defaults=False))
-            for model, extra in (("needles", {"compute_dtype": "float32"}), ("hf", {"dtype": "float32", "device": "cpu"}))]
+            for model, extra in (("needles", {"compute_dtype": "float32"}),
+                                 ("hf", {"dtype": "float32", "device": "cpu"}))]
     c = C.compare_runs(*runs, wanted[0])
     assert c.rows == 2 and "[/INST] B</s>[INST]" in runs[1]["samples"][wanted[0]][0]["arguments"][0][0]
     _check(c)
