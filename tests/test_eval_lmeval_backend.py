@@ -70,6 +70,33 @@ def test_chat_template_as_the_hf_backend(decisive_tiny_model, tasks):
     _check(c)
 
 
+@pytest.mark.slow
+def test_sharded_over_eight_devices_as_on_one(decisive_tiny_model):
+    """shard=True: the weights split fsdp-wise over the test process's 8 CPU devices, as on a TPU slice (slow:
+    ~25 s of compiling; sharded decoding itself is in the default suite through `python -m eval --shard`)."""
+    import jax
+    from lm_eval.api.instance import Instance
+
+    assert jax.device_count() == 8
+    requests = {
+        "loglikelihood": [("Roof shingle removal: A man is sitting on a roof. He", " is using wrap."),
+                          ("Question: What is 2 + 3?\nAnswer:", " 5")],
+        "loglikelihood_rolling": [("Paris is the capital of France. " * 12,)],
+        "generate_until": [("Question: What is 2 + 3?\nAnswer:", {"until": ["\n"], "max_gen_toks": 8})],
+    }
+    out = {}
+    for shard in (False, True):
+        lm = eval.lmeval_backend.NeedlesLM(pretrained=str(decisive_tiny_model), compute_dtype="float32",
+                                           shard=shard, max_length=32, batch_size=2)
+        out[shard] = {kind: getattr(lm, kind)([Instance(kind, {}, args, i) for i, args in enumerate(reqs)],
+                                              disable_tqdm=True)
+                      for kind, reqs in requests.items()}
+    assert out[True]["generate_until"] == out[False]["generate_until"]
+    for kind in ("loglikelihood", "loglikelihood_rolling"):
+        flat = [(r[0] if isinstance(r, tuple) else r) for r in out[True][kind]]
+        assert flat == pytest.approx([(r[0] if isinstance(r, tuple) else r) for r in out[False][kind]], rel=1e-5)
+
+
 def test_command_line_on_a_lora_run(decisive_tiny_model, tasks, tmp_path):
     """`python -m eval.lmeval --model needles --model_args pretrained=RUN` (adapters unmerged on the run's
     base) scores as the `hf` backend does on the run exported merged."""
