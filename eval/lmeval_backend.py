@@ -107,8 +107,9 @@ class NeedlesLM(TemplateLM):
 
     @property
     def prefix_token_id(self) -> int:
-        """BOS, as the `hf` backend for a tokenizer that has one."""
-        return self.tokenizer.encode_text("")[0]
+        """What the tokenizer puts before a text (BOS), else EOS, as the `hf` backend chooses."""
+        added = self.tokenizer.encode_text("")
+        return added[0] if added else self.eot_token_id
 
     @property
     def max_length(self) -> int:
@@ -129,7 +130,7 @@ class NeedlesLM(TemplateLM):
         with it."""
         if add_special_tokens is None:
             add_special_tokens = not string.startswith("<s>")
-        ids = [self.prefix_token_id] if add_special_tokens else []
+        ids = self.tokenizer.encode_text("") if add_special_tokens else []   # what it adds by default: BOS
         for part in re.split("(" + "|".join(map(re.escape, self._special)) + ")", string):
             if part in self._special:
                 ids.append(self._special[part])
