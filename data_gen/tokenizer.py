@@ -23,6 +23,7 @@ import importlib.resources
 import json
 import os
 import pathlib
+import re
 import shutil
 from collections.abc import Mapping, Sequence
 
@@ -220,6 +221,28 @@ class Tokenizer(abc.ABC):
         continues with its answer."""
 
     @abc.abstractmethod
+    def encode_marked(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """Ids of a text in which special-token strings (`<s>`, `<|im_start|>`, as a rendered chat template
+        writes them) stand for their tokens, as its Hugging Face tokenizer encodes such text; with
+        `add_special_tokens`, what the tokenizer adds by default (BOS). What lm-evaluation-harness encodes."""
+
+    @abc.abstractmethod
+    def token_string(self, token_id: int) -> str:
+        """One token as written in text and templates (a special token's own string, e.g. `</s>`)."""
+
+    @property
+    @abc.abstractmethod
+    def chat_template(self) -> str:
+        """The chat template, as Jinja source."""
+
+    @abc.abstractmethod
+    def render_chat(self, messages: Messages, *, add_generation_prompt: bool = False,
+                    continue_final_message: bool = False) -> str:
+        """The conversation rendered by the chat template as text (`encode_marked` reads it back into ids); the
+        flags as transformers' `apply_chat_template` has them (`continue_final_message`: the last message
+        left open, without its end-of-turn token)."""
+
+    @abc.abstractmethod
     def identity(self) -> TokenizerIdentity:
         """Name, sha256 of the files that define the tokenizer and its chat format, vocabulary size."""
 
@@ -310,11 +333,34 @@ class MistralTokenizer(Tokenizer):
     def encode_prompt(self, messages: str | Messages) -> list[int]:
         return self._encode_turns(self._turns(_as_messages(messages), last_role="user")).input_ids.tolist()
 
-    def render_chat(self, messages: Messages) -> str:
-        """The conversation as one string in Mistral's documented format, rendered by `MISTRAL_CHAT_TEMPLATE`."""
+    def render_chat(self, messages: Messages, *, add_generation_prompt: bool = False,
+                    continue_final_message: bool = False) -> str:
+        """The conversation as one string in Mistral's documented format, rendered by `MISTRAL_CHAT_TEMPLATE`
+        (its generation prompt is empty: a prompt already ends with `[/INST]`)."""
         self._turns(messages, last_role=None)  # the template's own errors are not this clear
-        return _mistral_template().render(messages=[dict(m) for m in messages], bos_token="<s>", eos_token="</s>",
-                                          add_generation_prompt=False)
+        text = _mistral_template().render(messages=[dict(m) for m in messages], bos_token="<s>", eos_token="</s>",
+                                          add_generation_prompt=add_generation_prompt)
+        return text.removesuffix("</s>") if continue_final_message else text
+
+    @property
+    def chat_template(self) -> str:
+        return MISTRAL_CHAT_TEMPLATE
+
+    def encode_marked(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """As a Hugging Face Mistral tokenizer (our export's) encodes it: `<s>`, `</s>` and `<unk>` become their
+        ids and the text between them is encoded piece by piece, each with its dummy-prefix space."""
+        sp = load_tokenizer()
+        special = {sp.id_to_piece(i): i for i in (UNK_ID, BOS_ID, EOS_ID)}
+        ids = [BOS_ID] if add_special_tokens else []
+        for part in re.split("(" + "|".join(map(re.escape, special)) + ")", text):
+            if part in special:
+                ids.append(special[part])
+            elif part:
+                ids += encode(part)
+        return ids
+
+    def token_string(self, token_id: int) -> str:
+        return load_tokenizer().id_to_piece(int(token_id))
 
     def identity(self) -> TokenizerIdentity:
         return TokenizerIdentity(self.name, tokenizer_sha256(), self.vocab_size)
@@ -453,6 +499,26 @@ class HFTokenizer(Tokenizer):
     def encode_prompt(self, messages: str | Messages) -> list[int]:
         turns = _checked_turns(_as_messages(messages), last_role="user")
         return self._render_ids([{"role": role, "content": c} for role, c in turns], generation_prompt=True)
+
+    @property
+    def chat_template(self) -> str:
+        if not self._tok.chat_template:
+            raise ChatFormatError(f"{self.folder}: the tokenizer has no chat template (chat_template.jinja, or "
+                                  "'chat_template' in tokenizer_config.json)")
+        return self._tok.chat_template
+
+    def render_chat(self, messages: Messages, *, add_generation_prompt: bool = False,
+                    continue_final_message: bool = False) -> str:
+        self.chat_template  # noqa: B018 - a one-line error when there is none
+        return self._tok.apply_chat_template([dict(m) for m in messages], tokenize=False,
+                                             add_generation_prompt=add_generation_prompt,
+                                             continue_final_message=continue_final_message)
+
+    def encode_marked(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens))
+
+    def token_string(self, token_id: int) -> str:
+        return self._tok.convert_ids_to_tokens(int(token_id))
 
     def identity(self) -> TokenizerIdentity:
         return TokenizerIdentity(self.name, self._sha256, self.vocab_size)

@@ -182,22 +182,26 @@ class FlenqaArgs(CommonArgs):
 
     cot: bool = False
     """Chain-of-thought prompts (also reports coverage and early-answer rates)."""
-    max_new_tokens: int | None = None
-    """Generation budget (default: 400 with --cot, as the authors; 100 without)."""
+    max_new_tokens: int = 400
+    """Generation budget (the authors' 400, with and without --cot)."""
     datasets: tuple[str, ...] | None = None
     """Keep only these tasks: PIR, MonoRel, "Simplified RuleTaker" (default: all)."""
     ctx_sizes: tuple[int, ...] | None = None
     """Keep only these context sizes (250, 500, 1000, 2000, 3000; default: all)."""
-    dispersions: tuple[str, ...] | None = None
-    """Keep only these dispersions (first, middle, last, random; the paper's main plots use random)."""
+    dispersions: tuple[str, ...] = ("random",)
+    """Keep only these dispersions (first, middle, last, random), or `all`. Default: random, the one the
+    paper's main plots use."""
     padding_types: tuple[str, ...] | None = None
     """Keep only these padding types (same, books; default: all)."""
     chat_template: bool = True
     """Send the prompt as one user turn of the model's chat template (as the authors sent it to chat models)."""
 
 
+ALL = "all"
+
+
 def _keep(rows: list[FlenqaRow], field: str, wanted, flag: str) -> list[FlenqaRow]:
-    if wanted is None:
+    if wanted is None or ALL in wanted:
         return rows
     present = sorted({getattr(r, field) for r in rows}, key=str)
     missing = [w for w in wanted if w not in present]
@@ -212,7 +216,7 @@ def load(args: FlenqaArgs) -> LoadedData:
     if args.data_file is None:
         raise DataError("flenqa needs --data-file: the released FLenQA JSONL (or FLenQA.zip), which users "
                         "download themselves (alonj/Same-Task-More-Tokens)")
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+    if args.max_new_tokens < 1:
         raise DataError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     rows = read_flenqa_file(args.data_file)
     for field, flag in (("dataset", "--datasets"), ("ctx_size", "--ctx-sizes"), ("dispersion", "--dispersions"),
@@ -241,7 +245,7 @@ def _by(scored, key) -> dict[str, list]:
 
 
 def evaluate(args: FlenqaArgs, data: LoadedData, generator) -> Evaluation:
-    max_new = args.max_new_tokens or (400 if args.cot else 100)
+    max_new = args.max_new_tokens
     rows: list[FlenqaRow] = data.examples
     # The prompt goes as it is, trailing newline included: mistral_common encodes a user message unstripped.
     tokenizer = generator.tokenizer
@@ -269,8 +273,10 @@ def evaluate(args: FlenqaArgs, data: LoadedData, generator) -> Evaluation:
     metrics.pop("n")
     lengths = [len(p) for p in prompts]
     settings = {"cot": args.cot, "max_new_tokens": max_new, "chat_template": args.chat_template,
-                "temperature": 0.0, "filters": {"datasets": args.datasets, "ctx_sizes": args.ctx_sizes,
-                                                "dispersions": args.dispersions, "padding_types": args.padding_types},
+                "temperature": 0.0,
+                "filters": {name: None if value is None else list(value) for name, value in (
+                    ("datasets", args.datasets), ("ctx_sizes", args.ctx_sizes), ("dispersions", args.dispersions),
+                    ("padding_types", args.padding_types))},
                 "prompt_tokens": token_stats(lengths),
                 "scored": "last of true/false in the normalised response ('not true' = false), as the authors"}
     return Evaluation(metrics, predictions, settings, len(rows))

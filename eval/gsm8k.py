@@ -1,14 +1,21 @@
 """GSM8K, few-shot chain of thought (lm-evaluation-harness `gsm8k`, version 3).
 
-Prompt: the first k training rows as "Question: <q>\\nAnswer: <full worked answer ending in #### n>\\n\\n",
-then "Question: <q>\\nAnswer:". Greedy until "Question:" (or </s>). Scored twice: strict (the number after
-"#### ") and flexible (the last number in the output), each compared with the reference number.
+Prompt: k training rows as "Question: <q>\\nAnswer: <full worked answer ending in #### n>\\n\\n", then
+"Question: <q>\\nAnswer:". The rows are drawn per question as lm-evaluation-harness 0.4.13 draws them (its
+default sampler: one `random.Random(1234)`, and for the i-th test question in file order the i-th
+`sample(train, k)`), so given the same training file the prompts are the harness's; `--fewshot-sampler
+first` gives every question the first k rows instead. Greedy until "Question:" (or </s>). Scored twice:
+strict (the number after "#### ") and flexible (the last number in the output), each compared with the
+reference number.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import random
 from pathlib import Path
+from typing import Literal
 
 from eval import metrics as M
 from eval.common import CommonArgs, Evaluation, LoadedData, Task, check_source_args, limited
@@ -58,7 +65,12 @@ class Gsm8kArgs(CommonArgs):
     num_fewshot: int = 5
     """Worked training examples before each question."""
     fewshot_file: Path | None = None
-    """JSONL whose first --num-fewshot rows are the examples (default: the training file beside the data)."""
+    """JSONL of worked examples to draw from (default: the training file beside the data)."""
+    fewshot_sampler: Literal["seeded", "first"] = "seeded"
+    """seeded: per question, as lm-evaluation-harness 0.4.13 (`random.Random(--fewshot-seed)`, the i-th
+    question gets the i-th `sample(rows, k)`, whatever --limit); first: the first k rows for every question."""
+    fewshot_seed: int = 1234
+    """Seed of the seeded sampler (the harness's default `fewshot_random_seed`)."""
     max_new_tokens: int = 256
     """Generation budget (the harness's default); decoding stops earlier at "Question:"."""
     chat_template: bool = False
@@ -68,7 +80,22 @@ class Gsm8kArgs(CommonArgs):
 @dataclasses.dataclass
 class Gsm8kData:
     test: list[Gsm8kExample]
-    shots: list[Gsm8kExample]
+    shots: list[list[Gsm8kExample]]
+    """The worked examples of each test question, in prompt order."""
+
+
+def draw_fewshot(pool: list[Gsm8kExample], num_questions: int, k: int, sampler: str,
+                 seed: int) -> list[list[Gsm8kExample]]:
+    """The few-shot rows of the first `num_questions` test questions. "seeded" is lm-evaluation-harness
+    0.4.13's default `ContextSampler` when the few-shot split is not the test split: one `random.Random(seed)`
+    shared by the task, advanced once per test document in order (`rnd.sample(fewshot_docs, k)`), so question
+    i's rows depend on i only and a --limit run gets the first rows of the full run's draws."""
+    if k == 0:
+        return [[] for _ in range(num_questions)]
+    if sampler == "first":
+        return [pool[:k] for _ in range(num_questions)]
+    rnd = random.Random(seed)
+    return [rnd.sample(pool, k) for _ in range(num_questions)]
 
 
 def load(args: Gsm8kArgs) -> LoadedData:
@@ -96,31 +123,37 @@ def load(args: Gsm8kArgs) -> LoadedData:
 
         records, source = tfds_builders.load_records("gsm8k", "train", data_dir=args.tfds_data_dir,
                                                      download=args.tfds_download)
-        shots = [Gsm8kExample(i, r["question"], r["answer"]) for i, r in enumerate(records[: args.num_fewshot])]
+        shots = [Gsm8kExample(i, r["question"], r["answer"]) for i, r in enumerate(records)]
         sources.append(source)
     if len(shots) < args.num_fewshot:
         raise DataError(f"--num-fewshot {args.num_fewshot} but the few-shot file has only {len(shots)} rows")
     test = limited(test, args.limit)
-    return LoadedData(Gsm8kData(test, shots[: args.num_fewshot]), sources, len(test))
+    per_question = draw_fewshot(shots, len(test), args.num_fewshot, args.fewshot_sampler, args.fewshot_seed)
+    return LoadedData(Gsm8kData(test, per_question), sources, len(test))
 
 
 def evaluate(args: Gsm8kArgs, data: LoadedData, generator) -> Evaluation:
     gsm: Gsm8kData = data.examples
-    prompts = [encode_generation_prompt(generator.tokenizer, build_prompt(ex.question, gsm.shots),
-                                        chat=args.chat_template) for ex in gsm.test]
+    texts = [build_prompt(ex.question, shots) for ex, shots in zip(gsm.test, gsm.shots, strict=True)]
+    prompts = [encode_generation_prompt(generator.tokenizer, text, chat=args.chat_template) for text in texts]
     generations = generator.generate(prompts, max_new_tokens=args.max_new_tokens, stop_strings=STOP_STRINGS,
                                      progress=args.progress)
     strict, flexible, predictions = [], [], []
-    for ex, gen in zip(gsm.test, generations, strict=True):
+    for ex, shots, text, gen in zip(gsm.test, gsm.shots, texts, generations, strict=True):
         s, f = M.gsm8k_extract_strict(gen.text), M.gsm8k_extract_flexible(gen.text)
         strict.append(M.gsm8k_exact_match(s, ex.answer))
         flexible.append(M.gsm8k_exact_match(f, ex.answer))
         predictions.append({"index": ex.index, "question": ex.question, "target": M.gsm8k_gold_number(ex.answer),
+                            "fewshot_rows": [shot.index for shot in shots],
+                            "prompt_sha256": hashlib.sha256(text.encode()).hexdigest(),
                             "output": gen.text, "strict": s, "flexible": f,
                             "exact_match_strict": strict[-1], "exact_match_flexible": flexible[-1]})
-    settings = {"num_fewshot": args.num_fewshot, "fewshot": "first k rows of the training file",
-                "chat_template": args.chat_template, "max_new_tokens": args.max_new_tokens,
-                "stop_strings": list(STOP_STRINGS)}
+    fewshot = ("first k rows of the training file" if args.fewshot_sampler == "first" else
+               f"per question, random.Random({args.fewshot_seed}).sample(training rows, k) in question order "
+               "(lm-evaluation-harness 0.4.13)")
+    settings = {"num_fewshot": args.num_fewshot, "fewshot": fewshot, "fewshot_sampler": args.fewshot_sampler,
+                "fewshot_seed": args.fewshot_seed, "chat_template": args.chat_template,
+                "max_new_tokens": args.max_new_tokens, "stop_strings": list(STOP_STRINGS)}
     metrics = {**M.summarize("exact_match_strict", strict), **M.summarize("exact_match_flexible", flexible)}
     return Evaluation(metrics, predictions, settings, len(gsm.test))
 

@@ -3,7 +3,8 @@
 Each question comes with N Wikipedia passages, one of which (the gold one) contains the answer; the release
 has one file per gold position k (0-based in the file name, reported 1-based here). Prompt: the standard QA
 instruction, the documents as `Document [i](Title: <title>) <text>`, then `Question: ...` / `Answer:`,
-as one Mistral-Instruct user turn. Greedy decoding; score = best-subspan exact match of the first line.
+as one Mistral-Instruct user turn. Greedy decoding; score = best-subspan exact match of the first line of
+the stripped output.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ class MdqaArgs(CommonArgs):
     closed_book: bool = False
     """Also score the closed-book setting (no documents; the prompt is `Question: <q>\nAnswer:`)."""
     max_new_tokens: int = 100
-    """Generation budget; decoding also stops at the first newline (only the first line is scored)."""
+    """Generation budget; decoding also stops at the first newline after the answer's leading whitespace
+    (only the first line of the stripped output is scored)."""
     chat_template: bool = True
     """Wrap the prompt as a user turn of the model's chat template (the paper's setting)."""
 
@@ -372,9 +374,10 @@ def evaluate(args: MdqaArgs, data: LoadedData, generator) -> Evaluation:
     items = [(setting, ex) for setting, examples in data.examples.items() for ex in examples]
     texts = [setting_prompt(setting, ex) for setting, ex in items]
     prompts = [encode_generation_prompt(generator.tokenizer, t, chat=args.chat_template) for t in texts]
-    # Only the first line is scored, so decoding can stop at the first newline.
+    # Only the first line of the stripped output is scored, so decoding can stop at the first newline
+    # after the answer's first non-blank character.
     generations = generator.generate(prompts, max_new_tokens=args.max_new_tokens, stop_strings=("\n",),
-                                     progress=args.progress)
+                                     skip_leading_whitespace=True, progress=args.progress)
     scores: dict[str, list[float]] = {setting: [] for setting in data.examples}
     lengths: dict[str, list[int]] = {setting: [] for setting in data.examples}
     predictions = []
@@ -404,8 +407,9 @@ def evaluate(args: MdqaArgs, data: LoadedData, generator) -> Evaluation:
                 "built": info.get("built"), "oracle": ORACLE in scores, "closed_book": CLOSED_BOOK in scores,
                 "prompt_tokens": token_stats(document_lengths) if document_lengths else None,
                 "chat_template": args.chat_template,
-                "max_new_tokens": args.max_new_tokens, "stop_strings": ["\n"], "instruction": INSTRUCTION,
-                "scored": "first line of the output, best-subspan exact match (SQuAD normalisation)"}
+                "max_new_tokens": args.max_new_tokens, "stop_strings": ["\n"], "stop_after_leading_whitespace": True,
+                "instruction": INSTRUCTION,
+                "scored": "first line of the stripped output, best-subspan exact match (SQuAD normalisation)"}
     return Evaluation(metrics, predictions, settings, len(items))
 
 

@@ -32,9 +32,11 @@ def best_subspan_em(prediction: str, ground_truths: Iterable[str]) -> float:
 
 
 def first_line(text: str) -> str:
-    """What MDQA scores: text up to the first newline, stripped, so that a model cannot win by copying the
-    documents (the gold answer is always somewhere in them)."""
-    return text.split("\n")[0].strip()
+    """What MDQA scores: the stripped output's first line, stripped, as Lost in the Middle (its generation
+    scripts strip the response, `evaluate_qa_responses.py` keeps what precedes the first newline), so that a
+    model cannot win by copying the documents (the gold answer is always somewhere in them) and an answer
+    that opens with a newline still counts."""
+    return text.strip().split("\n")[0].strip()
 
 
 def squad_exact_match(prediction: str, ground_truths: Iterable[str]) -> float:

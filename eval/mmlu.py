@@ -1,13 +1,15 @@
-"""MMLU, 5-shot, scored by the log-likelihood of " A" / " B" / " C" / " D" (lm-evaluation-harness `mmlu`).
+"""MMLU scored by the log-likelihood of " A" / " B" / " C" / " D" (lm-evaluation-harness `mmlu`): 0-shot by
+default as the harness's `mmlu` task, `--num-fewshot 5` for the original 5-shot protocol.
 
 Prompt per subject: "The following are multiple choice questions (with answers) about <subject>.\\n\\n",
-then the first k dev questions with their answers, then the test question:
+then the first k dev questions with their answers (the harness's `first_n` sampler), then the test question:
     <question>\\nA. <c0>\\nB. <c1>\\nC. <c2>\\nD. <c3>\\nAnswer: <letter>\\n\\n ... <question>\\n...\\nAnswer:
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections import defaultdict
 from pathlib import Path
 
@@ -38,8 +40,9 @@ class MmluArgs(CommonArgs):
     """MMLU accuracy (log-likelihood of the answer letter). --data-dir holds dev/ and test/ CSV folders;
     --data-file is one <subject>_test.csv whose few-shot rows come from ../dev/<subject>_dev.csv."""
 
-    num_fewshot: int = 5
-    """Answered dev questions before each test question (0-5)."""
+    num_fewshot: int = 0
+    """Answered dev questions before each test question (0-5). Default 0, as the harness's `mmlu` task unless
+    it is given `--num_fewshot 5`."""
     subjects: tuple[str, ...] | None = None
     """Evaluate only these subjects (default: every subject with a test file)."""
     chat_template: bool = False
@@ -108,10 +111,10 @@ def evaluate(args: MmluArgs, data: LoadedData, generator) -> Evaluation:
     encode = encode_chat_pair if args.chat_template else encode_pair
     mmlu: MmluData = data.examples
     questions = [q for qs in mmlu.test.values() for q in qs]
-    requests = []
+    requests, contexts = [], []
     for q in questions:
-        context = build_context(q, mmlu.dev[q.subject][: args.num_fewshot])
-        requests += [encode(generator.tokenizer, context, f" {letter}") for letter in LETTERS]
+        contexts.append(build_context(q, mmlu.dev[q.subject][: args.num_fewshot]))
+        requests += [encode(generator.tokenizer, contexts[-1], f" {letter}") for letter in LETTERS]
     lls = generator.loglikelihood(requests, progress=args.progress)
     per_subject: dict[str, list[float]] = defaultdict(list)
     predictions = []
@@ -121,6 +124,7 @@ def evaluate(args: MmluArgs, data: LoadedData, generator) -> Evaluation:
         correct = float(pred == q.answer)
         per_subject[q.subject].append(correct)
         predictions.append({"subject": q.subject, "row": q.row, "question": q.question, "choices": list(q.choices),
+                            "prompt_sha256": hashlib.sha256(contexts[i].encode()).hexdigest(),
                             "answer": LETTERS[q.answer], "prediction": LETTERS[pred], "loglikelihoods": scores,
                             "acc": correct})
     all_scores = [x for v in per_subject.values() for x in v]

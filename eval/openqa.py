@@ -10,6 +10,7 @@ match is reported beside it as `exact_match_squad`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 
 from eval import metrics as M
@@ -96,8 +97,8 @@ def _from_tfds(spec: OpenQASpec, index: int, r: dict) -> QAExample:
 class OpenQAArgs(CommonArgs):
     """Options shared by the closed-book QA tasks."""
 
-    max_new_tokens: int = 32
-    """Answers end at the first newline, "." or ","; the cap only bounds runaway outputs."""
+    max_new_tokens: int = 256
+    """Generation budget (the harness's default, 256); answers end earlier at the first newline, "." or ","."""
     chat_template: bool = False
     """Send the prompt as a user turn of the model's chat template."""
 
@@ -130,18 +131,18 @@ def make_task(spec: OpenQASpec, args_type: type) -> Task:
         return LoadedData(examples, sources, len(examples))
 
     def evaluate(args: OpenQAArgs, data: LoadedData, generator) -> Evaluation:
-        prompts = [encode_generation_prompt(generator.tokenizer, spec.prompt(ex.question), chat=args.chat_template)
-                   for ex in data.examples]
+        texts = [spec.prompt(ex.question) for ex in data.examples]
+        prompts = [encode_generation_prompt(generator.tokenizer, text, chat=args.chat_template) for text in texts]
         generations = generator.generate(prompts, max_new_tokens=args.max_new_tokens, stop_strings=STOP_STRINGS,
                                          progress=args.progress)
         em, em_squad, predictions = [], [], []
-        for ex, gen in zip(data.examples, generations, strict=True):
+        for ex, text, gen in zip(data.examples, texts, generations, strict=True):
             answer = gen.text.strip()
             em.append(M.harness_exact_match(answer, ex.answers, ignore_case=True, ignore_punctuation=True,
                                             regexes_to_ignore=spec.em_regexes))
             em_squad.append(M.squad_exact_match(answer, ex.answers))
             predictions.append({"index": ex.index, "question": ex.question, "answers": list(ex.answers),
-                                "output": gen.text, "answer": answer, "exact_match": em[-1],
+                                "prompt_sha256": hashlib.sha256(text.encode()).hexdigest(), "output": gen.text, "answer": answer, "exact_match": em[-1],
                                 "exact_match_squad": em_squad[-1]})
         settings = {"num_fewshot": 0, "prompt": spec.prompt("{question}"), "chat_template": args.chat_template,
                     "max_new_tokens": args.max_new_tokens, "stop_strings": list(STOP_STRINGS)}

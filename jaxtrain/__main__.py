@@ -7,6 +7,7 @@ import dataclasses
 import sys
 from typing import Annotated, Literal
 
+import jax
 import tyro
 
 from jaxtrain import aot, import_gguf, runs
@@ -67,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         return EX_TEMPFAIL
     except (ValueError, FileNotFoundError, FileExistsError, ImportError, KeyError, NonFiniteLoss) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        print(f"error: out of device memory ({str(e).splitlines()[0]}): lower --global-batch or raise --grad-accum, "
+              "or keep fewer activations (--remat full, the default of Hugging Face models)", file=sys.stderr)
         return 1
     return 0
 

@@ -230,17 +230,23 @@ def decode_chunk(params, adapters, state, temperature, top_p, *, config, greedy)
 
 @functools.partial(jax.jit, static_argnames=("config", "span"))
 def continuation_scores(params, adapters, ids, positions, segments, targets, *, config, span):
-    """Log-probabilities and greedy flags of the last `span` tokens of left-padded rows."""
-    hidden, _ = forward_rows(config, params, ids, positions, segments, last=span + 1, adapters=adapters)
-    logits = model.logits_from_hidden(config, params, hidden[:, :-1])
+    """Log-probabilities and greedy flags of `targets` [B, span], the tokens that follow the last `span`
+    positions of the left-padded input rows."""
+    hidden, _ = forward_rows(config, params, ids, positions, segments, last=span, adapters=adapters)
+    logits = model.logits_from_hidden(config, params, hidden)
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     chosen = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
     return chosen, jnp.argmax(logits, axis=-1) == targets
 
 
-def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
-    cut = min((i for i in (text.find(s) for s in stop_strings if s) if i >= 0), default=-1)
+def _cut_at_stop(text: str, stop_strings: Sequence[str], start: int = 0) -> tuple[str, bool]:
+    """`text` up to the first stop string found at or after `start`, and whether one was found."""
+    cut = min((i for i in (text.find(s, start) for s in stop_strings if s) if i >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def _answer_start(text: str, skip_leading_whitespace: bool) -> int:
+    return len(text) - len(text.lstrip()) if skip_leading_whitespace else 0
 
 
 class Generator:
@@ -289,7 +295,10 @@ class Generator:
 
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                  stop_strings: Sequence[str] = (), temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int = 0, progress: bool = True) -> list[Generation]:
+                 seed: int = 0, progress: bool = True, skip_leading_whitespace: bool = False) -> list[Generation]:
+        """Decode each prompt until EOS, a stop string or `max_new_tokens`; the text is cut before the first
+        stop string. `skip_leading_whitespace`: look for stop strings only after the output's leading
+        whitespace (an answer that opens with a newline is not cut to nothing, for tasks that strip first)."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
         for i, p in enumerate(prompts):
@@ -304,10 +313,11 @@ class Generator:
         self.timings = Timings()
         with self._sharding():
             self._generate(prompts, max_new_tokens, stop_strings, temperature, top_p, rng, greedy, results,
-                           progress)
+                           progress, skip_leading_whitespace)
         return results  # type: ignore[return-value]
 
-    def _generate(self, prompts, max_new_tokens, stop_strings, temperature, top_p, rng, greedy, results, progress):
+    def _generate(self, prompts, max_new_tokens, stop_strings, temperature, top_p, rng, greedy, results, progress,
+                  skip_leading_whitespace):
         timings = self.timings
         for chunk in self._batches([len(p) for p in prompts], "generate", progress):
             rows = [prompts[i] for i in chunk]
@@ -333,8 +343,10 @@ class Generator:
                 if stop_strings:
                     tokens, counts = np.asarray(state["tokens"]), np.asarray(state["count"])
                     for r in range(len(rows)):
+                        if done[r]:
+                            continue
                         text = self.tokenizer.decode(tokens[r, :counts[r]].tolist())
-                        if not done[r] and _cut_at_stop(text, stop_strings)[1]:
+                        if _cut_at_stop(text, stop_strings, _answer_start(text, skip_leading_whitespace))[1]:
                             stopped[r] = True
                     if any(stopped):
                         state["done"] = jnp.asarray(done | np.pad(stopped, (0, len(done) - len(rows))))
@@ -347,22 +359,28 @@ class Generator:
                 ids_out = tokens[r, :counts[r]].tolist()
                 stop = next((k for k, t in enumerate(ids_out) if t in self.tokenizer.stop_ids), len(ids_out))
                 ids_out = ids_out[:stop]
-                text, _ = _cut_at_stop(self.tokenizer.decode(ids_out), stop_strings)
+                text = self.tokenizer.decode(ids_out)
+                text, _ = _cut_at_stop(text, stop_strings, _answer_start(text, skip_leading_whitespace))
                 results[i] = Generation(text=text, token_ids=ids_out)
 
     def loglikelihood(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
                       progress: bool = True) -> list[tuple[float, bool]]:
         """(sum of log p(continuation | context), whether greedy decoding would produce it) per request.
 
-        A context too long for the model is cut from the left, as lm-evaluation-harness does.
+        A request longer than the model is cut from the left as lm-evaluation-harness's `hf` backend cuts it:
+        the last `max_length + 1` tokens are kept and all but the last are the model's input, so a rolling
+        window of exactly `max_length + 1` tokens is scored whole. The context must not be empty (the harness
+        gives BOS or EOS as the context of a bare continuation).
         """
         rows, spans = [], []
         for i, (context, continuation) in enumerate(requests):
             if not continuation:
                 raise ValueError(f"request {i} has an empty continuation")
+            if not context:
+                raise ValueError(f"request {i} has an empty context (give e.g. BOS as the context)")
             full = list(context) + list(continuation)
-            rows.append(full[-self.max_length:])
-            spans.append(len(continuation))
+            rows.append(full[-(self.max_length + 1):])
+            spans.append(min(len(continuation), len(rows[-1]) - 1))
         results: list[tuple[float, bool] | None] = [None] * len(rows)
         with self._sharding():
             self._loglikelihood(rows, spans, results, progress)
@@ -370,11 +388,11 @@ class Generator:
 
     def _loglikelihood(self, rows, spans, results, progress):
         for chunk in self._batches([len(r) for r in rows], "loglikelihood", progress):
-            batch_rows = [rows[i] for i in chunk]
-            length = min(bucket_length(max(map(len, batch_rows))), self.max_length)
-            span = min(bucket_length(max(spans[i] for i in chunk), minimum=1), length - 1)
-            ids, positions, segments = left_pad(batch_rows, length, self.batch_size)
-            targets = ids[:, -span:]
+            inputs = [rows[i][:-1] for i in chunk]     # the last token is only a target
+            length = min(bucket_length(max(map(len, inputs))), self.max_length)
+            span = min(bucket_length(max(spans[i] for i in chunk), minimum=1), length)
+            ids, positions, segments = left_pad(inputs, length, self.batch_size)
+            targets = left_pad([rows[i][1:] for i in chunk], length, self.batch_size)[0][:, -span:]
             logprobs, greedy = continuation_scores(self.params, self.adapters, ids, positions, segments, targets,
                                                     config=self.config, span=span)
             logprobs, greedy = np.asarray(logprobs), np.asarray(greedy)

@@ -56,3 +56,12 @@ def tiny_model(tmp_path_factory) -> Path:
     config = ModelConfig.preset("tiny")
     save_pretrained(path, config, init_params(config, jax.random.key(0)), dtype="float32")
     return path
+
+
+@pytest.fixture(scope="session")
+def decisive_tiny_model(tmp_path_factory) -> Path:
+    """The random `tiny` model with a scaled-up lm_head (`tiny_runs.save_decisive_tiny`): choices far from
+    ties, for comparisons example by example with another implementation."""
+    from tiny_runs import save_decisive_tiny
+
+    return save_decisive_tiny(tmp_path_factory.mktemp("decisive-tiny"))

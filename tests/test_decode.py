@@ -128,6 +128,32 @@ def test_loglikelihood_equals_full_forward(models):
     assert Generator(config, params).loglikelihood([(context, [first])], progress=False)[0][1]
 
 
+def test_loglikelihood_cuts_long_requests_like_the_harness(models):
+    """A request longer than the model keeps its last max_length + 1 tokens, all but the last as input (the
+    `hf` backend of lm-evaluation-harness): a rolling window of exactly max_length + 1 tokens is scored whole."""
+    _, config, params = models
+    rng = np.random.default_rng(4)
+    context, continuation = [1] + rng.integers(3, 32000, size=25).tolist(), rng.integers(3, 32000, size=6).tolist()
+    (logprob, _), = Generator(config, params, max_length=16).loglikelihood([(context, continuation)], progress=False)
+    kept = (context + continuation)[-17:]
+    logp = jax.nn.log_softmax(model.forward(config, params, jnp.asarray([kept[:-1]], jnp.int32))[0], axis=-1)
+    expected = float(logp[np.arange(10, 16), np.asarray(kept[11:])].sum())
+    assert logprob == pytest.approx(expected, abs=1e-4)
+
+
+def test_stop_strings_after_leading_whitespace(models, monkeypatch):
+    """With skip_leading_whitespace a newline before the answer does not end decoding; one after it does."""
+    _, config, params = models
+    texts = ["", "\n", "\n A", "\n A\nB", "\n A\nBC"]   # the text of the first n generated tokens
+    gen = Generator(config, params, batch_size=1)
+    monkeypatch.setattr(gen.tokenizer, "decode", lambda ids: texts[len(ids)])
+    plain = gen.generate([[1, 5]], max_new_tokens=4, stop_strings=["\n"], progress=False)[0]
+    answer = gen.generate([[1, 5]], max_new_tokens=4, stop_strings=["\n"], progress=False,
+                          skip_leading_whitespace=True)[0]
+    assert EOS_ID not in answer.token_ids and len(answer.token_ids) == 4
+    assert plain.text == "" and answer.text == "\n A"
+
+
 def test_sampling_is_reproducible_and_top_p_tiny_is_greedy(models):
     _, config, params = models
     gen = Generator(config, params, batch_size=2)
@@ -147,6 +173,8 @@ def test_bad_requests_are_refused(models):
         gen.generate([[1, 2], [1] * 70], max_new_tokens=4, progress=False)
     with pytest.raises(ValueError, match="empty continuation"):
         gen.loglikelihood([([1, 2], [])], progress=False)
+    with pytest.raises(ValueError, match="empty context"):
+        gen.loglikelihood([([], [5, 6])], progress=False)
 
 
 def test_bucket_ladder():

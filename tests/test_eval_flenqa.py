@@ -156,8 +156,10 @@ def test_bad_json_line_and_filters(tmp_path, data_file):
         flenqa.read_flenqa_file(path)
     with pytest.raises(DataError, match="--ctx-sizes 3000: not in the data"):
         flenqa.load(flenqa.FlenqaArgs(model="m", out="o", data_file=data_file, ctx_sizes=(250, 3000)))
-    data = flenqa.load(flenqa.FlenqaArgs(model="m", out="o", data_file=data_file, dispersions=("random",)))
+    data = flenqa.load(flenqa.FlenqaArgs(model="m", out="o", data_file=data_file))  # random, as the paper's plots
     assert [r.line for r in data.examples] == [1, 3, 4, 5]
+    data = flenqa.load(flenqa.FlenqaArgs(model="m", out="o", data_file=data_file, dispersions=("all",)))
+    assert [r.line for r in data.examples] == [1, 2, 3, 4, 5, 6]
 
 
 def test_zip_as_released(tmp_path):
@@ -172,7 +174,8 @@ def test_zip_as_released(tmp_path):
 def test_end_to_end(tiny_model, data_file, tmp_path, cot):
     out = tmp_path / "out"
     results = main(["flenqa", "--model", str(tiny_model), "--data-file", str(data_file), "--out", str(out),
-                    "--batch-size", "2", "--no-progress", "--max-new-tokens", "6", *(["--cot"] if cot else [])])
+                    "--batch-size", "2", "--no-progress", "--max-new-tokens", "6", "--dispersions", "all",
+                    *(["--cot"] if cot else [])])
     assert load_results(out) == results and results["num_examples"] == 6 and results["settings"]["cot"] is cot
     preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [p["line"] for p in preds] == [1, 2, 3, 4, 5, 6]

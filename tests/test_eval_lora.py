@@ -6,42 +6,24 @@ import json
 import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
+from tiny_runs import save_decisive_tiny, write_lora_run
 
 from data_gen import tasks as data_tasks
 from eval.__main__ import main
-from jaxtrain import lora, model, peft_io, runs
+from jaxtrain import lora, model, peft_io
 from jaxtrain.__main__ import main as jaxtrain_main
-from jaxtrain.checkpoint import CheckpointConfig, Checkpointer
 from jaxtrain.config import ModelConfig
-from jaxtrain.hf_io import save_pretrained
-from jaxtrain.model import init_params
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """A tiny base model (HF folder), a LoRA run on it holding random non-zero adapters in the checkpoint
-    format of `python -m jaxtrain train --lora-rank` (training itself is tested in test_lora_cli.py), and
-    four held-out synthetic samples."""
+    """A tiny base model (HF folder, decisive greedy choices: no coin flips between runs), a LoRA run on it
+    holding random non-zero adapters, and four held-out synthetic samples."""
     root = tmp_path_factory.mktemp("eval_lora")
-    tiny = ModelConfig.preset("tiny")
-    params = jax.jit(init_params, static_argnums=0)(tiny, jax.random.key(0))
-    params["lm_head"] = params["lm_head"] * 20.0  # decisive greedy choices: no coin flips between runs
-    save_pretrained(root / "base", tiny, params, dtype="float32")
-    config = ModelConfig.from_pretrained(root / "base")  # what eval uses for the exported folder too
-
-    cfg = lora.LoraConfig(rank=4, alpha=8.0, targets=("q", "v", "o", "down"))
-    rng = np.random.default_rng(2)
-    adapters = jax.tree.map(lambda s: jnp.asarray(2.0 * rng.standard_normal(s.shape), jnp.float32),
-                            model.adapter_shapes(config, cfg))
-    metadata = {"lora": cfg.to_dict(), "base": runs.base_metadata(str(root / "base"), "float32", 0)}
-    with Checkpointer(root / "run", CheckpointConfig(save_every=1, keep=1, async_save=False), model_config=config,
-                      metadata=metadata) as ckpt:
-        ckpt.save(3, params=adapters, opt_state=optax.adamw(1e-3).init(adapters), force=True)
-
+    save_decisive_tiny(root / "base")
+    write_lora_run(root / "run", root / "base")
     data_tasks.generate(data_tasks.PRESETS["demo-simple"].replace(num_train=0, num_eval=4), 0, root / "data",
                         progress=False)
     return root

@@ -30,7 +30,8 @@ def test_best_subspan_em():
 
 def test_first_line_is_what_mdqa_scores():
     assert M.first_line(" Paris\nDocument [1] says Berlin") == "Paris"
-    assert M.first_line("\nParis") == ""
+    assert M.first_line("\nParis") == "Paris"   # stripped first, as Lost in the Middle
+    assert M.first_line(" \n\n Paris \nBerlin") == "Paris"
 
 
 def test_squad_exact_match():

@@ -117,15 +117,30 @@ def test_hellaswag_official_jsonl(tmp_path):
 
 # --- GSM8K, TriviaQA, NQ-Open ------------------------------------------------------------------------
 def test_gsm8k_shared_files_and_prompt(shared_data):
-    data = gsm8k.load(gsm8k.Gsm8kArgs(model="m", out="o", data_dir=shared_data / "gsm8k", num_fewshot=2))
-    assert data.num_examples == 200 and len(data.examples.shots) == 2
+    data = gsm8k.load(gsm8k.Gsm8kArgs(model="m", out="o", data_dir=shared_data / "gsm8k", num_fewshot=2,
+                                      fewshot_sampler="first"))
+    assert data.num_examples == 200 and all(len(shots) == 2 for shots in data.examples.shots)
     q = data.examples.test[0]
-    shots = data.examples.shots
+    shots = data.examples.shots[0]
+    assert [s.index for s in shots] == [0, 1]
     prompt = gsm8k.build_prompt(q.question, shots)
     assert prompt == (f"Question: {shots[0].question}\nAnswer: {shots[0].answer}\n\n"
                       f"Question: {shots[1].question}\nAnswer: {shots[1].answer}\n\n"
                       f"Question: {q.question}\nAnswer:")
     assert q.question.startswith("Janet’s ducks lay 16 eggs per day.") and q.answer.endswith("#### 18")
+
+
+def test_gsm8k_seeded_fewshot_does_not_depend_on_limit(shared_data):
+    """The default sampler draws per question from one seeded generator in question order, so a --limit run
+    gives each question the rows of the full run (the prompts themselves are checked against
+    lm-evaluation-harness in test_eval_lmeval.py)."""
+    full = gsm8k.load(gsm8k.Gsm8kArgs(model="m", out="o", data_dir=shared_data / "gsm8k"))
+    few = gsm8k.load(gsm8k.Gsm8kArgs(model="m", out="o", data_dir=shared_data / "gsm8k", limit=3))
+    rows = [[s.index for s in shots] for shots in full.examples.shots]
+    assert [[s.index for s in shots] for shots in few.examples.shots] == rows[:3]
+    assert all(len(set(r)) == 5 for r in rows) and len({tuple(r) for r in rows}) == 200
+    other = gsm8k.load(gsm8k.Gsm8kArgs(model="m", out="o", data_dir=shared_data / "gsm8k", limit=3, fewshot_seed=0))
+    assert [[s.index for s in shots] for shots in other.examples.shots] != rows[:3]
 
 
 def test_openqa_shared_files(shared_data):

@@ -52,7 +52,8 @@ def test_standard_gsm8k_builder_prepared_offline(shared_data, tmp_path):
     from_file = {ex.question: ex.answer for ex in gsm8k.read_gsm8k(shared_data / "gsm8k" / "gsm8k_test.jsonl")}
     assert data.num_examples == 200
     assert {ex.question: ex.answer for ex in data.examples.test} == from_file  # same rows, TFDS's order
-    assert len(data.examples.shots) == 3 and all(s.question in from_file for s in data.examples.shots)
+    shots = data.examples.shots
+    assert len(shots) == 200 and all(len(q) == 3 and all(s.question in from_file for s in q) for q in shots)
 
 
 @pytest.mark.parametrize("task, args_type", [
