@@ -291,9 +291,5 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(vocab_size=32000, hidden_size=64, intermediate_size=192, num_layers=2,
                           num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=1e4, sliding_window=4096,
                           max_position_embeddings=32768, rms_norm_eps=1e-5, dtype="float32", remat="none"),
-    # The CPU demo's model: width 128 (at 64 even one-token associative recall does not form; docs/demo.md).
-    "demo": ModelConfig(vocab_size=32000, hidden_size=128, intermediate_size=384, num_layers=2,
-                          num_heads=4, num_kv_heads=4, head_dim=32, rope_theta=1e4, sliding_window=4096,
-                          max_position_embeddings=32768, rms_norm_eps=1e-5, dtype="float32", remat="none"),
 }
 PRESETS["mistral-7b-instruct-v0.1"] = PRESETS["mistral-7b-v0.1"]

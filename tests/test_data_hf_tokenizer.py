@@ -29,7 +29,6 @@ from data_gen.tokenizer import (
     get_tokenizer,
     mistral_tokenizer,
 )
-from data_gen.warmup import dictionary_recall
 
 SMOLLM2_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
@@ -404,27 +403,6 @@ def test_write_shards_checks_ids_and_keeps_start_tokens_with_the_tokenizer(tmp_p
     assert ref("").input_ids == [bos]  # what Llama 3 starts every text with
     assert rec["input_ids"].tolist() == [bos, *enc.input_ids[-63:].tolist()]
     assert rec["loss_mask"].tolist() == [False, *enc.loss_mask[-63:].tolist()]
-
-
-@pytest.mark.parametrize("style", [SMOLLM2, LLAMA3], ids=lambda style: style.name)
-def test_warmup_with_the_tokenizer(folders, style):
-    ref = AutoTokenizer.from_pretrained(folders[style])
-    for ex in dictionary_recall(0, 20, ": ", key_digits=1, value_digits=2, tokenizer=get_tokenizer(folders[style])):
-        text = ref.decode(ex.input_ids.tolist(), skip_special_tokens=True)
-        assert ex.input_ids.tolist() == ref(text).input_ids
-        values = [line.split(": ")[1] for line in text.split("\n\n")[1].split("\n")]
-        assert ref.decode(ex.input_ids[ex.loss_mask].tolist()) == "".join(values)
-        assert sum(len(ref.tokenize(v)) for v in values) == ex.loss_mask.sum()
-
-
-def test_warmup_refuses_a_tokenizer_that_merges_key_and_value(folders):
-    # "4" + "79" is one pre-token "479" for Llama 3's pattern, and one token here (every number up to 999 is)
-    assert len(AutoTokenizer.from_pretrained(folders[LLAMA3]).tokenize("479")) == 1
-    with pytest.raises(ValueError, match="tokenizer 'llama3' merges .* across a value's edge"):
-        list(dictionary_recall(0, 5, "", key_digits=1, value_digits=2, tokenizer=get_tokenizer(folders[LLAMA3])))
-
-
-# ---------------------------------------------------------------- the real SmolLM2-135M-Instruct tokenizer
 
 
 @pytest.mark.slow

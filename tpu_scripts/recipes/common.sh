@@ -169,6 +169,53 @@ export_merged() {
   done
 }
 
+# evaluate LABEL KEY: one evaluation of model LABEL (base or a run, model_flags) into $WORK/results/LABEL/KEY;
+# KEY is a task, or synthetic-<run> for the held-out synthetic samples of that data set. A task's data flags
+# come from the recipe's `task_data_flags KEY` (which sets DATA_FLAGS).
+evaluate() {
+  local label=$1 key=$2 task=$2
+  if [[ $key == synthetic-* ]]; then
+    task=synthetic DATA_FLAGS=(--data-file "$WORK/data/${key#synthetic-}/eval.jsonl")
+  else
+    task_data_flags "$key"
+  fi
+  model_flags "$label"
+  step "eval-$label-$key" "$PYTHON" -m eval "$task" "${MODEL_FLAGS[@]}" "${DATA_FLAGS[@]}" ${LIMIT:+--limit "$LIMIT"} \
+    --label "$label" --out "$WORK/results/$label/$key" "${EVAL_FLAGS[@]}"
+}
+
+# eval_keys RUN...: the keys a model is evaluated on: every task of TASKS, "synthetic" on the data sets given.
+eval_keys() {
+  local t r
+  for t in $TASKS; do
+    if [[ $t == synthetic ]]; then
+      for r in "$@"; do echo "synthetic-$r"; done
+    else
+      echo "$t"
+    fi
+  done
+}
+
+# evaluate_all: the base model on every key, then each run of the grid: finetuned (finetune MODEL RUN) and
+# evaluated on the same keys; then one comparison per key (the base model first).
+evaluate_all() {
+  local model=$1 r key files
+  info "== before finetuning"
+  while read -r key; do evaluate base "$key"; done < <(eval_keys "${RUNS[@]}")
+  for r in "${RUNS[@]}"; do
+    finetune "$model" "$r"
+    while read -r key; do evaluate "$r" "$key"; done < <(eval_keys "$r")
+  done
+  info "== compare"
+  while read -r key; do
+    files=("$WORK/results/base/$key/results.json")
+    for r in "${RUNS[@]}"; do
+      [[ $key == synthetic-* && $key != "synthetic-$r" ]] || files+=("$WORK/results/$r/$key/results.json")
+    done
+    compare_into "$WORK/results/compare/$key" "${files[@]}"
+  done < <(eval_keys "${RUNS[@]}")
+}
+
 # compare_into DIR RESULTS...: one comparison table of the results.json files, kept in DIR/table.txt too.
 compare_into() {
   local dir=$1

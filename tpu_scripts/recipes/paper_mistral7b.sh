@@ -66,50 +66,14 @@ if [[ " ${tasks[*]} " == *" mdqa "* && -z $EVAL_DATA ]]; then
   die "MDQA needs EVAL_DATA (a folder with mdqa/nq-open-20_total_documents_gold_at_{0,4,9,14,19}.jsonl.gz); or drop mdqa from TASKS"
 fi
 
-# evaluate LABEL KEY: one evaluation of model LABEL (base or a run, model_flags) into $WORK/results/LABEL/KEY;
-# KEY is a task, or synthetic-<run> for the held-out synthetic samples of that data set.
-evaluate() {
-  local label=$1 key=$2 task=$2 data=()
-  if [[ $key == synthetic-* ]]; then
-    task=synthetic data=(--data-file "$WORK/data/${key#synthetic-}/eval.jsonl")
-  elif [[ -n $EVAL_DATA ]]; then
-    data=(--data-dir "$EVAL_DATA/$key")
-  fi
-  model_flags "$label"
-  step "eval-$label-$key" "$PYTHON" -m eval "$task" "${MODEL_FLAGS[@]}" "${data[@]}" ${LIMIT:+--limit "$LIMIT"} \
-    --label "$label" --out "$WORK/results/$label/$key" "${EVAL_FLAGS[@]}"
-}
-
-# Keys a model is evaluated on: every task, with "synthetic" on the data sets in $@.
-eval_keys() {
-  local t r
-  for t in "${tasks[@]}"; do
-    if [[ $t == synthetic ]]; then
-      for r in "$@"; do echo "synthetic-$r"; done
-    else
-      echo "$t"
-    fi
-  done
+# task_data_flags KEY: a task's data, EVAL_DATA/<task> (tfds without EVAL_DATA).
+task_data_flags() {
+  DATA_FLAGS=()
+  if [[ -n $EVAL_DATA ]]; then DATA_FLAGS=(--data-dir "$EVAL_DATA/$1"); fi
 }
 
 make_data "$DATA_PRESET"
-
-info "== before finetuning"
 make_tiny_base "$MODEL_PRESET"
-while read -r key; do evaluate base "$key"; done < <(eval_keys "${RUNS[@]}")
-
-for r in "${RUNS[@]}"; do
-  finetune "$MODEL_PRESET" "$r"
-  while read -r key; do evaluate "$r" "$key"; done < <(eval_keys "$r")
-done
-
-info "== compare"
-while read -r key; do
-  files=("$WORK/results/base/$key/results.json")
-  for r in "${RUNS[@]}"; do
-    [[ $key == synthetic-* && $key != "synthetic-$r" ]] || files+=("$WORK/results/$r/$key/results.json")
-  done
-  compare_into "$WORK/results/compare/$key" "${files[@]}"
-done < <(eval_keys "${RUNS[@]}")
+evaluate_all "$MODEL_PRESET"
 export_merged
 info "done: tables in $WORK/results/compare/*/table.txt, MDQA plot $WORK/results/compare/mdqa/mdqa_compare.png"
