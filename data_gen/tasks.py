@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import math
 import pathlib
 import random
@@ -24,6 +23,7 @@ from typing import Literal
 
 import tqdm
 
+from data_gen.records import dumps_record, write_generation, write_split  # noqa: F401 - dumps_record: eval.demo's
 from data_gen.tokenizer import Tokenizer, get_tokenizer
 
 INTRO = "Do a task using the list of dictionaries below."
@@ -499,11 +499,6 @@ def multi_question_split(cfg: TaskConfig, seed: int, split: str, n: int, questio
                "meta": {"id": f"demo-multi-seed{seed}-{split}-{i:05d}", "num_questions": len(messages) // 2}}
 
 
-def dumps_record(record: dict) -> str:
-    """One JSONL line; fixed separators and insertion-ordered keys keep the bytes reproducible."""
-    return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
-
-
 def generate(cfg: TaskConfig, seed: int, out_dir: str | pathlib.Path, *, preset: str | None = None,
              progress: bool = True, tokenizer: Tokenizer | None = None) -> dict:
     """Write out_dir/train.jsonl, out_dir/eval.jsonl and out_dir/generation.json; returns the latter.
@@ -515,17 +510,7 @@ def generate(cfg: TaskConfig, seed: int, out_dir: str | pathlib.Path, *, preset:
     budget = check_budget(cfg, tokenizer=tokenizer)
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files = {}
-    for split, n in (("train", cfg.num_train), ("eval", cfg.num_eval)):
-        tokens = []
-        with open(out / f"{split}.jsonl", "w", encoding="utf-8", newline="\n") as f:
-            for record in generate_split(cfg, seed, split, n, progress=progress, tokenizer=tokenizer):
-                tokens.append(record["meta"]["num_tokens"])
-                f.write(dumps_record(record) + "\n")
-        files[split] = {"file": f"{split}.jsonl", "num_samples": n,
-                        "min_tokens": min(tokens, default=0), "max_tokens": max(tokens, default=0),
-                        "mean_tokens": round(statistics.fmean(tokens), 1) if tokens else 0}
-    info = {"generator": "data_gen", "preset": preset, "seed": seed, "config": cfg.to_dict(),
-            "tokenizer": tokenizer.identity().to_json(), "budget_check": budget, "splits": files}
-    (out / "generation.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
-    return info
+    files = {split: write_split(out, split, generate_split(cfg, seed, split, n, progress=progress, tokenizer=tokenizer))
+             for split, n in (("train", cfg.num_train), ("eval", cfg.num_eval))}
+    return write_generation(out, {"generator": "data_gen", "preset": preset, "seed": seed, "config": cfg.to_dict(),
+                                  "tokenizer": tokenizer.identity().to_json(), "budget_check": budget, "splits": files})
