@@ -9,6 +9,7 @@ in generation.json) and their inputs are read alike (a bad line is named by file
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import pathlib
@@ -21,6 +22,15 @@ GENERATION = "generation.json"
 def dumps_record(record: dict) -> str:
     """One JSONL line; fixed separators and insertion-ordered keys keep the bytes reproducible."""
     return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, read in blocks (inputs can be gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_split(out_dir: str | os.PathLike, split: str, records: Iterable[dict]) -> dict:
