@@ -6,6 +6,7 @@ goes through `python -m data_gen shards` unchanged."""
 
 import collections
 import gzip
+import itertools
 import json
 import re
 from pathlib import Path
@@ -30,7 +31,7 @@ def _read(path):
 def corpus(tmp_path_factory) -> tuple[Path, set[str]]:
     """Six files of 30 distinct sentences each ("Sentence 7 of file c ..."), one folder deeper for two of them."""
     root = tmp_path_factory.mktemp("corpus")
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
     sentences = set()
     for f, name in enumerate("abcdef"):
         lines = [f"Sentence {k} of file {name} talks about {' '.join(words[(k + f) % 10:][:3 + k % 5])}."
@@ -90,7 +91,7 @@ def test_needles_in_a_text_corpus(tmp_path, corpus):
     for rec in records:
         pieces, at, _, _ = _parts(rec)
         numbered = [re.match(r"Sentence (\d+) of file (\w)", s).groups() for s in pieces[:at] + pieces[at + 1:]]
-        for (k1, f1), (k2, f2) in zip(numbered, numbered[1:]):
+        for (k1, f1), (k2, f2) in itertools.pairwise(numbered):
             assert f1 != f2 or int(k2) == int(k1) + 1
 
 
