@@ -1,4 +1,4 @@
-"""Command line: `python -m data_gen generate|niah|shards ...` (see --help of each)."""
+"""Command line: `python -m data_gen generate|niah|convert|shards ...` (see --help of each)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 
 import tyro
 
+from data_gen.convert import FORMATS, convert
 from data_gen.niah import NiahConfig, generate_niah
 from data_gen.records import existing_outputs, file_sha256
 from data_gen.shards import (DEFAULT_BUCKETS, MANIFEST, ShardError, examples_from_jsonl, format_padding_report,
@@ -65,6 +66,34 @@ class NiahCommand:
     tokenizer: str = MISTRAL
     """'mistral' (Mistral 7B's, built in) or a Hugging Face model/tokenizer folder: tokens are counted with it"""
     config: Annotated[NiahConfig, tyro.conf.arg(name="")] = NiahConfig(haystack=tyro.MISSING)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertCommand:
+    """Convert a published long-context training set (a baseline of the paper) into chat JSONL: OUT/train.jsonl
+    and OUT/generation.json, for `python -m data_gen shards`. Formats: multidocqa (Yu 2024's multi-document QA:
+    'messages', or 'context' + 'questions'/'answers') and in2 (An et al. 2024, FILM's 'prompt' + 'completion', or
+    'context' + 'question' + 'answer'); docs/data_gen.md lists the fields. A row that cannot be converted stops
+    with a one-line error naming file:line."""
+
+    format: Literal[tuple(FORMATS)]  # type: ignore[valid-type]
+    """which training set the files hold"""
+    input: tuple[pathlib.Path, ...]
+    """one or more JSONL files (.jsonl or .jsonl.gz)"""
+    out: pathlib.Path
+    """output directory"""
+    num_samples: int | None = None
+    """keep a uniform random sample of this many examples (in input order); default: all"""
+    max_tokens: int | None = None
+    """leave out examples whose chat has more tokens than this (counted with --tokenizer)"""
+    seed: int = 0
+    """seed of the --num-samples sample"""
+    overwrite: bool = False
+    """replace an existing train.jsonl in OUT"""
+    progress: bool = True
+    """show progress bars"""
+    tokenizer: str = MISTRAL
+    """'mistral' (Mistral 7B's, built in) or a Hugging Face model/tokenizer folder: tokens are counted with it"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +156,15 @@ def run_niah(cmd: NiahCommand) -> None:
                                          progress=cmd.progress))
 
 
+def run_convert(cmd: ConvertCommand) -> None:
+    _refuse_existing(cmd.out, ("train",), cmd.overwrite)
+    info = convert(cmd.format, list(cmd.input), cmd.out, tokenizer=get_tokenizer(cmd.tokenizer),
+                   num_samples=cmd.num_samples, max_tokens=cmd.max_tokens, seed=cmd.seed, progress=cmd.progress)
+    if info["too_long"]:
+        print(f"left out {info['too_long']} of {info['rows']} rows longer than {cmd.max_tokens} tokens")
+    _print_splits(cmd.out, info)
+
+
 def run_shards(cmd: ShardsCommand) -> None:
     if not cmd.input:
         raise SystemExit("error: --input needs at least one JSONL file")
@@ -175,10 +213,11 @@ def run_shards(cmd: ShardsCommand) -> None:
     print(f"wrote {manifest['num_examples']} examples tokenized with {tokenizer.name!r} to {cmd.out}")
 
 
-USAGE = """usage: python -m data_gen {generate,niah,shards} [OPTIONS]
+USAGE = """usage: python -m data_gen {generate,niah,convert,shards} [OPTIONS]
 
   generate   generate the synthetic key-value retrieval datasets (train.jsonl, eval.jsonl)
   niah       generate needle-in-a-haystack finetuning data over a text corpus (a baseline)
+  convert    convert MultiDocQA or IN2 training files into chat JSONL (baselines)
   shards     tokenize chat JSONL into length-bucketed ArrayRecord shards with a manifest
 
 Run `python -m data_gen <command> --help` for the options of a command."""
@@ -201,6 +240,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             run_generate(tyro.cli(GenerateCommand, default=default, args=rest, prog="python -m data_gen generate"))
         elif command == "niah":
             run_niah(tyro.cli(NiahCommand, args=rest, prog="python -m data_gen niah"))
+        elif command == "convert":
+            run_convert(tyro.cli(ConvertCommand, args=rest, prog="python -m data_gen convert"))
         elif command == "shards":
             run_shards(tyro.cli(ShardsCommand, args=rest, prog="python -m data_gen shards"))
         else:
