@@ -16,6 +16,7 @@ import pytest
 
 from data_gen import tasks
 from data_gen.__main__ import main
+from data_gen.shards import open_shards
 from data_gen.tokenizer import get_tokenizer, mistral_tokenizer
 
 LINE = re.compile(r"Dictionary \[(\d+)\] \{(.*)\}")
@@ -214,6 +215,11 @@ def test_command_records_the_sampler(tmp_path):
     assert info["budget_check"]["counts"] == "prompt" and info["budget_check"]["limit"] == 400 - 100
     lines = (tmp_path / "train.jsonl").read_text().splitlines()
     assert len(lines) == 5 and all(json.loads(line)["meta"]["prompt_tokens"] < 300 for line in lines)
+    main(["shards", "--input", str(tmp_path / "train.jsonl"), "--out", str(tmp_path / "s"), "--no-progress"])
+    shards = open_shards(tmp_path / "s")
+    ids = sorted(b.source[i]["id"] for b in shards.buckets for i in range(len(b.source)))
+    assert ids == [f"simple-reference-seed0-train-{i:05d}" for i in range(5)]
+    assert shards.manifest["metadata"]["inputs"][0]["generation"]["config"]["sampler"] == "reference"
     with pytest.raises(SystemExit, match="^error: sampler 'reference' exists for the simple task only"):
         main(["generate", "--preset", "paper-multisubkey", "--sampler", "reference", "--out", str(tmp_path / "m"),
               "--no-progress"])
