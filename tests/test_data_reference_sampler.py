@@ -220,6 +220,8 @@ def test_command_records_the_sampler(tmp_path):
     ids = sorted(b.source[i]["id"] for b in shards.buckets for i in range(len(b.source)))
     assert ids == [f"simple-reference-seed0-train-{i:05d}" for i in range(5)]
     assert shards.manifest["metadata"]["inputs"][0]["generation"]["config"]["sampler"] == "reference"
+    with pytest.raises(ValueError, match="sampler 'ours'"):  # a follow-up about a repeated key would be ambiguous
+        next(tasks.multi_question_split(tasks.PRESETS["demo-simple"].replace(sampler="reference"), 0, "train", 1, 2))
     with pytest.raises(SystemExit, match="^error: sampler 'reference' exists for the simple task only"):
         main(["generate", "--preset", "paper-multisubkey", "--sampler", "reference", "--out", str(tmp_path / "m"),
               "--no-progress"])
