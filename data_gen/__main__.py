@@ -1,10 +1,9 @@
-"""Command line: `python -m data_gen generate ...` and `python -m data_gen shards ...` (see --help of each)."""
+"""Command line: `python -m data_gen generate|niah|convert|shards ...` (see --help of each)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import pathlib
 import sys
@@ -13,6 +12,9 @@ from typing import Annotated, Literal
 
 import tyro
 
+from data_gen.convert import FORMATS, convert
+from data_gen.niah import NiahConfig, generate_niah
+from data_gen.records import existing_outputs, file_sha256
 from data_gen.shards import (DEFAULT_BUCKETS, MANIFEST, ShardError, examples_from_jsonl, format_padding_report,
                              write_shards)
 from data_gen.tasks import PRESETS, TaskConfig, generate
@@ -46,6 +48,55 @@ class GenerateCommand:
 
 
 @dataclasses.dataclass(frozen=True)
+class NiahCommand:
+    """Generate needle-in-a-haystack finetuning data (a baseline of the paper): OUT/train.jsonl, OUT/eval.jsonl
+    (chat JSONL) and OUT/generation.json. Each example hides "The special magic number of <city> is <number>."
+    at a chosen depth of real text (--haystack mdqa:DIR, the distractor passages of Lost-in-the-Middle files,
+    never their questions, answers or gold passages; or txt:DIR, *.txt files) cut to --context-tokens tokens of
+    --tokenizer, and asks for the number. Same options, corpus and seed give byte-identical files."""
+
+    out: pathlib.Path
+    """output directory"""
+    seed: int = 0
+    """random seed"""
+    overwrite: bool = False
+    """replace existing train.jsonl / eval.jsonl in OUT"""
+    progress: bool = True
+    """show progress bars"""
+    tokenizer: str = MISTRAL
+    """'mistral' (Mistral 7B's, built in) or a Hugging Face model/tokenizer folder: tokens are counted with it"""
+    config: Annotated[NiahConfig, tyro.conf.arg(name="")] = NiahConfig(haystack=tyro.MISSING)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertCommand:
+    """Convert a published long-context training set (a baseline of the paper) into chat JSONL: OUT/train.jsonl
+    and OUT/generation.json, for `python -m data_gen shards`. Formats: multidocqa (Yu 2024's multi-document QA:
+    'messages', or 'context' + 'questions'/'answers') and in2 (An et al. 2024, FILM's 'prompt' + 'completion', or
+    'context' + 'question' + 'answer'); docs/data_gen.md lists the fields. A row that cannot be converted stops
+    with a one-line error naming file:line."""
+
+    format: Literal[tuple(FORMATS)]  # type: ignore[valid-type]
+    """which training set the files hold"""
+    input: tuple[pathlib.Path, ...]
+    """one or more JSONL files (.jsonl or .jsonl.gz)"""
+    out: pathlib.Path
+    """output directory"""
+    num_samples: int | None = None
+    """keep a uniform random sample of this many examples (in input order); default: all"""
+    max_tokens: int | None = None
+    """leave out examples whose chat has more tokens than this (counted with --tokenizer)"""
+    seed: int = 0
+    """seed of the --num-samples sample"""
+    overwrite: bool = False
+    """replace an existing train.jsonl in OUT"""
+    progress: bool = True
+    """show progress bars"""
+    tokenizer: str = MISTRAL
+    """'mistral' (Mistral 7B's, built in) or a Hugging Face model/tokenizer folder: tokens are counted with it"""
+
+
+@dataclasses.dataclass(frozen=True)
 class ShardsCommand:
     """Tokenize chat JSONL files ({"messages": [...], "meta": {...}} a line; ours or any other dataset) with the
     chat format of --tokenizer (default Mistral-Instruct) into length-bucketed ArrayRecord shards plus
@@ -69,10 +120,6 @@ class ShardsCommand:
     """show progress bars"""
 
 
-def _file_sha256(path: pathlib.Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 class _Counted:
     """An iterator with a length hint, so the progress bar shows a total."""
 
@@ -86,15 +133,36 @@ class _Counted:
         return self._n
 
 
-def run_generate(cmd: GenerateCommand) -> None:
-    existing = [p for p in (cmd.out / "train.jsonl", cmd.out / "eval.jsonl") if p.exists()]
-    if existing and not cmd.overwrite:
+def _refuse_existing(out: pathlib.Path, splits: tuple[str, ...], overwrite: bool) -> None:
+    if (existing := existing_outputs(out, splits)) and not overwrite:
         raise SystemExit(f"error: {existing[0]} exists; pass --overwrite to replace it")
-    info = generate(cmd.config, cmd.seed, cmd.out, preset=cmd.preset, progress=cmd.progress,
-                    tokenizer=get_tokenizer(cmd.tokenizer))
+
+
+def _print_splits(out: pathlib.Path, info: dict) -> None:
     for split in info["splits"].values():
-        print(f"{cmd.out / split['file']}: {split['num_samples']} samples, "
+        print(f"{out / split['file']}: {split['num_samples']} samples, "
               f"{split['min_tokens']}-{split['max_tokens']} tokens (mean {split['mean_tokens']})")
+
+
+def run_generate(cmd: GenerateCommand) -> None:
+    _refuse_existing(cmd.out, ("train", "eval"), cmd.overwrite)
+    _print_splits(cmd.out, generate(cmd.config, cmd.seed, cmd.out, preset=cmd.preset, progress=cmd.progress,
+                                    tokenizer=get_tokenizer(cmd.tokenizer)))
+
+
+def run_niah(cmd: NiahCommand) -> None:
+    _refuse_existing(cmd.out, ("train", "eval"), cmd.overwrite)
+    _print_splits(cmd.out, generate_niah(cmd.config, cmd.seed, cmd.out, tokenizer=get_tokenizer(cmd.tokenizer),
+                                         progress=cmd.progress))
+
+
+def run_convert(cmd: ConvertCommand) -> None:
+    _refuse_existing(cmd.out, ("train",), cmd.overwrite)
+    info = convert(cmd.format, list(cmd.input), cmd.out, tokenizer=get_tokenizer(cmd.tokenizer),
+                   num_samples=cmd.num_samples, max_tokens=cmd.max_tokens, seed=cmd.seed, progress=cmd.progress)
+    if info["too_long"]:
+        print(f"left out {info['too_long']} of {info['rows']} rows longer than {cmd.max_tokens} tokens")
+    _print_splits(cmd.out, info)
 
 
 def run_shards(cmd: ShardsCommand) -> None:
@@ -117,7 +185,7 @@ def run_shards(cmd: ShardsCommand) -> None:
         if counted and counted.sha256 != tokenizer.identity().sha256:
             print(f"note: the token budget of {path} was counted with tokenizer {counted.name!r}, not with "
                   f"{tokenizer.name!r}: its examples may be longer or shorter here")
-        inputs.append({"path": str(path), "sha256": _file_sha256(path), "num_lines": lines, "generation": generation})
+        inputs.append({"path": str(path), "sha256": file_sha256(path), "num_lines": lines, "generation": generation})
 
     def examples():
         for path in cmd.input:
@@ -145,9 +213,11 @@ def run_shards(cmd: ShardsCommand) -> None:
     print(f"wrote {manifest['num_examples']} examples tokenized with {tokenizer.name!r} to {cmd.out}")
 
 
-USAGE = """usage: python -m data_gen {generate,shards} [OPTIONS]
+USAGE = """usage: python -m data_gen {generate,niah,convert,shards} [OPTIONS]
 
   generate   generate the synthetic key-value retrieval datasets (train.jsonl, eval.jsonl)
+  niah       generate needle-in-a-haystack finetuning data over a text corpus (a baseline)
+  convert    convert MultiDocQA or IN2 training files into chat JSONL (baselines)
   shards     tokenize chat JSONL into length-bucketed ArrayRecord shards with a manifest
 
 Run `python -m data_gen <command> --help` for the options of a command."""
@@ -168,6 +238,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                 raise SystemExit(f"error: unknown --preset {name!r}; choose from {', '.join(PRESETS)}")
             default = GenerateCommand(out=tyro.MISSING, preset=name, config=PRESETS[name])
             run_generate(tyro.cli(GenerateCommand, default=default, args=rest, prog="python -m data_gen generate"))
+        elif command == "niah":
+            run_niah(tyro.cli(NiahCommand, args=rest, prog="python -m data_gen niah"))
+        elif command == "convert":
+            run_convert(tyro.cli(ConvertCommand, args=rest, prog="python -m data_gen convert"))
         elif command == "shards":
             run_shards(tyro.cli(ShardsCommand, args=rest, prog="python -m data_gen shards"))
         else:

@@ -34,6 +34,7 @@ import tqdm
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 from etils import epath
 
+from data_gen.records import read_jsonl
 from data_gen.tokenizer import MISTRAL, ChatFormatError, Tokenizer, TokenizerIdentity, get_tokenizer
 
 DEFAULT_BUCKETS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
@@ -303,33 +304,21 @@ def examples_from_jsonl(path: str | os.PathLike, tokenizer: Tokenizer | None = N
     """
     path = pathlib.Path(path)
     tokenizer = get_tokenizer(tokenizer)
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ShardError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
-                                 ) from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ShardError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict) or "messages" not in obj:
-                raise ShardError(f"{where}: expected an object with a 'messages' list (and optional 'meta')")
-            meta = obj.get("meta", {})
-            if not isinstance(meta, dict):
-                raise ShardError(f"{where}: 'meta' must be an object, got {type(meta).__name__}")
-            ex_id = meta.get("id", f"{path.name}:{lineno}")
-            if not isinstance(ex_id, str) or not ex_id:
-                raise ShardError(f"{where}: meta.id must be a non-empty string, got {ex_id!r}")
-            try:
-                enc = tokenizer.encode_chat(obj["messages"])
-            except ChatFormatError as e:
-                raise ShardError(f"{where}: {e}") from None
-            yield TokenizedExample(ex_id, enc.input_ids, enc.loss_mask)
+    for lineno, obj in read_jsonl(path, ShardError):
+        where = f"{path}:{lineno}"
+        if not isinstance(obj, dict) or "messages" not in obj:
+            raise ShardError(f"{where}: expected an object with a 'messages' list (and optional 'meta')")
+        meta = obj.get("meta", {})
+        if not isinstance(meta, dict):
+            raise ShardError(f"{where}: 'meta' must be an object, got {type(meta).__name__}")
+        ex_id = meta.get("id", f"{path.name}:{lineno}")
+        if not isinstance(ex_id, str) or not ex_id:
+            raise ShardError(f"{where}: meta.id must be a non-empty string, got {ex_id!r}")
+        try:
+            enc = tokenizer.encode_chat(obj["messages"])
+        except ChatFormatError as e:
+            raise ShardError(f"{where}: {e}") from None
+        yield TokenizedExample(ex_id, enc.input_ids, enc.loss_mask)
 
 
 # ---------------------------------------------------------------------------------------------- reading

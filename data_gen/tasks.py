@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import math
 import pathlib
 import random
@@ -24,10 +23,13 @@ from typing import Literal
 
 import tqdm
 
+from data_gen.records import dumps_record, write_generation, write_split  # noqa: F401 - dumps_record: eval.demo's
 from data_gen.tokenizer import Tokenizer, get_tokenizer
 
 INTRO = "Do a task using the list of dictionaries below."
 MAX_TRIES = 1000  # per sample, as in the reference generator
+REFERENCE_MARGIN = 100
+"""the authors' prompt-only budget: a prompt must have fewer than max_tokens - REFERENCE_MARGIN tokens"""
 
 
 class BudgetError(ValueError):
@@ -70,6 +72,10 @@ class TaskConfig:
     """multisubkey: probability that a distractor key reuses some (never all) of the gold key's subkeys"""
     min_sharing_keys: int = 2
     """multisubkey: at least this many distractor keys share subkeys with the gold key"""
+    sampler: Literal["ours", "reference"] = "ours"
+    """simple task: 'ours' (keys never repeat; the whole chat < max_tokens) or 'reference', the authors' published
+    sampler (keys drawn independently, so they repeat and a dictionary whose keys collide shrinks; the prompt
+    alone < max_tokens - 100)"""
 
     def replace(self, **kw) -> TaskConfig:
         return dataclasses.replace(self, **kw)
@@ -96,8 +102,14 @@ class TaskConfig:
         need(self.early_positions is None or self.early_positions >= 1, "early_positions must be >= 1 (or None)")
         need(0 <= self.share_prob <= 1, f"share_prob must lie in [0, 1], got {self.share_prob}")
         need(self.min_sharing_keys >= 0, f"min_sharing_keys must be >= 0, got {self.min_sharing_keys}")
+        need(self.sampler in ("ours", "reference"), f"sampler must be 'ours' or 'reference', got {self.sampler!r}")
         entries = self.gold_dict_size + (self.num_dicts - 1) * self.dict_size_range[1]
-        if self.task == "simple":
+        if self.sampler == "reference":
+            need(self.task == "simple", "sampler 'reference' exists for the simple task only (the authors' published "
+                 "generator runs the simple task only)")
+            need(self.max_tokens > REFERENCE_MARGIN, f"max_tokens must exceed {REFERENCE_MARGIN} with sampler "
+                 f"'reference' (its prompt budget is max_tokens - {REFERENCE_MARGIN}), got {self.max_tokens}")
+        elif self.task == "simple":
             keys = 10 ** self.key_digits[1] - 10 ** (self.key_digits[0] - 1)
             need(keys >= 2 * entries + 2, f"key_digits {self.key_digits} give {keys} distinct keys, too few for up to "
                  f"{entries} unique keys: widen key_digits or use fewer/smaller dictionaries")
@@ -191,14 +203,18 @@ def _draw_simple(cfg: TaskConfig, rng: random.Random) -> _Draw:
         return key, _fresh(rng, cfg.value_digits, {gold_value, gold_key})
 
     dicts = _fill_dicts(sizes, gold_index, (gold_key, gold_value), distractor)
-    return _Draw(
-        dicts, gold_key, gold_value, gold_index,
-        question=("Above is a list of dictionaries such that each key and value is an integer. "
-                  f"Report the value of key {gold_key} and the dictionary it is in."),
-        template=f"The value of key {gold_key} is <fill-in-value> and it is in Dictionary [<fill-in-dictionary-name>].",
-        answer=f"The value of key {gold_key} is {gold_value} and it is in Dictionary [{{dict}}].",
-        extra_meta={},
-    )
+    return _Draw(dicts, gold_key, gold_value, gold_index, **_draw_simple_texts(gold_key, gold_value), extra_meta={})
+
+
+def _draw_simple_texts(gold_key: int, gold_value: int) -> dict[str, str]:
+    """The simple task's question, answer template and answer ({dict} left to fill)."""
+    return {
+        "question": ("Above is a list of dictionaries such that each key and value is an integer. "
+                     f"Report the value of key {gold_key} and the dictionary it is in."),
+        "template": (f"The value of key {gold_key} is <fill-in-value> and it is in Dictionary "
+                     "[<fill-in-dictionary-name>]."),
+        "answer": f"The value of key {gold_key} is {gold_value} and it is in Dictionary [{{dict}}].",
+    }
 
 
 def _draw_multisubkey(cfg: TaskConfig, rng: random.Random) -> _Draw:
@@ -251,8 +267,52 @@ def _draw_multisubkey(cfg: TaskConfig, rng: random.Random) -> _Draw:
     )
 
 
+def _reference_number(rng: random.Random, digits: tuple[int, int]) -> int:
+    """The authors' number: a digit count uniform over `digits`, then uniform over the numbers of that many
+    digits (1..9 for one digit: unlike `_number`, never 0)."""
+    n = rng.randint(*digits)
+    return rng.randint(10 ** (n - 1), 10**n - 1)
+
+
+def _draw_simple_reference(cfg: TaskConfig, rng: random.Random) -> _Draw:
+    """The simple task as the authors' published generator samples it (edixiong/artificial-needles,
+    data-generation/scripts/dict_builder.py, reimplemented from its behaviour).
+
+    Every key and value is drawn independently; a distractor pair is redrawn, key and value together, only when
+    its key equals the gold key or its value the gold value. Keys therefore repeat across dictionaries (~12.6 per
+    paper-simple prompt), a distractor key may equal the gold value, and each dictionary is a Python dict: a key
+    drawn twice for the same dictionary keeps its first place and its last value, so that dictionary shrinks
+    (below dict_size_range[0], e.g. 2 entries). The gold dictionary is built the same way around the gold entry.
+    """
+    gold_index = rng.randrange(cfg.gold_dict_size)
+    gold_key = _reference_number(rng, cfg.key_digits)
+    gold_value = _reference_number(rng, cfg.value_digits)
+
+    def fill(size: int, gold_at: int | None) -> list[tuple[int, int]]:
+        entries: dict[int, int] = {}
+        for j in range(size):
+            if j == gold_at:
+                entries[gold_key] = gold_value
+                continue
+            while True:
+                key, value = _reference_number(rng, cfg.key_digits), _reference_number(rng, cfg.value_digits)
+                if key != gold_key and value != gold_value:
+                    break
+            entries[key] = value
+        return list(entries.items())
+
+    dicts = [fill(cfg.gold_dict_size, gold_index)]
+    dicts += [fill(rng.randint(*cfg.dict_size_range), None) for _ in range(cfg.num_dicts - 1)]
+    simple = _draw_simple_texts(gold_key, gold_value)
+    return _Draw(dicts, gold_key, gold_value, [k for k, _ in dicts[0]].index(gold_key), **simple, extra_meta={})
+
+
 _DRAW: dict[str, Callable[[TaskConfig, random.Random], _Draw]] = {
     "simple": _draw_simple, "multisubkey": _draw_multisubkey}
+
+
+def _draw_fn(cfg: TaskConfig) -> Callable[[TaskConfig, random.Random], _Draw]:
+    return _draw_simple_reference if cfg.sampler == "reference" else _DRAW[cfg.task]
 
 
 def _placed_dicts(draw: _Draw, position: int) -> list[list[tuple]]:
@@ -275,49 +335,71 @@ def _num_tokens(tokenizer: Tokenizer, prompt: str, answer: str) -> int:
     return int(tokenizer.encode_chat(chat).input_ids.size)
 
 
+def budget_limit(cfg: TaskConfig) -> int:
+    """The exclusive token limit of the budget: `max_tokens` for the whole chat (ours), or the authors'
+    `max_tokens - REFERENCE_MARGIN` for the prompt alone (sampler 'reference')."""
+    return cfg.max_tokens - REFERENCE_MARGIN if cfg.sampler == "reference" else cfg.max_tokens
+
+
+def _budget_tokens(cfg: TaskConfig, tokenizer: Tokenizer, prompt: str, answer: str) -> int:
+    """What `budget_limit` bounds: the whole chat (ours), or the prompt as the model is given it, the chat
+    prompt of `tokenizer` (sampler 'reference'; the authors counted Llama 2's BOS + prompt text, which is the
+    template's few tokens shorter)."""
+    if cfg.sampler == "reference":
+        return len(tokenizer.encode_prompt(prompt))
+    return _num_tokens(tokenizer, prompt, answer)
+
+
 # ---------------------------------------------------------------------------------------------- budget
 
 
 def check_budget(cfg: TaskConfig, probes: int = 48, tokenizer: Tokenizer | None = None) -> dict:
-    """Refuse, before generating anything, a config whose prompts (almost) never fit `max_tokens` when counted
-    with `tokenizer` (default Mistral's).
+    """Refuse, before generating anything, a config whose prompts (almost) never fit the budget (`budget_limit`)
+    when counted with `tokenizer` (default Mistral's).
 
     The token count of a prompt does not depend on where the gold dictionary is. When every digit is a token
     of its own (`Tokenizer.splits_digits`: Mistral's, Qwen2's, SmolLM2's), a number costs as many tokens as
     it has digits, so the smallest prompt a config can produce is measured exactly from one draw of the
     smallest sizes. Other tokenizers (Llama 3 groups up to three digits) make that draw only an estimate of
-    the minimum, so it is not used to refuse: conservative, a config is then refused only on the acceptance
-    estimate, and generation still stops a config that never fits after MAX_TRIES draws of a sample. The
-    typical size is estimated from `probes` draws (own RNG, so the dataset itself is unaffected). Returns the
-    statistics.
+    the minimum, and so does the reference sampler (its dictionaries can shrink); the estimate is not used to
+    refuse: conservative, a config is then refused only on the acceptance estimate, and generation still stops
+    a config that never fits after MAX_TRIES draws of a sample. The typical size is estimated from `probes`
+    draws (own RNG, so the dataset itself is unaffected). Returns the statistics.
     """
     cfg.validate()
     tokenizer = get_tokenizer(tokenizer)
+    draw, limit = _draw_fn(cfg), budget_limit(cfg)
     # Shortest keys only where they are numerous enough to stay unique (a 24K prompt has ~2000 keys, more
     # than the 900 three-digit ones: drawing only those would never finish).
     lo = cfg.key_digits[0]
     fewest_entries = cfg.gold_dict_size + (cfg.num_dicts - 1) * cfg.dict_size_range[0]
-    short_keys = cfg.task == "multisubkey" or 10**lo - 10 ** (lo - 1) >= 2 * fewest_entries + 2
+    short_keys = (cfg.task == "multisubkey" or cfg.sampler == "reference"
+                  or 10**lo - 10 ** (lo - 1) >= 2 * fewest_entries + 2)
     smallest = cfg.replace(dict_size_range=(cfg.dict_size_range[0],) * 2,
                            key_digits=(lo, lo) if short_keys else cfg.key_digits,
                            value_digits=(cfg.value_digits[0],) * 2, subkeys_range=(cfg.subkeys_range[0],) * 2)
-    min_tokens = _num_tokens(tokenizer, *_place(smallest, _DRAW[cfg.task](smallest, random.Random("budget-min")), 1))
-    exact = tokenizer.splits_digits
+    min_tokens = _budget_tokens(cfg, tokenizer, *_place(smallest, draw(smallest, random.Random("budget-min")), 1))
+    exact = tokenizer.splits_digits and cfg.sampler == "ours"
     rng = random.Random("budget-probe")
-    counts = [_num_tokens(tokenizer, *_place(cfg, _DRAW[cfg.task](cfg, rng), 1)) for _ in range(probes)]
+    counts = [_budget_tokens(cfg, tokenizer, *_place(cfg, draw(cfg, rng), 1)) for _ in range(probes)]
     mean, std = statistics.fmean(counts), statistics.pstdev(counts) or 1.0
-    accept = 0.5 * math.erfc((mean - (cfg.max_tokens - 0.5)) / (std * math.sqrt(2)))
+    accept = 0.5 * math.erfc((mean - (limit - 0.5)) / (std * math.sqrt(2)))
     stats = {"min_tokens": min_tokens, "min_tokens_exact": exact, "mean_tokens": round(mean, 1),
              "std_tokens": round(std, 1), "estimated_acceptance": round(accept, 4)}
-    too_long = exact and min_tokens >= cfg.max_tokens
+    if cfg.sampler == "reference":
+        stats = {"counts": "prompt", "limit": limit, **stats}
+    too_long = exact and min_tokens >= limit
     if not too_long and accept >= 0.01:
         return stats
     per_dict = (mean - 60) / cfg.num_dicts  # ~60 tokens of instructions, question and answer
-    fit = max(1, int((cfg.max_tokens - 60 - 2 * std) / per_dict))
+    fit = max(1, int((limit - 60 - 2 * std) / per_dict))
+    what = "prompts" if cfg.sampler == "reference" else "examples"
     why = (f"even the smallest possible example has {min_tokens} tokens" if too_long
-           else f"examples have {mean:.0f} ± {std:.0f} tokens, so only ~{accept:.2%} would fit")
+           else f"{what} have {mean:.0f} ± {std:.0f} tokens, so only ~{accept:.2%} would fit")
+    budget = (f"the prompt budget max_tokens - {REFERENCE_MARGIN} = {limit}" if cfg.sampler == "reference"
+              else f"max_tokens={cfg.max_tokens}")
     raise BudgetError(
-        f"config does not fit max_tokens={cfg.max_tokens}: {why}. Lower --num-dicts to about {fit} (now "
+        f"config does not fit {budget}: {why}. Lower --num-dicts to about {fit} (now "
         f"{cfg.num_dicts}), or shrink --dict-size-range / --key-digits / --value-digits, or raise --max-tokens.")
 
 
@@ -342,22 +424,26 @@ def gold_positions(cfg: TaskConfig, n: int, rng: random.Random) -> list[int]:
 def generate_split(cfg: TaskConfig, seed: int, split: str, n: int, *, progress: bool = True,
                    tokenizer: Tokenizer | None = None) -> Iterator[dict]:
     """Yield n JSONL records {"messages": [...], "meta": {...}} for one split, deterministically; token counts
-    (the `max_tokens` budget, meta `num_tokens`) with `tokenizer` (default Mistral's)."""
+    (the budget, meta `num_tokens`) with `tokenizer` (default Mistral's). Sampler 'reference' adds meta
+    `sampler` and `prompt_tokens` (what its budget counts); its ids read `<task>-reference...`, and a seed gives
+    the same gold positions as ours (the positions are drawn first, from the same stream)."""
     tokenizer = get_tokenizer(tokenizer)
     rng = random.Random(f"needles/{cfg.task}/seed={seed}/{split}")
     positions = gold_positions(cfg, n, rng)
-    draw_fn = _DRAW[cfg.task]
-    prefix = f"{cfg.task}{'-template' if cfg.template else ''}-seed{seed}-{split}"
+    draw_fn, limit, reference = _draw_fn(cfg), budget_limit(cfg), cfg.sampler == "reference"
+    prefix = f"{cfg.task}{'-reference' if reference else ''}{'-template' if cfg.template else ''}-seed{seed}-{split}"
     for i in tqdm.trange(n, desc=f"generating {split}", unit="sample", disable=not progress):
         for _ in range(MAX_TRIES):
             draw = draw_fn(cfg, rng)
             prompt, answer = _place(cfg, draw, positions[i])
-            tokens = _num_tokens(tokenizer, prompt, answer)
-            if tokens < cfg.max_tokens:
+            counted = _budget_tokens(cfg, tokenizer, prompt, answer)
+            if counted < limit:
                 break
         else:
-            raise BudgetError(f"{split} sample {i}: no draw fitted max_tokens={cfg.max_tokens} in {MAX_TRIES} tries; "
+            what = f"the prompt budget {limit}" if reference else f"max_tokens={cfg.max_tokens}"
+            raise BudgetError(f"{split} sample {i}: no draw fitted {what} in {MAX_TRIES} tries; "
                               "lower --num-dicts or raise --max-tokens")
+        tokens = _num_tokens(tokenizer, prompt, answer) if reference else counted
         meta = {
             "id": f"{prefix}-{i:05d}", "task": cfg.task, "split": split, "index": i, "seed": seed,
             "template": cfg.template, "gold_key": list(draw.gold_key) if isinstance(draw.gold_key, tuple) else draw.gold_key,
@@ -365,6 +451,8 @@ def generate_split(cfg: TaskConfig, seed: int, split: str, n: int, *, progress: 
             "gold_key_index": draw.gold_key_index, "num_dicts": cfg.num_dicts, "num_tokens": tokens,
             **draw.extra_meta,
         }
+        if reference:
+            meta.update(sampler="reference", prompt_tokens=counted)
         yield {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
                "meta": meta}
 
@@ -389,8 +477,9 @@ def multi_question_split(cfg: TaskConfig, seed: int, split: str, n: int, questio
     1..num_dicts; `max_tokens` is not enforced (the caller's shards bound the length).
     Records: {"messages": [...], "meta": {"id", "num_questions"}}.
     """
-    if cfg.task != "simple":
-        raise ValueError(f"multi-question chats use the simple task (got task={cfg.task!r})")
+    if cfg.task != "simple" or cfg.sampler != "ours":
+        raise ValueError(f"multi-question chats use the simple task and sampler 'ours' (got task={cfg.task!r}, "
+                         f"sampler={cfg.sampler!r}): a follow-up about a repeated key would be ambiguous")
     if questions < 1:
         raise ValueError(f"questions must be >= 1 (got {questions})")
     rng = random.Random(f"needles/demo-multi/seed={seed}/{split}")
@@ -410,11 +499,6 @@ def multi_question_split(cfg: TaskConfig, seed: int, split: str, n: int, questio
                "meta": {"id": f"demo-multi-seed{seed}-{split}-{i:05d}", "num_questions": len(messages) // 2}}
 
 
-def dumps_record(record: dict) -> str:
-    """One JSONL line; fixed separators and insertion-ordered keys keep the bytes reproducible."""
-    return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
-
-
 def generate(cfg: TaskConfig, seed: int, out_dir: str | pathlib.Path, *, preset: str | None = None,
              progress: bool = True, tokenizer: Tokenizer | None = None) -> dict:
     """Write out_dir/train.jsonl, out_dir/eval.jsonl and out_dir/generation.json; returns the latter.
@@ -426,17 +510,7 @@ def generate(cfg: TaskConfig, seed: int, out_dir: str | pathlib.Path, *, preset:
     budget = check_budget(cfg, tokenizer=tokenizer)
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files = {}
-    for split, n in (("train", cfg.num_train), ("eval", cfg.num_eval)):
-        tokens = []
-        with open(out / f"{split}.jsonl", "w", encoding="utf-8", newline="\n") as f:
-            for record in generate_split(cfg, seed, split, n, progress=progress, tokenizer=tokenizer):
-                tokens.append(record["meta"]["num_tokens"])
-                f.write(dumps_record(record) + "\n")
-        files[split] = {"file": f"{split}.jsonl", "num_samples": n,
-                        "min_tokens": min(tokens, default=0), "max_tokens": max(tokens, default=0),
-                        "mean_tokens": round(statistics.fmean(tokens), 1) if tokens else 0}
-    info = {"generator": "data_gen", "preset": preset, "seed": seed, "config": cfg.to_dict(),
-            "tokenizer": tokenizer.identity().to_json(), "budget_check": budget, "splits": files}
-    (out / "generation.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
-    return info
+    files = {split: write_split(out, split, generate_split(cfg, seed, split, n, progress=progress, tokenizer=tokenizer))
+             for split, n in (("train", cfg.num_train), ("eval", cfg.num_eval))}
+    return write_generation(out, {"generator": "data_gen", "preset": preset, "seed": seed, "config": cfg.to_dict(),
+                                  "tokenizer": tokenizer.identity().to_json(), "budget_check": budget, "splits": files})
