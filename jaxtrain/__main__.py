@@ -53,7 +53,7 @@ Command = (
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = tyro.cli(Command, args=argv)
+    cfg = tyro.cli(Command, args=argv, prog="python -m jaxtrain")
     try:
         if isinstance(cfg, TrainConfig):
             train(cfg)

@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import json
 import re
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
@@ -436,8 +437,17 @@ def summary(report: AotReport) -> str:
             f"lowered in {report.lower_s} s, compiled in {report.compile_s} s")
 
 
+def announce(cfg: AotConfig) -> str:
+    """What is about to compile, said before the compiler's silent minutes (on stderr: stdout is the report)."""
+    shape = (f"prompts of {cfg.seq_len} tokens + {cfg.new_tokens} new x batch {cfg.global_batch}" if cfg.step == "decode"
+             else f"seq {cfg.seq_len} x batch {cfg.global_batch}")
+    return (f"aot: compiling one step ({_step_name(cfg)}) of {cfg.model} for {cfg.topology} ({shape}) with libtpu on "
+            "this machine, no TPU needed; a 7B model takes a few minutes")
+
+
 def main(cfg: AotConfig) -> int:
     """`python -m jaxtrain aot`: the summary, then the report as one JSON line (exit 0 fit or not)."""
+    print(announce(cfg), file=sys.stderr, flush=True)
     report = aot_decode_step(cfg) if cfg.step == "decode" else aot_train_step(cfg)
     print(summary(report))
     print(report.to_json())

@@ -19,6 +19,7 @@ _INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_he
          "max_position_embeddings")
 _HF_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window")
+_RUN_SETTINGS = ("bos_token_id", "eos_token_id", "param_dtype", "dtype", "remat", "attention_impl")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_qkv_proj", "save_out_proj", "offload_dots", "offload_input")
 # Hugging Face architecture -> its config.json model_type.
 ARCHITECTURES = {"MistralForCausalLM": "mistral", "LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
@@ -115,6 +116,12 @@ class ModelConfig:
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
+
+    def architecture_differences(self, other: ModelConfig) -> list[str]:
+        """"field: ours vs theirs" for every field that changes the weights or the computation (not the token
+        ids, dtypes, remat or attention kernel, which are run settings)."""
+        return [f"{f.name} {getattr(self, f.name)!r} vs {getattr(other, f.name)!r}" for f in dataclasses.fields(self)
+                if f.name not in _RUN_SETTINGS and getattr(self, f.name) != getattr(other, f.name)]
 
     @property
     def qkv_bias(self) -> bool:

@@ -19,6 +19,7 @@ import json
 import math
 import signal
 import time
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import tyro
@@ -70,14 +71,20 @@ class OptimizerConfig:
     """dtype of Adam's first moment (bfloat16 saves a quarter of the optimizer memory)"""
 
 
+DEFAULT_MODEL = "tiny"
+"""What `train` builds from random weights when neither --model nor --init-from is given."""
+
+
 @dataclasses.dataclass
 class TrainConfig:
     data: str
     """shard folder written by `python -m data_gen shards`"""
     out: str
     """run folder: checkpoints, metrics.jsonl, TensorBoard events"""
-    model: str = "tiny"
-    """model preset (ignored for the architecture when --init-from is given)"""
+    model: str | None = None
+    """model preset or Hugging Face folder (its config.json) to train from random weights (default: tiny). With
+    --init-from the folder's config.json decides the architecture: leave --model out, or give one that matches it
+    (a differing preset is an error naming both); the run records the folder"""
     init_from: str | None = None
     """Hugging Face folder to finetune; without it the model starts from random weights"""
     tokenizer: str | None = None
@@ -116,10 +123,22 @@ class TrainConfig:
     def lora(self) -> lora_lib.LoraConfig | None:
         return self.adapters.lora()
 
+    def model_name(self) -> str:
+        """What the run trains, as recorded: the --init-from folder, else the preset or folder of --model."""
+        return self.init_from or self.model or DEFAULT_MODEL
+
     def model_config(self) -> ModelConfig:
-        """The preset or --init-from folder's config with this run's overrides."""
-        return ModelConfig.resolve(self.init_from or self.model, remat=self.remat, dtype=self.dtype,
+        """The preset or --init-from folder's config with this run's overrides. A --model given beside --init-from
+        must describe the folder's architecture (checked here), since the folder's config.json is what is used."""
+        config = ModelConfig.resolve(self.model_name(), remat=self.remat, dtype=self.dtype,
                                      param_dtype=self.param_dtype)
+        if self.init_from and self.model and Path(self.model).resolve() != Path(self.init_from).resolve():
+            differences = ModelConfig.resolve(self.model).architecture_differences(config)
+            if differences:
+                raise ValueError(f"--model {self.model} and --init-from {self.init_from} are different architectures "
+                                 f"({'; '.join(differences)}, --model vs --init-from): the folder's config.json is "
+                                 "what trains, so drop --model or name the matching preset")
+        return config
 
     def model_tokenizer(self, config: ModelConfig) -> Tokenizer:
         """--tokenizer, else --init-from's own, else Mistral 7B's; its ids must fit the model's vocabulary."""
@@ -489,13 +508,15 @@ def train(cfg: TrainConfig) -> dict:
     fns = make_train_step(config, optimizer, schedule, mesh, rules, max_loss_tokens=answer_tokens,
                           grad_accum=cfg.grad_accum, lora=lora, base_dtype=cfg.adapters.base_dtype,
                           base_on_host=cfg.adapters.base_on_host, seed=cfg.seed)
-    metadata = {"train_config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
+    recorded = {**dataclasses.asdict(cfg), "model": cfg.model_name()}
+    metadata = {"train_config": json.loads(json.dumps(recorded, default=str)),
                 "tokenizer": runs.save_run_tokenizer(run_dir, tokenizer, copy=jax.process_index() == 0)}
     if lora is not None:
         metadata.update(lora=lora.to_dict(), base=runs.base_metadata(cfg.init_from, cfg.adapters.base_dtype, cfg.seed))
     ckpt = Checkpointer(run_dir, cfg.checkpoint, model_config=config, metadata=metadata)
+    started = time.perf_counter()
     try:
-        state, start = None, 0
+        state, start, origin = None, 0, None
         if cfg.resume and ckpt.latest_step() is not None:
             shapes = jax.eval_shape(lambda: init_state(config, dataclasses.replace(cfg, init_from=None), fns))
             restored = ckpt.restore(abstract_state(shapes, fns.state_shardings))
@@ -509,8 +530,9 @@ def train(cfg: TrainConfig) -> dict:
             state = {"params": restored.params, "opt_state": restored.opt_state,
                      "step": jax.device_put(jnp.int32(restored.step), fns.state_shardings["step"])}
             start = restored.step
-            if jax.process_index() == 0:
-                print(f"resumed from {where} (step {start} of {total})")
+            origin = f"resumed from {where} (step {start} of {total})"
+        if jax.process_index() == 0:
+            print(start_summary(cfg, config, batches, total, mesh, origin), flush=True)
         if lora is not None:
             fns.frozen = runs.load_base(config, init_from=cfg.init_from, base_dtype=cfg.adapters.base_dtype,
                                         seed=cfg.seed, shardings=fns.frozen_shardings)
@@ -519,7 +541,55 @@ def train(cfg: TrainConfig) -> dict:
         metrics = _loop(cfg, config, fns, state, batches, ckpt, start, total)
     finally:
         ckpt.close()
+    if jax.process_index() == 0:
+        print(end_summary(cfg, metrics, total - start, time.perf_counter() - started, ckpt.directory / str(total)),
+              flush=True)
     return metrics
+
+
+def _count(n: int) -> str:
+    """A parameter count the way model cards write it: 4.2M, 7.24B."""
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n:,}"
+
+
+def start_summary(cfg: TrainConfig, config: ModelConfig, batches: BucketedBatches, total: int, mesh,
+                  origin: str | None) -> str:
+    """What is about to train, in three lines: the model and what is trained, the data and the step count, the
+    devices and where the weights come from."""
+    precision = f"{config.param_dtype} weights, {config.dtype} compute, remat {config.remat}"
+    lora = cfg.lora()
+    if lora is None:
+        what = f"{cfg.model_name()}: full finetune of {_count(config.num_params)} parameters ({precision})"
+    else:
+        adapters = lora_lib.num_params(model.adapter_shapes(config, lora))
+        what = (f"{cfg.model_name()}: LoRA rank {lora.rank} ({_count(adapters)} trainable parameters) on the frozen "
+                f"{cfg.adapters.base_dtype} base of {_count(config.num_params)} ({precision})")
+    examples = sum(b.num_examples for b in batches.buckets)
+    rows = (f"{cfg.global_batch} rows" if cfg.tokens_per_batch is None else f"~{cfg.tokens_per_batch} tokens")
+    steps = f"{batches.steps_per_epoch} steps an epoch x {cfg.epochs} epochs"
+    steps += f", stopping at --max-steps {total}" if total < batches.steps_per_epoch * cfg.epochs else f" = {total} steps"
+    o = cfg.optimizer
+    accum = f" in {cfg.grad_accum} micro-batches" if cfg.grad_accum > 1 else ""
+    devices = jax.devices()
+    shape = " x ".join(f"{axis} {size}" for axis, size in mesh.shape.items())
+    weights = origin or (f"from {cfg.init_from}" if cfg.init_from and lora is None else
+                         f"fresh adapters on {cfg.init_from}" if cfg.init_from else f"from random weights (seed {cfg.seed})")
+    return "\n".join([
+        f"train: {what}",
+        f"  data: {cfg.data}: {examples} examples; {steps}; {rows} a step{accum}",
+        f"  optimizer: AdamW, lr {o.lr:g} ({o.schedule}, {int(round(o.warmup_ratio * total))} warm-up steps), seed {cfg.seed}",
+        f"  mesh: {shape} over {len(devices)} {devices[0].platform} device{'s' * (len(devices) > 1)}; {weights}"])
+
+
+def end_summary(cfg: TrainConfig, metrics: dict, steps: int, seconds: float, checkpoint: epath.Path) -> str:
+    """How it ended, where the weights are, and the command that makes a Hugging Face folder of them."""
+    if metrics:
+        head = (f"done: {steps} steps in {seconds:.1f} s; last step: loss {metrics['loss']:.4f}, answer-token "
+                f"accuracy {metrics['accuracy']:.3f}")
+    else:
+        head = "done: nothing left to train (the run had reached its last step)"
+    return "\n".join([head, f"  checkpoint: {checkpoint}",
+                      f"  next: python -m jaxtrain export --checkpoint {cfg.out} --out HF_DIR"])
 
 
 def _non_finite(out: dict, step: int, local: dict, ckpt: Checkpointer) -> NonFiniteLoss:
@@ -569,9 +639,11 @@ def _loop(cfg: TrainConfig, config: ModelConfig, fns: StepFunctions, state: dict
                        "tokens_per_s": tokens / seconds, "mfu": flops / seconds / peak, "step_s": seconds}
             if step % cfg.log_every == 0 or step == total:
                 log.write(step, metrics)
+            bar.set_postfix({"loss": f"{out['loss']:.4f}", "acc": f"{out['accuracy']:.3f}",
+                             "gnorm": f"{out['grad_norm']:.3g}", "lr": f"{out['lr']:.2e}",
+                             "tok/s": f"{metrics['tokens_per_s']:.0f}", "mfu": f"{100 * metrics['mfu']:.1f}%"},
+                            refresh=False)
             bar.update(1)
-            bar.set_postfix(loss=f"{out['loss']:.4f}", acc=f"{out['accuracy']:.3f}",
-                            tok_s=f"{metrics['tokens_per_s']:.0f}")
             stopped = preemption.requested or ckpt.reached_preemption(step)
             ckpt.save(step, params=state["params"], opt_state=state["opt_state"],
                       data_state=batches.get_state(), force=stopped or step == total)

@@ -15,8 +15,13 @@ from jaxtrain.topology import GIB, parse_accelerator_type
 
 
 def run_main(capsys, *args):
-    assert aot.main(tyro.cli(aot.AotConfig, args=list(args))) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    """(stdout lines, the JSON report); stderr must say what compiles before the compiler's silent minutes."""
+    cfg = tyro.cli(aot.AotConfig, args=list(args))
+    assert aot.main(cfg) == 0
+    out, err = capsys.readouterr()
+    what = "greedy decode" if cfg.step == "decode" else "train, LoRA" if cfg.adapters.lora_rank else "train, full"
+    assert err.startswith(f"aot: compiling one step ({what}") and f") of {cfg.model} for {cfg.topology} (" in err
+    lines = out.strip().splitlines()
     return lines, json.loads(lines[-1])
 
 

@@ -211,6 +211,7 @@ def four_steps(tmp_path_factory, shards):
     run = tmp_path_factory.mktemp("four") / "run"
     result = run_train(run, shards, *FOUR_STEPS)
     assert result.returncode == 0, result.stderr[-3000:]
+    (run.parent / "stdout.txt").write_text(result.stdout)  # for test_train_says_what_it_does_and_what_comes_next
     return run
 
 
@@ -273,3 +274,55 @@ def test_impossible_settings_are_refused_before_anything_is_written(tmp_path, sh
                        "--no-progress", *flags)
     assert status == 1 and message in err and err.count("\n") == 1
     assert not out.exists()
+
+
+# --- what the commands print ---------------------------------------------------------------------------------
+
+def test_train_says_what_it_does_and_what_comes_next(four_steps, shards):
+    """The start and end summaries of the 4-step run, line for line, against what is known independently: the
+    tiny preset's parameters counted by hand, the data's 24 examples in 4 batches of 8 an epoch (the existing
+    mesh test runs an epoch in 4 steps), the last loss in metrics.jsonl and the checkpoint on disk."""
+    vocab, d, layers, heads, kv, head_dim, mlp = 32000, 64, 2, 4, 2, 16, 192
+    params = 2 * vocab * d + layers * (d * head_dim * (2 * heads + 2 * kv) + 3 * d * mlp + 2 * d) + d
+    assert params == 4_194_624
+    lines = (four_steps.parent / "stdout.txt").read_text().splitlines()
+    assert lines[:4] == [
+        "train: tiny: full finetune of 4.2M parameters (float32 weights, float32 compute, remat none)",
+        f"  data: {shards}: 24 examples; 4 steps an epoch x 2 epochs, stopping at "
+        "--max-steps 4; 8 rows a step",
+        "  optimizer: AdamW, lr 0.003 (linear, 1 warm-up steps), seed 0",  # round(0.2 * 4)
+        "  mesh: data 1 x fsdp 1 x tensor 1 over 1 cpu device; from random weights (seed 0)"]
+    last = metrics(four_steps)[-1]
+    assert last["step"] == 4 and (four_steps / "checkpoints" / "4").is_dir()
+    head, checkpoint, nxt = lines[-3:]
+    assert head.startswith("done: 4 steps in ") and head.endswith(
+        f" s; last step: loss {last['loss']:.4f}, answer-token accuracy {last['accuracy']:.3f}")
+    assert checkpoint == f"  checkpoint: {four_steps / 'checkpoints' / '4'}"
+    assert nxt == f"  next: python -m jaxtrain export --checkpoint {four_steps} --out HF_DIR"
+
+
+def test_usage_names_the_command(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: python -m jaxtrain [-h]")
+
+
+def test_model_beside_init_from_must_be_its_architecture(tmp_path, shards, tiny_model, capsys):
+    """With --init-from the folder's config.json is what trains: a --model preset of another shape is refused
+    naming both (before anything is written), the matching preset is accepted, and the run records the folder."""
+    out = tmp_path / "run"
+    base = ["train", "--data", shards, "--out", out, "--global-batch", "8", "--no-progress", "--max-steps", "1",
+            "--init-from", tiny_model]
+    status, err = _cli(capsys, *base, "--model", "mistral-7b-v0.1")
+    assert status == 1 and err.count("\n") == 1 and not out.exists()
+    assert err.startswith(f"error: --model mistral-7b-v0.1 and --init-from {tiny_model} are different architectures")
+    assert "hidden_size 4096 vs 64" in err and "num_layers 32 vs 2" in err and "drop --model" in err
+    assert "vocab_size" not in err  # both have 32000 tokens: only what differs is listed
+
+    assert main([str(a) for a in (*base, "--model", "tiny")]) == 0
+    printed = capsys.readouterr().out
+    with Checkpointer(out, read_only=True) as ckpt:
+        _, _, metadata = ckpt.read_json()
+    assert metadata["train_config"]["model"] == str(tiny_model)
+    assert f"train: {tiny_model}: full finetune of 4.2M parameters" in printed
+    assert f"; from {tiny_model}\n" in printed
