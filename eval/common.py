@@ -40,6 +40,8 @@ class CommonArgs:
     """Sequences per forward pass of the decoder."""
     dtype: str | None = None
     """Cast float weights on load, e.g. bfloat16, also a run's (default: the config's param_dtype; a run: as stored)."""
+    step: int | None = None
+    """For a training run given as --model: evaluate the checkpoint of this step (default: the newest intact one)."""
     base: Path | None = None
     """Base model (Hugging Face folder) of a PEFT adapter folder given as --model; for a LoRA run, where its
     base is now if it moved (it must hash to the sha256 the run recorded)."""
@@ -129,7 +131,7 @@ def run_task(task: Task, args: CommonArgs) -> dict:
             raise DataError(f"--mesh: {e}") from None
     loaded = load_model(args.model, dtype=args.dtype, mesh=mesh, rules=args.mesh.rules, base=args.base,
                         base_dtype=args.base_dtype, merge_adapters=args.merge_adapters,
-                        compute_dtype=args.compute_dtype, tokenizer=args.tokenizer)
+                        compute_dtype=args.compute_dtype, tokenizer=args.tokenizer, step=args.step)
     generator = Generator(loaded.config, loaded.params, tokenizer=loaded.tokenizer, batch_size=args.batch_size,
                           mesh=mesh, rules=args.mesh.rules, adapters=loaded.adapters)
     t1 = time.perf_counter()

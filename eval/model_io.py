@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from data_gen.tokenizer import Tokenizer, TokenizerError, get_tokenizer
 from eval.datafiles import DataError
 from jaxtrain import hf_io, model, quant, runs
-from jaxtrain.checkpoint import Checkpointer
+from jaxtrain.checkpoint import Checkpointer, checkpoint_dir
 from jaxtrain.config import ModelConfig
 from jaxtrain.lora import Adapters, BaseDtype, merge
 from jaxtrain.peft_io import ADAPTER_CONFIG, load_peft
@@ -117,12 +117,12 @@ def _tokenizer(spec, flag: str) -> Tokenizer:
         raise DataError(f"{flag}: {e} (pass --tokenizer with the model's tokenizer folder, or mistral)") from None
 
 
-def _load_run(path: Path, base: Path | None, opts: _Options) -> runs.LoadedRun:
+def _load_run(path: Path, step: int | None, base: Path | None, opts: _Options) -> runs.LoadedRun:
     """A training run (full finetune or LoRA) as `python -m jaxtrain export` reads it."""
     if opts.weights is not None and opts.weights not in ("int8", "bfloat16", "float32"):
         raise DataError(f"--model {path}: weights load as int8, bfloat16 or float32 (got {opts.weights})")
     try:
-        return runs.load_run(path, weights=opts.weights, base_path=base, mesh=opts.mesh,
+        return runs.load_run(path, step, weights=opts.weights, base_path=base, mesh=opts.mesh,
                              rules=rules_for(opts.rules), config_overrides=opts.overrides)
     except _LOAD_ERRORS as e:
         raise DataError(f"--model {path}: {e}") from None
@@ -165,14 +165,16 @@ def _check_merge(merge_adapters: bool, weights: str | None, path: Path) -> None:
 def load_model(path: str | Path, *, dtype: str | None = None, mesh=None, rules: str = "fsdp",
                base: str | Path | None = None, base_dtype: BaseDtype | None = None,
                merge_adapters: bool = False, compute_dtype: str | None = None,
-               tokenizer: str | Path | None = None) -> LoadedModel:
+               tokenizer: str | Path | None = None, step: int | None = None) -> LoadedModel:
     """The model `--model path` names (see the module docstring), ready for `jaxtrain.generate.Generator`.
 
     `dtype` casts float weights (HF folders and runs; default: the config's param_dtype, or the stored
     dtype); `base_dtype` replaces it and also offers int8. With a `mesh`, each device receives only its
     shard of every parameter (`rules`: the sharding table of training). `compute_dtype` replaces the
     config's compute dtype. `tokenizer` replaces the model's own (the folder's, a PEFT base's, the one a
-    run trained with). Every wrong combination of options raises `DataError` before any weights are read.
+    run trained with). `step` picks a training run's checkpoint (default: the newest intact one); for any other
+    kind of model it is an error. Every wrong combination of options raises `DataError` before any weights are
+    read.
     """
     path = Path(path)
     base = None if base is None else Path(base)
@@ -183,7 +185,11 @@ def load_model(path: str | Path, *, dtype: str | None = None, mesh=None, rules: 
     opts = _Options(_weights(dtype, base_dtype),
                     None if compute_dtype is None else _float_name(compute_dtype, "--compute-dtype"), mesh, rules)
 
-    adapters = source = None
+    adapters = source = run_step = None
+    if step is not None and ((path / ADAPTER_CONFIG).is_file() or (path / "config.json").is_file()):
+        kind = "a PEFT adapter folder" if (path / ADAPTER_CONFIG).is_file() else "a Hugging Face folder"
+        raise DataError(f"--step {step}: --model {path} is {kind}, which has no checkpoints; --step picks a "
+                        "checkpoint of a `python -m jaxtrain train` run")
     if (path / ADAPTER_CONFIG).is_file():
         kind, source = "peft_adapters", str(path.resolve())
         _check_merge(merge_adapters, opts.weights, path)
@@ -198,8 +204,10 @@ def load_model(path: str | Path, *, dtype: str | None = None, mesh=None, rules: 
     elif path.is_dir():
         try:
             with Checkpointer(path, read_only=True) as ckpt:
-                _, _, metadata = ckpt.read_json()
+                _, _, metadata = ckpt.read_json(step)
         except FileNotFoundError as e:
+            if step is not None and checkpoint_dir(path).is_dir():
+                raise DataError(f"--step {step}: {e}") from None
             raise DataError(f"--model {path}: {e}; expected a Hugging Face folder (with config.json), a PEFT "
                             "adapter folder (with adapter_config.json) or a training run directory") from None
         except ValueError as e:  # no intact checkpoint
@@ -211,8 +219,8 @@ def load_model(path: str | Path, *, dtype: str | None = None, mesh=None, rules: 
         else:
             kind = "run"
             _check_whole_model(path, base, merge_adapters)
-        run = _load_run(path, base, opts)  # the newest intact checkpoint
-        config, params, adapters = run.config, run.params, run.adapters
+        run = _load_run(path, step, base, opts)  # the newest intact checkpoint, or --step
+        config, params, adapters, run_step = run.config, run.params, run.adapters, run.step
         model_tokenizer = _tokenizer(tokenizer, "--tokenizer") if tokenizer else run.tokenizer
         if kind == "lora_run":
             source = f"{path.resolve()} (step {run.step})"
@@ -232,6 +240,6 @@ def load_model(path: str | Path, *, dtype: str | None = None, mesh=None, rules: 
                         "merged": merge_adapters}
         if merge_adapters:
             params, adapters = merge(params, adapters), None
-    info = {"kind": kind, "base": base_info, "adapters": adapter_info,
+    info = {"kind": kind, "step": run_step, "base": base_info, "adapters": adapter_info,
             "tokenizer": model_tokenizer.identity().to_json()}
     return LoadedModel(config, params, adapters, info, model_tokenizer)

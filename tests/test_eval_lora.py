@@ -7,13 +7,15 @@ import shutil
 
 import jax
 import numpy as np
+import optax
 import pytest
 from tiny_runs import save_decisive_tiny, write_lora_run
 
 from data_gen import tasks as data_tasks
 from eval.__main__ import main
-from jaxtrain import lora, model, peft_io
+from jaxtrain import lora, model, peft_io, runs
 from jaxtrain.__main__ import main as jaxtrain_main
+from jaxtrain.checkpoint import CheckpointConfig, Checkpointer
 from jaxtrain.config import ModelConfig
 
 
@@ -75,6 +77,32 @@ def test_int8_base_end_to_end(setup, tmp_path):
     assert info["kind"] == "hf_folder" and info["base"]["dtype"] == "int8"
 
 
+def test_step_picks_the_checkpoint_of_a_run(setup, tmp_path):
+    """--step N evaluates that checkpoint: the run gets a newer step 5 with zero adapters (the base model's
+    answers); without --step that one is used, with --step 3 the original adapters (the answers of the run as
+    written, which holds step 3 only); a step that is not there is named with the ones that are."""
+    root = setup
+    run = tmp_path / "run"
+    shutil.copytree(root / "run", run)
+    config = ModelConfig.from_pretrained(root / "base")
+    with Checkpointer(run, read_only=True) as ckpt:
+        _, _, metadata = ckpt.read_json()
+    cfg = runs.run_settings(metadata)[0]
+    zeros = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), model.adapter_shapes(config, cfg))
+    with Checkpointer(run, CheckpointConfig(save_every=1, keep=5, async_save=False), model_config=config,
+                      metadata=metadata) as ckpt:
+        ckpt.save(5, params=zeros, opt_state=optax.adamw(1e-3).init(zeros), force=True)
+
+    _, base_outputs = evaluate(root, root / "base", tmp_path / "b", "--base-dtype", "float32")
+    _, step3_outputs = evaluate(root, root / "run", tmp_path / "r", "--base-dtype", "float32")
+    assert step3_outputs != base_outputs
+    newest, outputs = evaluate(root, run, tmp_path / "n", "--base-dtype", "float32")
+    assert newest["step"] == 5 and outputs == base_outputs
+    chosen, outputs = evaluate(root, run, tmp_path / "s", "--base-dtype", "float32", "--step", "3")
+    assert chosen["step"] == 3 and outputs == step3_outputs
+    assert chosen["adapters"]["source"] == f"{run.resolve()} (step 3)"
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--model", "{peft}"], "give --base HF_DIR"),
     (["--model", "{run}", "--base-dtype", "int8", "--merge-adapters"], "merging dequantises"),
@@ -83,6 +111,8 @@ def test_int8_base_end_to_end(setup, tmp_path):
     (["--model", "{run}", "--dtype", "bfloat16", "--base-dtype", "int8"], "not both"),
     (["--model", "{run}", "--base", "{other}"], "is not the one this run was trained on"),
     (["--model", "{peft}", "--base", "{run}"], "not a Hugging Face model folder"),
+    (["--model", "{base}", "--step", "3"], "--step 3: --model {base} is a Hugging Face folder, which has no checkpoints"),
+    (["--model", "{run}", "--step", "4"], "--step 4: "),
 ])
 def test_bad_combinations_are_refused(setup, tmp_path, capsys, flags, message):
     root = setup
@@ -100,5 +130,5 @@ def test_bad_combinations_are_refused(setup, tmp_path, capsys, flags, message):
             *(f.format(**paths) for f in flags)]
     with pytest.raises(SystemExit) as e:
         main(argv)
-    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert e.value.code == 2 and message.format(**paths) in capsys.readouterr().err
     assert not (tmp_path / "out" / "results.json").exists()
