@@ -18,17 +18,32 @@ TASKS: dict[str, Task] = {t.name: t for t in (mdqa.TASK, flenqa.TASK, synthetic.
                                               gsm8k.TASK, openqa.TRIVIAQA_TASK, openqa.NQ_OPEN_TASK)}
 
 
-def _summary(results: dict) -> str:
-    lines = [f"{results['task']} ({results['label']}): {results['num_examples']} examples, "
-             f"{results['timing']['eval_s']:.1f} s"]
-    for name, value in results["metrics"].items():
+def _scores(m: dict) -> str:
+    """"name value" for each score of a group (its stderr and counts left out)."""
+    return ", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float) and not k.endswith("_stderr"))
+
+
+SETTINGS = {"oracle": "oracle (the gold document alone)", "closedbook": "closed book (no documents)"}
+"""MDQA's bounds beside the gold positions, as `summary` names them."""
+
+
+def summary(results: dict) -> str:
+    """What `python -m eval TASK` prints at the end: the scores overall, per gold position (MDQA's oracle and
+    closed book too) or context size, and whether --limit cut the data."""
+    limit = results.get("settings", {}).get("limit")
+    lines = [f"{results['task']} ({results['label']}): {results['num_examples']} examples"
+             + (f" (--limit {limit})" if limit else "") + f", {results['timing']['eval_s']:.1f} s"]
+    metrics = results["metrics"]
+    for name, value in metrics.items():
         if isinstance(value, float) and not name.endswith("_stderr"):
-            stderr = results["metrics"].get(f"{name}_stderr")
+            stderr = metrics.get(f"{name}_stderr")
             lines.append(f"  {name}: {value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else ""))
-    for pos, m in results["metrics"].get("by_gold_position", {}).items():
-        scores = ", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float) and not k.endswith("_stderr"))
-        lines.append(f"  gold at {pos}: {scores} (n={m['n']})")
-    for ctx, m in results["metrics"].get("by_ctx_size", {}).items():
+    for pos, m in metrics.get("by_gold_position", {}).items():
+        lines.append(f"  gold at {pos}: {_scores(m)} (n={m['n']})")
+    for setting, name in SETTINGS.items():
+        if isinstance(metrics.get(setting), dict):
+            lines.append(f"  {name}: {_scores(metrics[setting])} (n={metrics[setting]['n']})")
+    for ctx, m in metrics.get("by_ctx_size", {}).items():
         lines.append(f"  {ctx} tokens: accuracy {m['accuracy']:.4f}, refused {m['refusal_rate']:.4f} (n={m['n']})")
     return "\n".join(lines)
 
@@ -48,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> dict | str:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(_summary(results))
+    print(summary(results))
     print(f"wrote {args.out}/results.json")
     return results
 

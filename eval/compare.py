@@ -2,17 +2,22 @@
 
 Prints one summary table for any mix of tasks (rows: task/metric: MDQA per gold position and document
 count with oracle and closed book, FLenQA per context length, synthetic retrieval, MMLU, HellaSwag, GSM8K,
-TriviaQA, NQ-Open; columns: models by label, plus B - A for two) and writes the overlaid MDQA and FLenQA
-plots.
+TriviaQA, NQ-Open; columns: models by label, then each model minus the first) and writes the overlaid MDQA,
+FLenQA and synthetic plots. Runs that share a label are repeats of one setting (the seeds of the paper's
+grid): their column holds the mean and the standard deviation over them, and their plotted line the mean with
+error bars.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 from pathlib import Path
 
 import tyro
 
+from eval import metrics as M
 from eval import plots
 from eval.datafiles import DataError
 from eval.results import load_results
@@ -26,8 +31,9 @@ class CompareArgs:
     """results.json files (or directories holding one)."""
     labels: tuple[str, ...] | None = None
     """Names for the runs, in order (default: each run's label)."""
-    out: Path = Path(".")
-    """Directory for mdqa_compare.png / flenqa_compare.png (written when MDQA / FLenQA results are given)."""
+    out: Path | None = None
+    """Directory for mdqa_compare.png / flenqa_compare.png / synthetic_compare.png (written when MDQA / FLenQA /
+    synthetic results are given; default: compare/ beside the results folders, in the folder that holds them)."""
 
 
 TASK_ORDER = ("mdqa", "flenqa", "synthetic", "mmlu", "hellaswag", "gsm8k", "triviaqa", "nq_open")
@@ -75,56 +81,79 @@ def headline_metrics(results: dict) -> dict[str, tuple[float, float | None]]:
     return rows
 
 
-def _cell(entry: tuple[float, float | None] | None) -> str:
-    if entry is None:
+def _cell(entries: list[tuple[float, float | None]]) -> str:
+    """One run: value ± its standard error; several (one label): mean ± standard deviation over them."""
+    if not entries:
         return "-"
-    value, stderr = entry
-    return f"{100 * value:.1f}" + (f" ± {100 * stderr:.1f}" if stderr is not None else "")
+    if len(entries) == 1:
+        value, spread = entries[0]
+    else:
+        value, spread = M.mean_sd([v for v, _ in entries])
+    return f"{100 * value:.1f}" + (f" ± {100 * spread:.1f}" if spread is not None else "")
+
+
+def _mean(entries: list[tuple[float, float | None]]) -> float | None:
+    return M.mean_sd([v for v, _ in entries])[0]
 
 
 def format_table(runs: list[dict], labels: list[str]) -> str:
     """One table for any mix of tasks: a column per label (a model), a row per task and metric, values in
-    percent (± standard error), plus B - A when there are two columns. Runs sharing a label fill one
-    column (e.g. every task evaluated on the base model); a label with two runs of the same task (and
-    document count) gets a numbered column of its own."""
+    percent, then for each label after the first its difference of means to the first (`ft - base`, in
+    points). Runs sharing a label fill one column: its runs of a task are repeats (seeds), shown as mean ±
+    standard deviation, a single run as value ± standard error; the header counts the repeats (`n=3`) and marks
+    runs that scored only their first examples (`limit N`)."""
     columns: list[str] = []
-    cells: dict[tuple[str, str, str], tuple[float, float | None]] = {}
+    cells: dict[tuple[str, str, str], list[tuple[float, float | None]]] = {}
+    counts: dict[tuple[str, str], int] = {}
     examples: dict[str, int] = {}
+    members: dict[str, list[dict]] = {}
     keys: list[tuple[str, str]] = []
     for run, label in zip(runs, labels, strict=True):
-        key, column, copy = task_key(run), label, 1
-        while any(k[0] == column and k[1] == key for k in cells):
-            copy += 1
-            column = f"{label}#{copy}"
-        if column not in columns:
-            columns.append(column)
+        key = task_key(run)
+        if label not in columns:
+            columns.append(label)
+        members.setdefault(label, []).append(run)
+        counts[(label, key)] = counts.get((label, key), 0) + 1
         for metric, entry in headline_metrics(run).items():
-            cells[(column, key, metric)] = entry
+            cells.setdefault((label, key, metric), []).append(entry)
             if (key, metric) not in keys:
                 keys.append((key, metric))
-        examples[column] = examples.get(column, 0) + run["num_examples"]
+        examples[label] = examples.get(label, 0) + run["num_examples"]
 
     def order(k: tuple[str, str]) -> tuple[int, int, str, tuple[int, int]]:
         base = k[0].split("/")[0]
         return (TASK_ORDER.index(base) if base in TASK_ORDER else len(TASK_ORDER), _doc_count(k[0]), k[0],
                 _metric_rank(k[1]))
 
+    def heading(label: str) -> str:
+        repeats = sorted({n for (c, _), n in counts.items() if c == label})
+        notes = [f"n={repeats[0]}" if len(repeats) == 1 else f"n={repeats[0]}-{repeats[-1]}"] if repeats[-1] > 1 else []
+        notes += [note] if (note := plots.limit_note(members[label])) else []
+        return label + (f" ({', '.join(notes)})" if notes else "")
+
     keys = sorted(keys, key=order)  # stable: a task's plain metrics keep their order
-    two = len(columns) == 2
-    header = ["task", "metric (%)", *columns] + (["B - A"] if two else [])
+    first = columns[0]
+    others = columns[1:]
+    header = ["task", "metric (%)", *map(heading, columns), *(f"{c} - {first}" for c in others)]
     body = []
     for key, metric in keys:
-        entries = [cells.get((c, key, metric)) for c in columns]
-        row = [key, metric, *map(_cell, entries)]
-        if two:
-            row.append(f"{100 * (entries[1][0] - entries[0][0]):+.1f}" if None not in entries else "-")
-        body.append(row)
-    counts = ["", "examples", *(str(examples[c]) for c in columns)] + ([""] if two else [])
-    table = [header, *body, counts]
+        entries = [cells.get((c, key, metric), []) for c in columns]
+        means = [_mean(e) for e in entries]
+        diffs = [f"{100 * (m - means[0]):+.1f}" if m is not None and means[0] is not None else "-"
+                 for m in means[1:]]
+        body.append([key, metric, *map(_cell, entries), *diffs])
+    totals = ["", "examples", *(str(examples[c]) for c in columns)] + [""] * len(others)
+    table = [header, *body, totals]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
              for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if any(n > 1 for n in counts.values()):
+        lines.append("± is the standard error over a run's examples, or for n runs of one label (n=...) the "
+                     "standard deviation over them (n - 1 in the denominator); differences are of the means")
+    if any(plots.limit_note([r]) for r in runs):
+        lines.append("limit N: that run scored only its first N examples (per gold position for MDQA, per "
+                     "subject for MMLU): --limit")
     return "\n".join(lines)
 
 
@@ -144,7 +173,11 @@ def _doc_count(key: str) -> int:
     return int(tail) if tail.isdigit() else 0
 
 
-_GROUPS = {"mdqa": ("by_gold_position", "best_subspan_em"), "flenqa": ("by_ctx_size", "accuracy")}
+_GROUPS = {"mdqa": ("by_gold_position", "best_subspan_em", "a number", str.isdigit),
+           "flenqa": ("by_ctx_size", "accuracy", "a number", str.isdigit),
+           "synthetic": ("by_gold_position", "value_em", "a range such as 1-4",
+                         lambda k: re.fullmatch(r"\d+-\d+", k) is not None)}
+"""What the plots read of each task: (group, score, what a group key is, the check of a key)."""
 
 
 def check_metrics(path: Path, results: dict) -> None:
@@ -154,13 +187,13 @@ def check_metrics(path: Path, results: dict) -> None:
         raise DataError(f"{path}: 'metrics' must be an object")
     if task not in _GROUPS:
         return
-    group, name = _GROUPS[task]
+    group, name, what, valid = _GROUPS[task]
     entries = metrics.get(group)
     if not isinstance(entries, dict):
         raise DataError(f"{path}: {task} results without metrics.{group}")
     for key in entries:
-        if not key.isdigit():
-            raise DataError(f"{path}: metrics.{group}: {key!r} is not a number")
+        if not valid(key):
+            raise DataError(f"{path}: metrics.{group}: {key!r} is not {what}")
     checked = {f"{group}.{k}": v for k, v in entries.items()}
     if task == "mdqa":
         checked.update({k: metrics[k] for k in ("oracle", "closedbook") if k in metrics})
@@ -168,6 +201,13 @@ def check_metrics(path: Path, results: dict) -> None:
         value = entry.get(name) if isinstance(entry, dict) else None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise DataError(f"{path}: metrics.{key} has no number '{name}'")
+
+
+def default_out(results: tuple[Path, ...]) -> Path:
+    """compare/ beside the results folders: in the deepest folder that holds all of them (results/base/ and
+    results/ft/ give results/compare/), never the current directory by accident."""
+    folders = [Path(p).resolve() if Path(p).is_dir() else Path(p).resolve().parent for p in results]
+    return Path(os.path.commonpath([f.parent for f in folders])) / "compare"
 
 
 def compare(args: CompareArgs) -> str:
@@ -182,14 +222,14 @@ def compare(args: CompareArgs) -> str:
         runs = [{**r, "label": label} for r, label in zip(runs, args.labels, strict=True)]
     table = format_table(runs, [r["label"] for r in runs])
     print(table)
-    for path in write_plots(runs, Path(args.out)):
+    for path in write_plots(runs, args.out or default_out(args.results)):
         print(f"\nwrote {path}")
     return table
 
 
 def write_plots(runs: list[dict], out: Path) -> list[Path]:
-    """mdqa_compare.png (one per document count, mdqa_compare_<N>docs.png, when there are several) and
-    flenqa_compare.png, overlaying every run of the task."""
+    """mdqa_compare.png (one per document count, mdqa_compare_<N>docs.png, when there are several),
+    flenqa_compare.png and synthetic_compare.png, overlaying every model (label) of the task."""
     paths = []
     mdqa_groups: dict[str, list[dict]] = {}
     for r in runs:
@@ -198,7 +238,8 @@ def write_plots(runs: list[dict], out: Path) -> list[Path]:
     for key, group in mdqa_groups.items():
         name = "mdqa_compare.png" if len(mdqa_groups) == 1 else f"mdqa_compare_{_doc_count(key)}docs.png"
         paths.append(plots.plot_mdqa(group, out / name))
-    flenqa_runs = [r for r in runs if r["task"] == "flenqa"]
-    if flenqa_runs:
-        paths.append(plots.plot_flenqa(flenqa_runs, out / "flenqa_compare.png"))
+    for task, plot in (("flenqa", plots.plot_flenqa), ("synthetic", plots.plot_synthetic)):
+        of_task = [r for r in runs if r["task"] == task]
+        if of_task:
+            paths.append(plot(of_task, out / f"{task}_compare.png"))
     return paths

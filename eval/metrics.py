@@ -102,17 +102,23 @@ def gsm8k_gold_number(gold_answer: str) -> str:
 
 
 # --- aggregation -------------------------------------------------------------------------------------
-def mean_stderr(values: Sequence[float]) -> tuple[float | None, float | None]:
-    """Mean and its standard error (sample std / sqrt(n), as the harness reports); None where undefined
-    (no values; a single value), so that results.json stays strict JSON."""
+def mean_sd(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n - 1 in the denominator): the spread of repeated runs (seeds);
+    None where undefined (no values; a single value)."""
     n = len(values)
     if n == 0:
         return None, None
     mean = sum(values) / n
     if n == 1:
         return mean, None
-    var = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(var / n)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+
+
+def mean_stderr(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and its standard error (sample std / sqrt(n), as the harness reports); None where undefined
+    (no values; a single value), so that results.json stays strict JSON."""
+    mean, sd = mean_sd(values)
+    return mean, None if sd is None else sd / math.sqrt(len(values))
 
 
 def summarize(name: str, values: Sequence[float]) -> dict[str, float | None]:

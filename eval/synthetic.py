@@ -3,7 +3,8 @@
 Each sample's user message is the prompt (Mistral-Instruct format) and its `meta` holds the gold value and
 gold dictionary number (`gold_value`, `gold_dict`, 1-based). The model's answer is parsed for the value
 and the dictionary; exact match of the value, of the dictionary and of both is reported overall and by
-gold dictionary position (in `--position-bins` equal ranges of 1..num_dicts).
+gold dictionary position (in `--position-bins` equal ranges of 1..num_dicts), and the value's accuracy is
+plotted against that position (synthetic_positions.png, as MDQA's plot).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from eval import metrics as M
 from eval.common import CommonArgs, Evaluation, LoadedData, Task, check_source_args, limited
 from eval.datafiles import DataError, find_file, get_int, get_str, iter_jsonl
+from eval.plots import plot_synthetic
 from eval.results import file_source
 from jaxtrain.generate import encode_generation_prompt
 
@@ -160,4 +162,8 @@ def evaluate(args: SyntheticArgs, data: LoadedData, generator) -> Evaluation:
     return Evaluation(metrics, predictions, settings, len(examples))
 
 
-TASK = Task("synthetic", SyntheticArgs, load, evaluate)
+def write_plot(results: dict, out: Path) -> None:
+    plot_synthetic([results], Path(out) / "synthetic_positions.png")
+
+
+TASK = Task("synthetic", SyntheticArgs, load, evaluate, after_write=write_plot)

@@ -439,8 +439,8 @@ def summary(report: AotReport) -> str:
 
 def announce(cfg: AotConfig) -> str:
     """What is about to compile, said before the compiler's silent minutes (on stderr: stdout is the report)."""
-    shape = (f"prompts of {cfg.seq_len} tokens + {cfg.new_tokens} new x batch {cfg.global_batch}" if cfg.step == "decode"
-             else f"seq {cfg.seq_len} x batch {cfg.global_batch}")
+    shape = (f"prompts of {cfg.seq_len} tokens + {cfg.new_tokens} new x batch {cfg.global_batch}"
+             if cfg.step == "decode" else f"seq {cfg.seq_len} x batch {cfg.global_batch}")
     return (f"aot: compiling one step ({_step_name(cfg)}) of {cfg.model} for {cfg.topology} ({shape}) with libtpu on "
             "this machine, no TPU needed; a 7B model takes a few minutes")
 

@@ -567,17 +567,20 @@ def start_summary(cfg: TrainConfig, config: ModelConfig, batches: BucketedBatche
     examples = sum(b.num_examples for b in batches.buckets)
     rows = (f"{cfg.global_batch} rows" if cfg.tokens_per_batch is None else f"~{cfg.tokens_per_batch} tokens")
     steps = f"{batches.steps_per_epoch} steps an epoch x {cfg.epochs} epochs"
-    steps += f", stopping at --max-steps {total}" if total < batches.steps_per_epoch * cfg.epochs else f" = {total} steps"
+    full = batches.steps_per_epoch * cfg.epochs
+    steps += f", stopping at --max-steps {total}" if total < full else f" = {total} steps"
     o = cfg.optimizer
     accum = f" in {cfg.grad_accum} micro-batches" if cfg.grad_accum > 1 else ""
     devices = jax.devices()
     shape = " x ".join(f"{axis} {size}" for axis, size in mesh.shape.items())
     weights = origin or (f"from {cfg.init_from}" if cfg.init_from and lora is None else
-                         f"fresh adapters on {cfg.init_from}" if cfg.init_from else f"from random weights (seed {cfg.seed})")
+                         f"fresh adapters on {cfg.init_from}" if cfg.init_from else
+                         f"from random weights (seed {cfg.seed})")
+    warmup = round(o.warmup_ratio * total)
     return "\n".join([
         f"train: {what}",
         f"  data: {cfg.data}: {examples} examples; {steps}; {rows} a step{accum}",
-        f"  optimizer: AdamW, lr {o.lr:g} ({o.schedule}, {int(round(o.warmup_ratio * total))} warm-up steps), seed {cfg.seed}",
+        f"  optimizer: AdamW, lr {o.lr:g} ({o.schedule}, {warmup} warm-up steps), seed {cfg.seed}",
         f"  mesh: {shape} over {len(devices)} {devices[0].platform} device{'s' * (len(devices) > 1)}; {weights}"])
 
 

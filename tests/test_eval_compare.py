@@ -1,6 +1,7 @@
 """`python -m eval compare` and the MDQA plot on hand-written results files (values worked out by hand)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -38,7 +39,7 @@ def files(tmp_path):
 def test_compare_table_and_plot(files, tmp_path, capsys):
     table = main(["compare", str(files["base"]), str(files["ft"]), "--out", str(tmp_path / "cmp")])
     lines = table.splitlines()
-    assert lines[0].split() == ["task", "metric", "(%)", "base", "ft", "B", "-", "A"]
+    assert lines[0].split() == ["task", "metric", "(%)", "base", "ft", "ft", "-", "base"]
     gold10 = next(line for line in lines if "gold at 10" in line)
     assert gold10.split()[4:] == ["30.0", "±", "5.0", "50.0", "±", "5.0", "+20.0"]
     oracle = next(line for line in lines if " oracle " in f" {line} ")
@@ -183,7 +184,7 @@ def _all_runs():
     return runs
 
 
-# Worked out by hand from _all_runs: percent (± stderr), B - A = ft - base, "-" where a model has no value.
+# Worked out by hand from _all_runs: percent (± stderr), ft - base, "-" where a model has no value.
 EXPECTED_TABLE = [
     ("mdqa/20", "best_subspan_em", "57.0 ± 3.0", "66.0 ± 3.0", "+9.0"),        # mean of the positions
     ("mdqa/20", "gold at 1", "67.5 ± 7.5", "70.0 ± 7.3", "+2.5"),
@@ -274,15 +275,163 @@ def test_one_table_of_every_task(tmp_path, monkeypatch, capsys):
     table = main(["compare", *(str(paths[i]) for i in order), "--out", str(tmp_path / "cmp")])
     lines = table.splitlines()
     widths = [len(dashes) for dashes in lines[1].split("  ")]
-    assert _split_row(lines[0], widths) == ["task", "metric (%)", "base", "ft", "B - A"]
+    assert _split_row(lines[0], widths) == ["task", "metric (%)", "base", "ft", "ft - base"]
     assert [tuple(_split_row(line, widths)) for line in lines[2:-1]] == EXPECTED_TABLE
     assert _split_row(lines[-1], widths) == ["", "examples", *EXPECTED_EXAMPLES, ""]
 
     assert sorted(plotted) == [("mdqa_compare_120docs.png", [("base", 120), ("ft", 120)]),
                                ("mdqa_compare_20docs.png", [("base", 20), ("ft", 20)])]
     written = sorted(p.name for p in (tmp_path / "cmp").iterdir())
-    assert written == ["flenqa_compare.png", "mdqa_compare_120docs.png", "mdqa_compare_20docs.png"]
+    assert written == ["flenqa_compare.png", "mdqa_compare_120docs.png", "mdqa_compare_20docs.png",
+                       "synthetic_compare.png"]
     pngs = [(tmp_path / "cmp" / name).read_bytes() for name in written]
-    assert all(png[:8] == b"\x89PNG\r\n\x1a\n" for png in pngs) and len(set(pngs)) == 3
+    assert all(png[:8] == b"\x89PNG\r\n\x1a\n" for png in pngs) and len(set(pngs)) == 4
     out = capsys.readouterr().out
     assert table in out and all(f"wrote {tmp_path / 'cmp' / name}" in out for name in written)
+
+
+# --- seeds, --limit, where the plots go, what the plots draw ---------------------------------------------------
+def _write(folder, results):
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps(results))
+    return folder / "results.json"
+
+
+def _seeded_mdqa(label, gold1, gold20, oracle, limit=None):
+    run = _mdqa(label, [gold1, 0.5, gold20], oracle)
+    run["metrics"]["by_gold_position"] = {k: v for k, v in run["metrics"]["by_gold_position"].items() if k != "10"}
+    run["settings"]["limit"] = limit
+    return run
+
+
+@pytest.fixture
+def seeded(tmp_path):
+    """MDQA of a base model and of two finetuned settings over seeds (3 of `template`, 2 of `plain`), each run in
+    its own folder as the recipes lay them out (results/<run>/mdqa/results.json)."""
+    runs = {"base": _seeded_mdqa("base", 0.50, 0.40, 0.80, limit=2),
+            "template-seed0": _seeded_mdqa("template", 0.60, 0.50, 0.85),
+            "template-seed1": _seeded_mdqa("template", 0.70, 0.55, 0.95),
+            "template-seed2": _seeded_mdqa("template", 0.65, 0.60, 0.90),
+            "plain-seed0": _seeded_mdqa("plain", 0.58, 0.42, 0.80),
+            "plain-seed1": _seeded_mdqa("plain", 0.52, 0.42, 0.90)}
+    return [_write(tmp_path / "results" / name / "mdqa", run) for name, run in runs.items()]
+
+
+def _capture_axes(monkeypatch):
+    """The axes of every plot, read back just before it is saved."""
+    from eval import plots
+
+    captured = {}
+    real = plots._save
+
+    def spy(fig, ax, path, *args, **kwargs):
+        captured[Path(path).name] = ax
+        return real(fig, ax, path, *args, **kwargs)
+
+    monkeypatch.setattr(plots, "_save", spy)
+    return captured
+
+
+def _flat(pairs):
+    return [v for pair in pairs for v in pair]
+
+
+def _curves(ax):
+    """{legend label: ([(x, y)], [(y - error, y + error)] or None without error bars)} of the lines on `ax`."""
+    out = {}
+    for container in ax.containers:
+        line, _, bars = container.lines
+        points = [(float(x), float(y)) for x, y in zip(*line.get_data(), strict=True)]
+        spans = [(float(seg[0][1]), float(seg[1][1])) for seg in bars[0].get_segments()] if bars else None
+        out[container.get_label()] = (points, spans)
+    return out
+
+
+def test_compare_groups_seeds_by_label(seeded, tmp_path, monkeypatch, capsys):
+    """Runs sharing a label are one column: mean ± sample standard deviation (worked out by hand), the
+    difference of means against the first label, the repeat count and the --limit of the base in the header;
+    the plot draws the same means with error bars of one standard deviation. Without --out the plot goes to
+    results/compare/ beside the run folders, never into the current directory."""
+    monkeypatch.chdir(tmp_path)
+    axes = _capture_axes(monkeypatch)
+    table = main(["compare", *map(str, seeded)])
+    lines = table.splitlines()
+    widths = [len(dashes) for dashes in lines[1].split("  ")]
+    assert _split_row(lines[0], widths) == ["task", "metric (%)", "base (limit 2)", "template (n=3)", "plain (n=2)",
+                                            "template - base", "plain - base"]
+    rows = {tuple(_split_row(line, widths)[:2]): _split_row(line, widths)[2:] for line in lines[2:-3]}
+    # template at gold 1: 60, 70, 65 -> mean 65, sd sqrt((25 + 25 + 0) / 2) = 5; plain: 58, 52 -> 55, sd 4.24
+    assert rows[("mdqa/20", "gold at 1")] == ["50.0 ± 5.0", "65.0 ± 5.0", "55.0 ± 4.2", "+15.0", "+5.0"]
+    # gold 20: 50, 55, 60 -> 55 ± 5; 42, 42 -> 42 ± 0
+    assert rows[("mdqa/20", "gold at 20")] == ["40.0 ± 5.0", "55.0 ± 5.0", "42.0 ± 0.0", "+15.0", "+2.0"]
+    # oracle: 85, 95, 90 -> 90 ± 5; 80, 90 -> 85 ± 7.07 (the base's single run has no stderr)
+    assert rows[("mdqa/20", "oracle")] == ["80.0", "90.0 ± 5.0", "85.0 ± 7.1", "+10.0", "+5.0"]
+    assert _split_row(lines[-3], widths) == ["", "examples", "40", "120", "80", "", ""]
+    assert lines[-2].startswith("± is the standard error over a run's examples, or for n runs of one label")
+    assert lines[-1].startswith("limit N: that run scored only its first N examples")
+
+    plot = tmp_path / "results" / "compare" / "mdqa_compare.png"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+    assert f"wrote {plot}" in capsys.readouterr().out
+    curves = _curves(axes["mdqa_compare.png"])
+    assert curves["base (limit 2)"] == ([(1, 50.0), (20, 40.0)], None)
+    points, spans = curves["template (mean of 3)"]
+    assert _flat(points) == pytest.approx([1, 65.0, 20, 55.0]) and _flat(spans) == pytest.approx([60, 70, 50, 60])
+    points, spans = curves["plain (mean of 2)"]
+    sd = 18 ** 0.5  # 58 and 52: sqrt((3^2 + 3^2) / (2 - 1))
+    assert _flat(points) == pytest.approx([1, 55.0, 20, 42.0])
+    assert _flat(spans) == pytest.approx([55 - sd, 55 + sd, 42, 42])
+    assert axes["mdqa_compare.png"].get_ylim() == (0.0, 100.0)
+
+
+def test_flenqa_plot_axis_is_0_to_100_percent_whatever_the_scores(tmp_path, monkeypatch):
+    """All-zero accuracies used to give matplotlib's default -0.04..0.04 axis."""
+    axes = _capture_axes(monkeypatch)
+    by_ctx = {str(c): {"accuracy": 0.0, "refusal_rate": 1.0, "n": 4} for c in (250, 500)}
+    path = _write(tmp_path / "flenqa", _results("flenqa", "tiny", {"accuracy": 0.0, "by_ctx_size": by_ctx},
+                                                settings={"cot": False, "limit": None}))
+    main(["compare", str(path), "--out", str(tmp_path / "cmp")])
+    ax = axes["flenqa_compare.png"]
+    assert ax.get_ylim() == (0.0, 100.0) and ax.get_ylabel() == "Accuracy (%)"
+    assert list(ax.get_xticks()) == [250, 500]
+
+
+def test_synthetic_plot_by_gold_dictionary_position(tmp_path, monkeypatch):
+    """Value accuracy against the gold dictionary's position bins, drawn at the bins' middles, labelled by range."""
+    axes = _capture_axes(monkeypatch)
+    paths = []
+    for label, scores in (("base", (0.2, 0.1, 0.0)), ("ft", (1.0, 0.9, 0.8))):
+        bins = {b: {"value_em": v, "dict_em": 0.5, "both_em": 0.5, "n": 10}
+                for b, v in zip(("1-4", "5-8", "9-10"), scores, strict=True)}
+        paths.append(_write(tmp_path / label, _results("synthetic", label, {"value_em": sum(scores) / 3,
+                                                                            "by_gold_position": bins},
+                                                       settings={"limit": None})))
+    main(["compare", *map(str, paths), "--out", str(tmp_path / "cmp")])
+    ax = axes["synthetic_compare.png"]
+    assert list(ax.get_xticks()) == [2.5, 6.5, 9.5]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1-4", "5-8", "9-10"]
+    assert _curves(ax) == {"base": ([(2.5, 20.0), (6.5, 10.0), (9.5, 0.0)], None),
+                           "ft": ([(2.5, 100.0), (6.5, 90.0), (9.5, 80.0)], None)}
+    (tmp_path / "bad").mkdir()
+    bad = _results("synthetic", "x", {"value_em": 0.5, "by_gold_position": {"middle": {"value_em": 0.5}}})
+    with pytest.raises(SystemExit):
+        main(["compare", str(_write(tmp_path / "bad" / "x", bad)), "--out", str(tmp_path)])
+
+
+def test_eval_summary_prints_oracle_closed_book_and_limit():
+    """`python -m eval mdqa` prints the oracle and closed-book scores beside the positions (they were computed
+    but not shown) and says when --limit cut the data."""
+    from eval.__main__ import summary
+
+    run = _mdqa("ft", [0.65, 0.5, 0.55], 0.85)
+    run["metrics"]["closedbook"] = {"best_subspan_em": 0.25, "best_subspan_em_stderr": 0.07, "n": 40}
+    run.update(num_examples=200, timing={"eval_s": 12.34}, settings={"limit": 40, "num_documents": 20})
+    assert summary(run).splitlines() == [
+        "mdqa (ft): 200 examples (--limit 40), 12.3 s",
+        "  best_subspan_em: 0.5667 ± 0.0300",
+        "  gold at 1: best_subspan_em 0.6500 (n=40)",
+        "  gold at 10: best_subspan_em 0.5000 (n=40)",
+        "  gold at 20: best_subspan_em 0.5500 (n=40)",
+        "  oracle (the gold document alone): best_subspan_em 0.8500 (n=40)",
+        "  closed book (no documents): best_subspan_em 0.2500 (n=40)"]

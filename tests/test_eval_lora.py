@@ -111,7 +111,8 @@ def test_step_picks_the_checkpoint_of_a_run(setup, tmp_path):
     (["--model", "{run}", "--dtype", "bfloat16", "--base-dtype", "int8"], "not both"),
     (["--model", "{run}", "--base", "{other}"], "is not the one this run was trained on"),
     (["--model", "{peft}", "--base", "{run}"], "not a Hugging Face model folder"),
-    (["--model", "{base}", "--step", "3"], "--step 3: --model {base} is a Hugging Face folder, which has no checkpoints"),
+    (["--model", "{base}", "--step", "3"], "--step 3: --model {base} is a Hugging Face folder, which has no "
+                                           "checkpoints"),
     (["--model", "{run}", "--step", "4"], "--step 4: "),
 ])
 def test_bad_combinations_are_refused(setup, tmp_path, capsys, flags, message):

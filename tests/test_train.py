@@ -288,8 +288,7 @@ def test_train_says_what_it_does_and_what_comes_next(four_steps, shards):
     lines = (four_steps.parent / "stdout.txt").read_text().splitlines()
     assert lines[:4] == [
         "train: tiny: full finetune of 4.2M parameters (float32 weights, float32 compute, remat none)",
-        f"  data: {shards}: 24 examples; 4 steps an epoch x 2 epochs, stopping at "
-        "--max-steps 4; 8 rows a step",
+        f"  data: {shards}: 24 examples; 4 steps an epoch x 2 epochs, stopping at --max-steps 4; 8 rows a step",
         "  optimizer: AdamW, lr 0.003 (linear, 1 warm-up steps), seed 0",  # round(0.2 * 4)
         "  mesh: data 1 x fsdp 1 x tensor 1 over 1 cpu device; from random weights (seed 0)"]
     last = metrics(four_steps)[-1]
