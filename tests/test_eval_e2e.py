@@ -71,6 +71,7 @@ def test_synthetic(tiny_model, tmp_path):
     for name in ("value_em", "dict_em", "both_em"):
         assert results["metrics"][name] == mean([p[name] for p in preds])
     assert sum(b["n"] for b in results["metrics"]["by_gold_position"].values()) == 3
+    assert (tmp_path / "out" / "synthetic_positions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_mmlu_loglikelihood_matches_transformers(tiny_model, shared_data, tmp_path):
