@@ -1,6 +1,6 @@
 """`python -m eval <task> --model HF_DIR_OR_RUN_DIR [--data-file F | --data-dir D] [--limit N] --out DIR`
 (also a LoRA run or PEFT adapter folder: `--base HF_DIR`, `--base-dtype int8|bf16|float32`, `--merge-adapters`)
-and `python -m eval compare A/results.json B/results.json ...`."""
+, `python -m eval compare A/results.json B/results.json ...` and `python -m eval mdqa-layout --source DIR --out DIR`."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from eval import flenqa, gsm8k, hellaswag, mdqa, mmlu, openqa, synthetic
 from eval.common import Task, run_task
 from eval.compare import CompareArgs, compare
 from eval.datafiles import DataError
+from eval.mdqa_layout import MdqaLayoutArgs, layout
 
 TASKS: dict[str, Task] = {t.name: t for t in (mdqa.TASK, flenqa.TASK, synthetic.TASK, mmlu.TASK, hellaswag.TASK,
                                               gsm8k.TASK, openqa.TRIVIAQA_TASK, openqa.NQ_OPEN_TASK)}
@@ -50,14 +51,20 @@ def summary(results: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict | str:
     """Parse the command line, run it, and return the results (or the comparison table) for tests."""
-    subcommands = {name: task.args_type for name, task in TASKS.items()} | {"compare": CompareArgs}
+    subcommands = ({name: task.args_type for name, task in TASKS.items()}
+                   | {"compare": CompareArgs, "mdqa-layout": MdqaLayoutArgs})
     args = tyro.extras.subcommand_cli_from_dict(
         subcommands, prog="python -m eval", args=argv,
         description="Evaluate a checkpoint (MDQA by gold position and document count, FLenQA, "
-                    "synthetic retrieval, general benchmarks) or compare results.json files.")
+                    "synthetic retrieval, general benchmarks), compare results.json files, or lay out the "
+                    "Lost in the Middle release for MDQA (mdqa-layout).")
     try:
         if isinstance(args, CompareArgs):
             return compare(args)
+        if isinstance(args, MdqaLayoutArgs):
+            report = "\n".join(layout(args))
+            print(report)
+            return report
         task = next(t for t in TASKS.values() if type(args) is t.args_type)
         results = run_task(task, args)
     except DataError as e:

@@ -16,10 +16,14 @@ from pathlib import Path
 
 from eval import metrics as M
 from eval.common import CommonArgs, Evaluation, LoadedData, Task, check_source_args, limited
-from eval.datafiles import DataError, get_int, get_str, iter_jsonl
+from eval.datafiles import DataError, find_file, get_int, get_str, iter_jsonl
 from eval.plots import plot_flenqa
 from eval.results import file_source
 
+SOURCE = "https://github.com/alonj/Same-Task-More-Tokens"
+"""Where the released file comes from (the authors' repository; also the Hugging Face dataset alonj/FLenQA)."""
+FILE_NAMES = ("FLenQA.zip", "FLenQA.jsonl", "FLenQA.jsonl.gz", "flenqa.jsonl")
+"""What --data-dir looks for: the release's zip, or the JSONL inside it."""
 DATASETS = ("PIR", "MonoRel", "Simplified RuleTaker")
 TRUE, FALSE, REFUSED = "true", "false", "other/refused"
 
@@ -178,7 +182,11 @@ def score_response(response: str, label: str, facts: Sequence[str], *, cot: bool
 # --------------------------------------------------------------------------------------------- the task
 @dataclasses.dataclass(kw_only=True)
 class FlenqaArgs(CommonArgs):
-    """FLenQA True/False reasoning accuracy by context length (writes results.json and flenqa_accuracy.png)."""
+    """FLenQA True/False reasoning accuracy by context length (writes results.json and flenqa_accuracy.png).
+
+    The data is not downloaded for you: get FLenQA.zip from https://github.com/alonj/Same-Task-More-Tokens and
+    pass it as --data-file FLenQA.zip (as it is, or the JSONL inside it, plain or .gz), or put it in a folder
+    given as --data-dir (e.g. EVAL_DATA/flenqa/FLenQA.zip beside the other tasks' folders)."""
 
     cot: bool = False
     """Chain-of-thought prompts (also reports coverage and early-answer rates)."""
@@ -213,17 +221,19 @@ def _keep(rows: list[FlenqaRow], field: str, wanted, flag: str) -> list[FlenqaRo
 
 def load(args: FlenqaArgs) -> LoadedData:
     check_source_args(args)
-    if args.data_file is None:
-        raise DataError("flenqa needs --data-file: the released FLenQA JSONL (or FLenQA.zip), which users "
-                        "download themselves (alonj/Same-Task-More-Tokens)")
+    if args.data_file is None and args.data_dir is None:
+        raise DataError("flenqa needs the released data, which is not downloaded for you: get FLenQA.zip from "
+                        f"{SOURCE} and pass --data-file PATH/FLenQA.zip (the .zip as it is, or the JSONL inside it), or "
+                        f"--data-dir with a folder holding one of {', '.join(FILE_NAMES)}")
+    path = args.data_file or find_file(args.data_dir, list(FILE_NAMES), f"FLenQA (download it from {SOURCE})")
     if args.max_new_tokens < 1:
         raise DataError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    rows = read_flenqa_file(args.data_file)
+    rows = read_flenqa_file(path)
     for field, flag in (("dataset", "--datasets"), ("ctx_size", "--ctx-sizes"), ("dispersion", "--dispersions"),
                         ("padding_type", "--padding-types")):
         rows = _keep(rows, field, getattr(args, field + "s"), flag)
     rows = limited(rows, args.limit)
-    return LoadedData(rows, [file_source(args.data_file)], len(rows))
+    return LoadedData(rows, [file_source(path)], len(rows))
 
 
 def _group_metrics(scored: list[tuple[FlenqaRow, Score]], cot: bool) -> dict:

@@ -24,8 +24,8 @@ from eval.common import CommonArgs, Evaluation, LoadedData, Task, check_source_a
 from eval.datafiles import DataError, get_str, iter_jsonl
 from eval.flenqa import token_stats
 from eval.plots import plot_mdqa
-from eval.readers import (ORACLE_FILES, Document, MdqaExample, find_oracle_file, find_position_files, parse_passages,
-                          parse_position_file_name, read_mdqa_file)
+from eval.readers import (ORACLE_FILES, Document, MdqaExample, expected_files, find_oracle_file, find_position_files,
+                          parse_passages, parse_position_file_name, read_mdqa_file, release_positions)
 from eval.results import file_source
 from jaxtrain.generate import encode_generation_prompt
 
@@ -113,11 +113,6 @@ def requested_positions(args: MdqaArgs) -> list[int] | None:
         raise DataError(f"{flag}: position {zero_based[-1] + shift} does not exist with --num-docs "
                         f"{args.num_documents}")
     return zero_based
-
-
-def default_positions(num_documents: int) -> list[int]:
-    """0-based positions 0, 4, 9, 14, ..., N-1: the release's convention (10, 20, 30 documents)."""
-    return sorted({0, num_documents - 1, *range(4, num_documents, 5)})
 
 
 # --- building prompts of any document count and gold position -------------------------------------------
@@ -233,7 +228,8 @@ def _counts_in_dir(data_dir: Path) -> list[int]:
 def _release_from_dir(args: MdqaArgs) -> _Release:
     counts = _counts_in_dir(args.data_dir)
     if not counts:
-        raise DataError(f"{args.data_dir}: no nq-open-<N>_total_documents_gold_at_<k>.jsonl[.gz] files")
+        raise DataError(f"{args.data_dir}: no nq-open-<N>_total_documents_gold_at_<k>.jsonl[.gz] files; "
+                        + expected_files(args.num_documents or 20))
     n = args.num_documents if args.num_documents in counts else max(counts)
     files = find_position_files(args.data_dir, n)
     oracle = find_oracle_file(args.data_dir)
@@ -307,7 +303,7 @@ def load(args: MdqaArgs) -> LoadedData:
     built = None
     if release.positions:
         if wanted is None:
-            wanted = sorted(release.positions) if n == release.num_documents else default_positions(n)
+            wanted = sorted(release.positions) if n == release.num_documents else release_positions(n)
         from_release = n == release.num_documents and set(wanted) <= set(release.positions)
         if args.positions is not None and not from_release:
             missing = [k + 1 for k in wanted if k not in release.positions or n != release.num_documents]

@@ -14,6 +14,26 @@ from eval.datafiles import DataError, get_str, get_str_list, iter_jsonl, read_cs
 
 _POSITION_FILE = re.compile(r"^nq-open-(\d+)_total_documents_gold_at_(\d+)\.jsonl(\.gz)?$")
 ORACLE_FILES = ("nq-open-oracle.jsonl.gz", "nq-open-oracle.jsonl")
+RETRIEVAL_FILE = "nq-open-contriever-msmarco-retrieved-documents.jsonl.gz"
+RELEASE_COUNTS = (10, 20, 30)
+"""Document counts of the Lost in the Middle release (qa_data/<N>_total_documents/)."""
+
+
+def release_positions(num_documents: int) -> list[int]:
+    """0-based gold positions 0, 4, 9, 14, ..., N-1: the release's files for N documents (10, 20, 30)."""
+    return sorted({0, num_documents - 1, *range(4, num_documents, 5)})
+
+
+def position_file_name(num_documents: int, position: int) -> str:
+    return f"nq-open-{num_documents}_total_documents_gold_at_{position}.jsonl.gz"
+
+
+def expected_files(num_documents: int) -> str:
+    """The release's file names for N documents, and where they go, for error messages."""
+    names = ", ".join(position_file_name(num_documents, k) for k in release_positions(num_documents))
+    return (f"expected the Lost in the Middle files {names} (and optionally {ORACLE_FILES[0]}) directly in this "
+            "folder; `python -m eval mdqa-layout --source <lost-in-the-middle checkout or its qa_data> --out "
+            "<folder>` copies them there from the release's layout")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +125,8 @@ def find_position_files(data_dir: Path, num_documents: int) -> dict[int, Path]:
                                 f"{files[parsed[1]].name}, {path.name}")
             files[parsed[1]] = path
     if not files:
-        raise DataError(f"{data_dir}: no nq-open-{num_documents}_total_documents_gold_at_<k>.jsonl[.gz] files")
+        raise DataError(f"{data_dir}: no nq-open-{num_documents}_total_documents_gold_at_<k>.jsonl[.gz] files; "
+                        + expected_files(num_documents))
     return dict(sorted(files.items()))
 
 

@@ -55,8 +55,11 @@ class NeedlesMdqa(tfds.core.GeneratorBasedBuilder):
     BUILDER_CONFIGS = [MdqaConfig(name=f"{n}_documents", num_documents=n) for n in (10, 20, 30)]
     DEFAULT_CONFIG_NAME = "20_documents"
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
-        "Put the qa_data files of https://github.com/nelson-liu/lost-in-the-middle "
-        "(nq-open-<N>_total_documents_gold_at_<k>.jsonl.gz, optionally nq-open-oracle.jsonl.gz) in manual_dir."
+        "Put the qa_data files of https://github.com/nelson-liu/lost-in-the-middle directly in manual_dir, flat: "
+        "nq-open-<N>_total_documents_gold_at_<k>.jsonl.gz for the configuration's N (10: k = 0, 4, 9; 20: 0, 4, 9, "
+        "14, 19; 30: 0, 4, 9, 14, 19, 24, 29) and optionally nq-open-oracle.jsonl.gz. The release keeps them in "
+        "qa_data/<N>_total_documents/; `python -m eval mdqa-layout --source <checkout> --out <manual_dir>` copies "
+        "them into one folder."
     )
 
     def _info(self):

@@ -162,12 +162,26 @@ def test_bad_json_line_and_filters(tmp_path, data_file):
     assert [r.line for r in data.examples] == [1, 2, 3, 4, 5, 6]
 
 
-def test_zip_as_released(tmp_path):
+def test_zip_as_released_and_where_to_put_it(tmp_path, capsys):
+    """The release's FLenQA.zip is read as it is, from --data-file or from a --data-dir holding it; without data
+    the error says where the file comes from and how to pass it."""
     import zipfile
 
-    with zipfile.ZipFile(tmp_path / "FLenQA.zip", "w") as z:
+    data_dir = tmp_path / "flenqa"
+    data_dir.mkdir()
+    with zipfile.ZipFile(data_dir / "FLenQA.zip", "w") as z:
         z.writestr("FLenQA.jsonl", "".join(json.dumps(r) + "\n" for r in ROWS))
-    assert len(flenqa.read_flenqa_file(tmp_path / "FLenQA.zip")) == 6
+    assert len(flenqa.read_flenqa_file(data_dir / "FLenQA.zip")) == 6
+    data = flenqa.load(flenqa.FlenqaArgs(model="m", out="o", data_dir=data_dir, dispersions=("all",)))
+    assert data.num_examples == 6 and data.sources[0]["path"] == str((data_dir / "FLenQA.zip").resolve())
+    for flags, message in [([], "get FLenQA.zip from https://github.com/alonj/Same-Task-More-Tokens and pass "
+                                "--data-file PATH/FLenQA.zip"),
+                           (["--data-dir", str(tmp_path)], f"{tmp_path}: no FLenQA (download it from "
+                                                          "https://github.com/alonj/Same-Task-More-Tokens) file found "
+                                                          "(looked for FLenQA.zip, FLenQA.jsonl")]:
+        with pytest.raises(SystemExit):
+            main(["flenqa", "--model", str(tmp_path), "--out", str(tmp_path / "out"), *flags])
+        assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("cot", [False, True])

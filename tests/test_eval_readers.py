@@ -58,6 +58,76 @@ def test_mdqa_load_positions_and_limit(shared_data):
 
 
 # --- MMLU -------------------------------------------------------------------------------------------
+def _release_tree(root, shared_data):
+    """A lost-in-the-middle checkout as the repository lays it out: qa_data/<N>_total_documents/ per document count
+    (here 20, from the shared files, and one 10-document file), the oracle file in qa_data/ itself."""
+    qa = root / "lost-in-the-middle" / "qa_data"
+    (qa / "20_total_documents").mkdir(parents=True)
+    (qa / "10_total_documents").mkdir()
+    sources = {}
+    for path in sorted((shared_data / "mdqa").iterdir()):
+        folder = qa if "oracle" in path.name else qa / "20_total_documents"
+        sources[path.name] = folder / path.name
+        sources[path.name].write_bytes(path.read_bytes())
+    ten = "nq-open-10_total_documents_gold_at_0.jsonl.gz"
+    sources[ten] = qa / "10_total_documents" / ten
+    sources[ten].write_bytes(b"not read by the layout")
+    return qa.parent, sources
+
+
+def test_mdqa_layout_makes_the_release_a_data_dir(shared_data, tmp_path, capsys):
+    """`python -m eval mdqa-layout` copies the release's nested files into one folder that `eval mdqa --data-dir`
+    reads (every position and the oracle), and reports what each document count has and lacks."""
+    repo, sources = _release_tree(tmp_path, shared_data)
+    out = tmp_path / "mdqa"
+    report = main(["mdqa-layout", "--source", str(repo), "--out", str(out)])
+    assert report.splitlines() == [
+        ("10 documents: gold at 0 (0-based); missing from the release's set: "
+         "nq-open-10_total_documents_gold_at_4.jsonl.gz, nq-open-10_total_documents_gold_at_9.jsonl.gz"),
+        "20 documents: gold at 0, 4, 9, 14, 19 (0-based)",
+        "oracle: yes; retrieval results (--retrieval-file): no",
+        (f"copied 7 files into {out}; next: python -m eval mdqa --model HF_DIR_OR_RUN --data-dir {out} "
+         "--out RESULTS_DIR")]
+    assert report in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == sorted(sources)
+    assert all((out / name).read_bytes() == path.read_bytes() and not (out / name).is_symlink()
+               for name, path in sources.items())
+    data = mdqa.load(mdqa.MdqaArgs(model="m", out="o", data_dir=out, num_documents=20, limit=2))
+    assert list(data.examples) == ["1", "5", "10", "15", "20", "oracle"]
+    gold_at_9 = shared_data / "mdqa" / "nq-open-20_total_documents_gold_at_9.jsonl.gz"
+    assert data.examples["10"] == mdqa.read_mdqa_file(gold_at_9)[:2]
+
+    linked = tmp_path / "linked"
+    main(["mdqa-layout", "--source", str(repo / "qa_data"), "--out", str(linked), "--symlink"])
+    assert {p.name: p.resolve() for p in linked.iterdir()} == {n: p.resolve() for n, p in sources.items()}
+
+
+def test_mdqa_layout_and_data_dir_errors_name_the_files(shared_data, tmp_path, capsys):
+    """Where the files are missing, the errors list exactly the names expected and the command that places them."""
+    repo, _ = _release_tree(tmp_path, shared_data)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit):
+        main(["mdqa-layout", "--source", str(empty), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert f"error: --source {empty}: no Lost in the Middle position file in it or below" in err
+    assert "nq-open-30_total_documents_gold_at_29.jsonl.gz" in err and "nq-open-oracle.jsonl.gz" in err
+    copy = repo / "copy"
+    copy.mkdir()
+    (copy / "nq-open-oracle.jsonl.gz").write_bytes(b"")
+    with pytest.raises(SystemExit):
+        main(["mdqa-layout", "--source", str(repo), "--out", str(tmp_path / "out")])
+    assert "nq-open-oracle.jsonl.gz twice" in capsys.readouterr().err
+    for call in (lambda: mdqa.find_position_files(empty, 20),
+                 lambda: mdqa.load(mdqa.MdqaArgs(model="m", out="o", data_dir=empty))):
+        with pytest.raises(DataError) as info:
+            call()
+        assert ("nq-open-20_total_documents_gold_at_0.jsonl.gz, nq-open-20_total_documents_gold_at_4.jsonl.gz, "
+                "nq-open-20_total_documents_gold_at_9.jsonl.gz, nq-open-20_total_documents_gold_at_14.jsonl.gz, "
+                "nq-open-20_total_documents_gold_at_19.jsonl.gz") in str(info.value)
+        assert "python -m eval mdqa-layout --source" in str(info.value)
+
+
 def test_mmlu_prompt_for_hand_written_rows():
     shot = mmlu.MmluQuestion("high_school_physics", 0, "What is 1+1?", ("1", "2", "3", "4"), 1)
     q = mmlu.MmluQuestion("high_school_physics", 0, " Which is heavier?\n", ("a kg of lead", "a kg of feathers",
