@@ -302,10 +302,11 @@ def test_recipe_is_the_paper_experiment(tmp_path):
                      *(["--template"] if v == "template" else []), "--overwrite", "--out", f"{work}/data/{v}-seed{s}"]
                     for s in (0, 1, 2) for v in ("template", "notemplate")]
     trains = [c for c in cmds if c[:4] == [*py, "jaxtrain", "train"]]
+    # the training seed is the data set's: the grid's seeds vary the batch order along with the data
     assert trains == [[*py, "jaxtrain", "train", "--model", "mistral-7b-instruct-v0.1", "--init-from", base,
                        "--data", f"{work}/shards/{r}", "--out", f"{CKPT}/{r}", "--epochs", "2", "--lr", "5e-6",
-                       "--global-batch", "16", "--grad-accum", "1", "--resume", "--remat", "offload_input",
-                       "--offload-state"]
+                       "--global-batch", "16", "--grad-accum", "1", "--seed", r[-1], "--resume", "--remat",
+                       "offload_input", "--offload-state"]
                       for r in runs]
     exports = [c for c in cmds if c[:4] == [*py, "jaxtrain", "export"]]
     assert exports == [[*py, "jaxtrain", "export", "--checkpoint", f"{CKPT}/{r}", "--out", f"{work}/hf/{r}"]
@@ -331,12 +332,21 @@ def test_recipe_is_the_paper_experiment(tmp_path):
         assert cmds[i_export - 1] == ["rm", "-rf", f"{work}/hf/{r}"]
         assert cmds[cmds.index([*py, "data_gen", "shards", "--input", f"{work}/data/{r}/train.jsonl", "--out",
                                 f"{work}/shards/{r}"]) - 1] == ["rm", "-rf", f"{work}/shards/{r}"]
-    compares = {c[c.index("--out") + 1]: c[4:c.index("--out")] for c in cmds if c[:4] == [*py, "eval", "compare"]}
-    assert compares[f"{work}/results/compare/mdqa"] == [
-        f"{work}/results/{m}/mdqa/results.json" for m in ["base", *runs]]
-    assert compares[f"{work}/results/compare/synthetic-notemplate-seed1"] == [
-        f"{work}/results/{m}/synthetic-notemplate-seed1/results.json" for m in ["base", "notemplate-seed1"]]
-    assert len(compares) == len(general) + len(runs)
+    # each compare: (results files, their labels): a run's label is its variant, so its seeds form one column
+    compares = {c[c.index("--out") + 1]: (c[4:c.index("--labels")], c[c.index("--labels") + 1:c.index("--out")])
+                for c in cmds if c[:4] == [*py, "eval", "compare"]}
+    assert compares[f"{work}/results/compare/mdqa"] == (
+        [f"{work}/results/{m}/mdqa/results.json" for m in ["base", *runs]],
+        ["base", *(["template", "notemplate"] * 3)])
+    assert compares[f"{work}/results/compare/synthetic-notemplate-seed1"] == (
+        [f"{work}/results/{m}/synthetic-notemplate-seed1/results.json" for m in ["base", "notemplate-seed1"]],
+        ["base", "notemplate"])
+    # each variant's synthetic samples over its seeds: the base model on each seed's data set, then the runs
+    assert compares[f"{work}/results/compare/synthetic-template"] == (
+        [f"{work}/results/base/synthetic-template-seed{s}/results.json" for s in (0, 1, 2)]
+        + [f"{work}/results/template-seed{s}/synthetic-template-seed{s}/results.json" for s in (0, 1, 2)],
+        ["base"] * 3 + ["template"] * 3)
+    assert len(compares) == len(general) + len(runs) + 2
 
 
 def test_recipe_tiny_mode_is_the_same_steps_on_cpu_scale(tmp_path):
@@ -348,24 +358,26 @@ def test_recipe_tiny_mode_is_the_same_steps_on_cpu_scale(tmp_path):
             "--out", f"{work}/base-tiny"] in cmds
     assert ["/venv/python", "-m", "jaxtrain", "train", "--model", "tiny", "--init-from", f"{work}/base-tiny",
             "--data", f"{work}/shards/template-seed0", "--out", f"{work}/runs/template-seed0", "--epochs", "2",
-            "--lr", "1e-3", "--global-batch", "16", "--grad-accum", "1", "--resume"] in cmds
+            "--lr", "1e-3", "--global-batch", "16", "--grad-accum", "1", "--seed", "0", "--resume"] in cmds
     evals = [c for c in cmds if c[1:3] == ["-m", "eval"] and c[3] != "compare"]
     assert len(evals) == 2 * 7 and all(c[c.index("--limit") + 1] == "2" for c in evals)
+    assert not any("synthetic-template" == c[-1].rsplit("/", 1)[-1] for c in cmds)  # one seed: no seeds' table
 
 
 def test_recipe_lora_on_one_chip(tmp_path):
     """LORA_RANK > 0 (Colab's v5e-1): adapters on the frozen base, LoRA's learning rate, the base-model flags
-    of docs/lora.md; the run itself evaluated (adapters unmerged on the recipe's base) with the base in the
-    dtype it trained in, the base model in that dtype too, one prompt at a time; the merged export last."""
+    of docs/lora.md, the global batch of 16 as 16 micro-batches of one row (what fits one chip) unless
+    GRAD_ACCUM says otherwise; the run itself evaluated (adapters unmerged on the recipe's base) with the base
+    in the dtype it trained in, the base model in that dtype too, one prompt at a time; the merged export last."""
     work, base = "/w", "/m/Mistral-7B-Instruct-v0.1"
     run = f"{work}/runs/template-seed0"
     cmds = recipe_commands(tmp_path, WORK=work, BASE_MODEL=base, EVAL_DATA="/d", SEEDS="0", VARIANTS="template",
-                           TASKS="mdqa synthetic", LORA_RANK="16", GRAD_ACCUM="16")
+                           TASKS="mdqa synthetic", LORA_RANK="16")
     py = ["python3", "-m"]
     (train,) = [c for c in cmds if c[:4] == [*py, "jaxtrain", "train"]]
     assert train == [*py, "jaxtrain", "train", "--model", "mistral-7b-instruct-v0.1", "--init-from", base, "--data",
                      f"{work}/shards/template-seed0", "--out", run, "--epochs", "2",
-                     "--lr", "2e-4", "--global-batch", "16", "--grad-accum", "16", "--resume",
+                     "--lr", "2e-4", "--global-batch", "16", "--grad-accum", "16", "--seed", "0", "--resume",
                      "--lora-rank", "16", "--base-dtype", "int8", "--remat", "offload_input"]
     synthetic = ["--data-file", f"{work}/data/template-seed0/eval.jsonl"]
     int8 = ["--base-dtype", "int8"]
@@ -387,9 +399,10 @@ def test_recipe_lora_on_one_chip(tmp_path):
 
     bf16 = recipe_commands(tmp_path, WORK=work, BASE_MODEL=base, EVAL_DATA="/d", LORA_RANK="8", BASE_DTYPE="bfloat16",
                            LR="1e-4", TRAIN_ARGS="--lora-dropout 0.05", EXPORT_MERGED="0", CKPT_ROOT=CKPT,
-                           EVAL_ARGS="--batch-size 2")
+                           EVAL_ARGS="--batch-size 2", GLOBAL_BATCH="8", GRAD_ACCUM="4")
     train = next(c for c in bf16 if c[:4] == [*py, "jaxtrain", "train"])
     assert train[train.index("--lr") + 1] == "1e-4"
+    assert (train[train.index("--global-batch") + 1], train[train.index("--grad-accum") + 1]) == ("8", "4")
     assert train[train.index("--resume") + 1:] == ["--lora-rank", "8", "--base-dtype", "bfloat16", "--lora-dropout", "0.05"]
     evals = [c for c in bf16 if c[:3] == [*py, "eval"] and c[3] != "compare"]
     assert len(evals) == (6 + 6) + 6 * (6 + 1)
@@ -409,6 +422,8 @@ def test_recipe_lora_on_one_chip(tmp_path):
     evals = [shlex.split(line) for line in proc.stdout.splitlines() if line.startswith("python3 -m eval synthetic")]
     assert [c[3:10] for c in evals] == [["synthetic", "--model", "/m", "--base-dtype", "bfloat16", *synthetic],
                                         ["synthetic", "--model", run, "--base", "/m", "--base-dtype", "bfloat16"]]
+    (train,) = [shlex.split(line) for line in proc.stdout.splitlines() if line.startswith("python3 -m jaxtrain train")]
+    assert train[train.index("--grad-accum") + 1] == "16"  # its full finetune's 2 would not fit one chip
 
 
 def test_long_context_recipe_shares_the_steps(tmp_path):
@@ -429,12 +444,13 @@ def test_long_context_recipe_shares_the_steps(tmp_path):
             "bfloat16", "--shard", "--batch-size", "1"] in cmds
     assert [*py, "jaxtrain", "train", "--model", "mistral-7b-instruct-v0.2", "--init-from", "/m", "--data",
             "/w/shards/template-seed0", "--out", "/w/runs/template-seed0", "--epochs", "2", "--lr", "5e-6",
-            "--global-batch", "16", "--grad-accum", "2", "--resume"] in cmds
+            "--global-batch", "16", "--grad-accum", "2", "--seed", "0", "--resume"] in cmds
     (compare,) = [c for c in cmds if c[:4] == [*py, "eval", "compare"]]
     assert compare[4:] == [f"/w/results/{m}/{k}/results.json" for m in ("base", "template-seed0")
                            for k in ("mdqa120", "flenqa", "flenqa-cot")] + [
         "/w/results/base/synthetic-template-seed0/results.json",
-        "/w/results/template-seed0/synthetic-template-seed0/results.json", "--out", "/w/results/compare"]
+        "/w/results/template-seed0/synthetic-template-seed0/results.json",
+        "--labels", *["base"] * 3, *["template"] * 3, "base", "template", "--out", "/w/results/compare"]
     assert sum(c[:3] == [*py, "eval"] for c in cmds) == 2 * 4 + 1
 
 
@@ -535,7 +551,8 @@ def test_recipe_tiny_runs_end_to_end_full_finetune(tmp_path):
     tasks = ["mdqa", "mmlu", "hellaswag", "gsm8k", "triviaqa", "nq_open", f"synthetic-{run}"]
     for key in tasks:
         table = (work / "results" / "compare" / key / "table.txt").read_text()
-        assert "base" in table and run in table, key
+        assert table.splitlines()[0].split() == ["task", "metric", "(%)", "base", "template", "template", "-",
+                                                 "base"], key  # the run's column is its variant
         finetuned = json.loads((work / "results" / run / key / "results.json").read_text())["model"]
         assert finetuned["kind"] == "hf_folder" and finetuned["path"] == str(work / "hf" / run), key
     assert "gold at 20" in (work / "results" / "compare" / "mdqa" / "table.txt").read_text()
@@ -588,6 +605,23 @@ def notebook_namespace() -> dict:
     namespace: dict = {}
     exec(compile(cell.source, "<fetch_project cell>", "exec"), namespace)
     return namespace
+
+
+def test_notebook_shows_a_progress_bar_once_it_finishes(tmp_path, capsys):
+    """The notebook's `sh` prints what a terminal would finally show: a tqdm bar, rewritten with a carriage return
+    at each of its 40 refreshes, is one line (its final state), not one line per refresh; a failing command
+    raises with its exit status."""
+    sh = notebook_namespace()["sh"]
+    script = tmp_path / "bar.py"
+    script.write_text("from tqdm import tqdm\nprint('before', flush=True)\n"
+                      "for _ in tqdm(range(40), desc='eval', mininterval=0, ascii=True):\n    pass\n"
+                      "print('after – done')\n")
+    sh(sys.executable, script)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:2] == [f"+ {sys.executable} {script}", "before"] and lines[3:] == ["after – done"]
+    assert lines[2].startswith("eval: 100%|##########| 40/40 [")
+    with pytest.raises(RuntimeError, match="failed with exit status 3"):
+        sh(sys.executable, "-c", "raise SystemExit(3)")
 
 
 def test_notebook_fetches_the_project_from_each_kind_of_source(tmp_path, capsys):
@@ -643,7 +677,7 @@ def test_notebook_executes_top_to_bottom_tiny(tmp_path, monkeypatch):
     assert (work / "results" / "compare" / "mdqa" / "mdqa_compare.png").is_file()
     assert "gold at 20" in (work / "results" / "compare" / "mdqa" / "table.txt").read_text()
     from jaxtrain.checkpoint import Checkpointer
-    from jaxtrain.lora import run_settings
+    from jaxtrain.runs import run_settings
 
     with Checkpointer(work / "runs" / "template-seed0", read_only=True) as ckpt:
         _, _, metadata = ckpt.read_json()

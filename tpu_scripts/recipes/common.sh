@@ -30,23 +30,24 @@ recipe_init() {
 # grid RUNS (<variant>-seed<S> for SEEDS x VARIANTS), the train flags TRAIN_FLAGS and the eval flags
 # EVAL_FLAGS. A full finetune (the paper's: lr 5e-6) gets FULL_TRAIN_ARGS and FULL_EVAL_ARGS unless
 # TRAIN_ARGS / EVAL_ARGS are set. LORA_RANK > 0 trains rank-r adapters on the frozen base in BASE_DTYPE
-# instead (one chip, docs/lora.md: lr 2e-4) and evaluates on one chip, one prompt at a time, with the base in
-# BASE_EVAL_DTYPE (default: BASE_DTYPE, the base the adapters were trained on), the base model too.
+# instead (one chip, docs/lora.md: lr 2e-4, GRAD_ACCUM = GLOBAL_BATCH: one row per micro-batch, what fits a
+# v5e-1) and evaluates on one chip, one prompt at a time, with the base in BASE_EVAL_DTYPE (default:
+# BASE_DTYPE, the base the adapters were trained on), the base model too.
 recipe_settings() {
   local seed variant extra
   : "${BASE_MODEL:=}" "${EVAL_DATA:=}" "${CKPT_ROOT:=$WORK/runs}" "${LIMIT:=}" "${PYTHON:=python3}"
-  : "${EPOCHS:=2}" "${GLOBAL_BATCH:=16}" "${GRAD_ACCUM:=1}" "${LORA_RANK:=0}" "${BASE_DTYPE:=int8}"
+  : "${EPOCHS:=2}" "${GLOBAL_BATCH:=16}" "${LORA_RANK:=0}" "${BASE_DTYPE:=int8}"
   : "${BASE_EVAL_DTYPE:=$BASE_DTYPE}" "${EXPORT_MERGED:=1}"
   CKPT_ROOT=${CKPT_ROOT%/}
   [[ $LORA_RANK =~ ^[0-9]+$ ]] || die "LORA_RANK must be a whole number (0: full finetune), not '$LORA_RANK'"
   if ((LORA_RANK > 0)); then
-    : "${LR:=2e-4}" "${TRAIN_ARGS=--remat offload_input}" "${EVAL_ARGS=--batch-size 1}"
+    : "${LR:=2e-4}" "${GRAD_ACCUM:=$GLOBAL_BATCH}" "${TRAIN_ARGS=--remat offload_input}" "${EVAL_ARGS=--batch-size 1}"
     [[ $BASE_EVAL_DTYPE =~ ^(int8|bfloat16|float32)$ ]] || die "BASE_EVAL_DTYPE takes int8, bfloat16 or float32, not '$BASE_EVAL_DTYPE'"
     [[ " $EVAL_ARGS " != *" --dtype"* ]] || die "EVAL_ARGS='$EVAL_ARGS': with LORA_RANK the weights' dtype is BASE_EVAL_DTYPE (--base-dtype); drop --dtype"
     [[ $EXPORT_MERGED =~ ^[01]$ ]] || die "EXPORT_MERGED takes 1 (write the merged Hugging Face folders) or 0, not '$EXPORT_MERGED'"
     TRAIN_FLAGS=(--lora-rank "$LORA_RANK" --base-dtype "$BASE_DTYPE")
   else
-    : "${LR:=5e-6}" "${TRAIN_ARGS=$1}" "${EVAL_ARGS=$2}"
+    : "${LR:=5e-6}" "${GRAD_ACCUM:=1}" "${TRAIN_ARGS=$1}" "${EVAL_ARGS=$2}"
     TRAIN_FLAGS=()
   fi
   read -ra extra <<<"$TRAIN_ARGS"
@@ -122,7 +123,9 @@ make_tiny_base() {
 }
 
 # finetune PRESET RUN: train on data set RUN from BASE_MODEL ($CKPT_ROOT/RUN, resuming from its newest
-# checkpoint). A full finetune is then exported as the Hugging Face folder $WORK/hf/RUN that is evaluated; a
+# checkpoint), with the data set's seed (<variant>-seed<S>) as the training seed too, so that the seeds of the grid
+# vary the batch order (and LoRA's initialisation) along with the data. PRESET must describe BASE_MODEL's
+# architecture (train checks it against its config.json). A full finetune is then exported as the Hugging Face folder $WORK/hf/RUN that is evaluated; a
 # LoRA run is evaluated itself (model_flags), from a local copy $WORK/runs/RUN when CKPT_ROOT is a bucket
 # (python -m eval reads local folders).
 finetune() {
@@ -130,7 +133,7 @@ finetune() {
   info "== finetune $r"
   step "train-$r" "$PYTHON" -m jaxtrain train --model "$preset" --init-from "$BASE_MODEL" --data "$WORK/shards/$r" \
     --out "$CKPT_ROOT/$r" --epochs "$EPOCHS" --lr "$LR" --global-batch "$GLOBAL_BATCH" --grad-accum "$GRAD_ACCUM" \
-    --resume "${TRAIN_FLAGS[@]}"
+    --seed "${r##*-seed}" --resume "${TRAIN_FLAGS[@]}"
   if ((LORA_RANK == 0)); then
     fresh_step "export-$r" "$WORK/hf/$r" "$PYTHON" -m jaxtrain export --checkpoint "$CKPT_ROOT/$r" --out "$WORK/hf/$r"
   elif [[ $CKPT_ROOT == gs://* ]]; then
@@ -197,9 +200,11 @@ eval_keys() {
 }
 
 # evaluate_all: the base model on every key, then each run of the grid: finetuned (finetune MODEL RUN) and
-# evaluated on the same keys; then one comparison per key (the base model first).
+# evaluated on the same keys; then one comparison per key (the base model first) and, with several seeds, one
+# per variant of its synthetic samples over the seeds (the base model on each seed's data set, each run on its
+# own): $WORK/results/compare/synthetic-<variant>.
 evaluate_all() {
-  local model=$1 r key files
+  local model=$1 r key files v s seeds
   info "== before finetuning"
   while read -r key; do evaluate base "$key"; done < <(eval_keys "${RUNS[@]}")
   for r in "${RUNS[@]}"; do
@@ -214,15 +219,31 @@ evaluate_all() {
     done
     compare_into "$WORK/results/compare/$key" "${files[@]}"
   done < <(eval_keys "${RUNS[@]}")
+  read -ra seeds <<<"$SEEDS"
+  if [[ " $TASKS " == *" synthetic "* ]] && ((${#seeds[@]} > 1)); then
+    for v in $VARIANTS; do
+      files=()
+      for s in "${seeds[@]}"; do files+=("$WORK/results/base/synthetic-$v-seed$s/results.json"); done
+      for s in "${seeds[@]}"; do files+=("$WORK/results/$v-seed$s/synthetic-$v-seed$s/results.json"); done
+      compare_into "$WORK/results/compare/synthetic-$v" "${files[@]}"
+    done
+  fi
 }
 
-# compare_into DIR RESULTS...: one comparison table of the results.json files, kept in DIR/table.txt too.
+# compare_into DIR RESULTS...: one comparison table of the results.json files ($WORK/results/<run>/<key>/...),
+# kept in DIR/table.txt too. Each file is labelled by its run without the seed (template-seed1 -> template), so
+# the seeds of a variant form one column (mean ± standard deviation) and one line with error bars in the plots.
 compare_into() {
-  local dir=$1
+  local dir=$1 f run labels=()
   shift
+  for f in "$@"; do
+    run=${f%/*/results.json}
+    run=${run##*/}
+    labels+=("${run%-seed*}")
+  done
   if [[ $DRY_RUN == 1 ]]; then
-    run "$PYTHON" -m eval compare "$@" --out "$dir"
+    run "$PYTHON" -m eval compare "$@" --labels "${labels[@]}" --out "$dir"
   else
-    mkdir -p "$dir" && run "$PYTHON" -m eval compare "$@" --out "$dir" | tee "$dir/table.txt"
+    mkdir -p "$dir" && run "$PYTHON" -m eval compare "$@" --labels "${labels[@]}" --out "$dir" | tee "$dir/table.txt"
   fi
 }

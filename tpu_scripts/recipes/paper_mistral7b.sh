@@ -14,7 +14,9 @@
 #      (LoRA: python -m eval TASK --model $CKPT_ROOT/<run> --base $BASE_MODEL --base-dtype $BASE_EVAL_DTYPE,
 #      the run itself with its adapters unmerged; the base model is evaluated in BASE_EVAL_DTYPE too)
 #   5. python -m eval compare per task                     -> $WORK/results/compare/<task>/table.txt
-#      and the MDQA accuracy-by-position plot, base vs. finetuned: $WORK/results/compare/mdqa/mdqa_compare.png
+#      and the MDQA accuracy-by-position plot, base vs. finetuned: $WORK/results/compare/mdqa/mdqa_compare.png;
+#      the seeds of a variant are one column (mean ± standard deviation) and one line with error bars; with
+#      several seeds also each variant's synthetic samples over its seeds: $WORK/results/compare/synthetic-<variant>
 #   6. LoRA with EXPORT_MERGED=1: python -m jaxtrain export --merged      -> $WORK/hf/<variant>-seed<S>
 # Environment (all optional but BASE_MODEL):
 #   BASE_MODEL    Hugging Face folder of Mistral-7B-Instruct-v0.1 (the model finetuned, and "before")
@@ -23,12 +25,14 @@
 #   WORK          working folder (default ./needles_work)
 #   CKPT_ROOT     where the training runs go (default $WORK/runs); gs://... on a multi-host pod
 #   SEEDS ("0 1 2")  VARIANTS ("template notemplate")  DATA_PRESET (paper-simple)
-#   MODEL_PRESET (mistral-7b-instruct-v0.1)  EPOCHS (2)  LR (5e-6)  GLOBAL_BATCH (16)  GRAD_ACCUM (1)
+#   MODEL_PRESET (mistral-7b-instruct-v0.1)  EPOCHS (2)  LR (5e-6)  GLOBAL_BATCH (16)  GRAD_ACCUM (1; LoRA:
+#                 GLOBAL_BATCH)
 #   TASKS ("mdqa synthetic mmlu hellaswag gsm8k triviaqa nq_open")  LIMIT (first N examples per task)
 #   TRAIN_ARGS, EVAL_ARGS  extra flags for every train / eval command (defaults: TRAIN_ARGS
 #                 "--remat offload_input --offload-state", EVAL_ARGS "--dtype bfloat16 --shard")
 #   LORA_RANK     > 0: LoRA adapters of this rank on the frozen base instead of a full finetune (one chip,
-#                 e.g. Colab's v5e-1: LORA_RANK=16 GRAD_ACCUM=16); LR then defaults to 2e-4, TRAIN_ARGS to
+#                 e.g. Colab's v5e-1: LORA_RANK=16); LR then defaults to 2e-4, GRAD_ACCUM to GLOBAL_BATCH (one
+#                 4K-token row per micro-batch), TRAIN_ARGS to
 #                 "--remat offload_input" (8.7 GiB of 15.75 on a v5e-1, docs/lora.md) and EVAL_ARGS to
 #                 "--batch-size 1" (no --dtype: BASE_EVAL_DTYPE sets it).
 #                 BASE_DTYPE (int8) is the frozen base's dtype in training (int8 or bfloat16; docs/lora.md),

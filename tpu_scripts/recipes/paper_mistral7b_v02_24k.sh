@@ -19,7 +19,8 @@
 #                  for the 120-document distractors; unset: the random-distractor variant (docs/eval.md)
 #   MDQA_DOCS (120)  MDQA_POSITIONS ("0,29,59,89,119", 0-based)  FLENQA_FILE (FLenQA.jsonl/.zip; unset: skipped)
 #   WORK (./needles_work_24k)  CKPT_ROOT ($WORK/runs)  SEEDS ("0")  VARIANTS ("template")
-#   EPOCHS (2)  LR (5e-6)  GLOBAL_BATCH (16)  GRAD_ACCUM (2: fits a v5p-8, not a v5e-8; docs/long_context.md)
+#   EPOCHS (2)  LR (5e-6)  GLOBAL_BATCH (16)  GRAD_ACCUM (2: fits a v5p-8, not a v5e-8; docs/long_context.md;
+#                  LoRA: GLOBAL_BATCH, one row per micro-batch)
 #   LIMIT (first N examples per task)  TRAIN_ARGS, EVAL_ARGS (default --dtype bfloat16 --shard --batch-size 1)
 #   LORA_RANK, BASE_DTYPE, BASE_EVAL_DTYPE, EXPORT_MERGED (LoRA instead of a full finetune, as in
 #                  paper_mistral7b.sh; EVAL_ARGS then defaults to --batch-size 1)
@@ -35,7 +36,8 @@ if [[ ${TINY:-0} == 1 ]]; then
   model_preset=tiny data_preset=demo-simple buckets=(256)
   : "${MDQA_DOCS:=30}" "${MDQA_POSITIONS:=0,29}" "${LIMIT:=1}" "${LR:=1e-3}" "${GRAD_ACCUM:=1}" "${EVAL_ARGS:=}"
 fi
-: "${SEEDS:=0}" "${VARIANTS:=template}" "${GRAD_ACCUM:=2}"
+: "${SEEDS:=0}" "${VARIANTS:=template}"
+if [[ ${LORA_RANK:-0} == 0 ]]; then : "${GRAD_ACCUM:=2}"; fi
 : "${MDQA_DOCS:=120}" "${MDQA_POSITIONS:=0,29,59,89,119}" "${MDQA_RETRIEVAL:=}" "${FLENQA_FILE:=}"
 # 120-document prompts are ~20K tokens: one at a time, weights in bfloat16 split over the chips.
 recipe_settings "" "--dtype bfloat16 --shard --batch-size 1"
