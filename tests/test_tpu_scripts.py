@@ -511,8 +511,9 @@ def run_recipe_for_real(recipe: Path, tmp_path: Path, **env: str) -> Path:
     passed = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TPU_ACCELERATOR_TYPE",
                                          "ALLOW_MULTIPLE_LIBTPU_LOAD") if k in os.environ}
     # no XLA_FLAGS: one CPU device, as a single-chip run would have (conftest forces 8 in this process)
+    # PYTHONPATH: this checkout's code, also where the installed (editable) package is another checkout
     full_env = clean_env(tmp_path, **passed, TINY="1", EVAL_DATA=str(SHARED_DATA), WORK=str(work),
-                         PYTHON=sys.executable, JAX_PLATFORMS="cpu", **env)
+                         PYTHON=sys.executable, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), **env)
     proc = subprocess.run(["bash", str(recipe)], capture_output=True, text=True, env=full_env, timeout=1800,
                           cwd=tmp_path)
     assert proc.returncode == 0, f"{recipe.name} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
@@ -551,8 +552,9 @@ def test_recipe_tiny_runs_end_to_end_full_finetune(tmp_path):
     tasks = ["mdqa", "mmlu", "hellaswag", "gsm8k", "triviaqa", "nq_open", f"synthetic-{run}"]
     for key in tasks:
         table = (work / "results" / "compare" / key / "table.txt").read_text()
-        assert table.splitlines()[0].split() == ["task", "metric", "(%)", "base", "template", "template", "-",
-                                                 "base"], key  # the run's column is its variant
+        # the run's column is its variant; both models scored the first LIMIT=2 examples only
+        assert table.splitlines()[0].split() == ["task", "metric", "(%)", "base", "(limit", "2)", "template",
+                                                 "(limit", "2)", "template", "-", "base"], key
         finetuned = json.loads((work / "results" / run / key / "results.json").read_text())["model"]
         assert finetuned["kind"] == "hf_folder" and finetuned["path"] == str(work / "hf" / run), key
     assert "gold at 20" in (work / "results" / "compare" / "mdqa" / "table.txt").read_text()
@@ -668,6 +670,8 @@ def test_notebook_executes_top_to_bottom_tiny(tmp_path, monkeypatch):
     monkeypatch.setenv("WORK", str(work))
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.setenv("XLA_FLAGS", "")  # one CPU device stands in for Colab's one chip (conftest forces 8)
+    # this checkout's code, also where the installed (editable) package is another checkout of the project
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nbclient.NotebookClient(nb, timeout=1800, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}}).execute()
