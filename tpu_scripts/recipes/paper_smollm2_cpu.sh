@@ -23,8 +23,8 @@
 #   EVAL_DATA     folder laid out like the project's shared data (default ../shared/data beside the project)
 #   MDQA_DATA     MDQA folder (default $EVAL_DATA/mdqa_200: 200 questions, each gold position, oracle)
 #   WORK, CKPT_ROOT, SEEDS ("0"), VARIANTS ("template"), NUM_DICTS (20), NUM_TRAIN (350), NUM_EVAL (150),
-#   EPOCHS (2), GLOBAL_BATCH (16),
-#   GRAD_ACCUM (1), LR (1e-4; LoRA: 1e-3), LORA_RANK (0), BASE_DTYPE, BASE_EVAL_DTYPE (LoRA: float32),
+#   EPOCHS (2), GLOBAL_BATCH (16), GRAD_ACCUM (1; LoRA: GLOBAL_BATCH, one row per micro-batch),
+#   LR (1e-4; LoRA: 1e-3), LORA_RANK (0), BASE_DTYPE, BASE_EVAL_DTYPE (LoRA: float32),
 #   TASKS ("mdqa synthetic hellaswag mmlu gsm8k triviaqa nq_open"), LIMIT, TRAIN_ARGS, EVAL_ARGS (default
 #   "--compute-dtype float32 --batch-size 8": the float32 model, as transformers measured it),
 #   PYTHON (python3), DRY_RUN=1 / --dry-run (print the commands)
