@@ -542,8 +542,8 @@ def train(cfg: TrainConfig) -> dict:
     finally:
         ckpt.close()
     if jax.process_index() == 0:
-        print(end_summary(cfg, metrics, total - start, time.perf_counter() - started, ckpt.directory / str(total)),
-              flush=True)
+        print(end_summary(cfg, metrics, total - start, time.perf_counter() - started,
+                          run_dir / CHECKPOINT_DIR / str(total)), flush=True)
     return metrics
 
 
