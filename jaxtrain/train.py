@@ -136,7 +136,7 @@ class TrainConfig:
             differences = ModelConfig.resolve(self.model).architecture_differences(config)
             if differences:
                 raise ValueError(f"--model {self.model} and --init-from {self.init_from} are different architectures "
-                                 f"({'; '.join(differences)}, --model vs --init-from): the folder's config.json is "
+                                 f"(--model vs --init-from: {'; '.join(differences)}): the folder's config.json is "
                                  "what trains, so drop --model or name the matching preset")
         return config
 
