@@ -223,8 +223,8 @@ def load(args: FlenqaArgs) -> LoadedData:
     check_source_args(args)
     if args.data_file is None and args.data_dir is None:
         raise DataError("flenqa needs the released data, which is not downloaded for you: get FLenQA.zip from "
-                        f"{SOURCE} and pass --data-file PATH/FLenQA.zip (the .zip as it is, or the JSONL inside it), or "
-                        f"--data-dir with a folder holding one of {', '.join(FILE_NAMES)}")
+                        f"{SOURCE} and pass --data-file PATH/FLenQA.zip (the .zip as it is, or the JSONL inside it), "
+                        f"or --data-dir with a folder holding one of {', '.join(FILE_NAMES)}")
     path = args.data_file or find_file(args.data_dir, list(FILE_NAMES), f"FLenQA (download it from {SOURCE})")
     if args.max_new_tokens < 1:
         raise DataError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")

@@ -178,8 +178,12 @@ class TrainConfig:
 
 # --- the step -----------------------------------------------------------------------------------------
 
+def warmup_steps(cfg: OptimizerConfig, total_steps: int) -> int:
+    return round(cfg.warmup_ratio * total_steps)
+
+
 def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
-    warmup = int(round(cfg.warmup_ratio * total_steps))
+    warmup = warmup_steps(cfg, total_steps)
     decay_steps = max(1, total_steps - warmup)
     end = cfg.lr * cfg.final_lr_ratio
     decay = {"cosine": optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.final_lr_ratio),
@@ -554,10 +558,11 @@ def _count(n: int) -> str:
 
 def start_summary(cfg: TrainConfig, config: ModelConfig, batches: BucketedBatches, total: int, mesh,
                   origin: str | None) -> str:
-    """What is about to train, in three lines: the model and what is trained, the data and the step count, the
-    devices and where the weights come from."""
-    precision = f"{config.param_dtype} weights, {config.dtype} compute, remat {config.remat}"
+    """What is about to train, in four lines: the model and what is trained, the data and the step count, the
+    optimizer, the devices and where the weights come from."""
     lora = cfg.lora()
+    trained = "weights" if lora is None else "adapters"
+    precision = f"{config.param_dtype} {trained}, {config.dtype} compute, remat {config.remat}"
     if lora is None:
         what = f"{cfg.model_name()}: full finetune of {_count(config.num_params)} parameters ({precision})"
     else:
@@ -576,11 +581,10 @@ def start_summary(cfg: TrainConfig, config: ModelConfig, batches: BucketedBatche
     weights = origin or (f"from {cfg.init_from}" if cfg.init_from and lora is None else
                          f"fresh adapters on {cfg.init_from}" if cfg.init_from else
                          f"from random weights (seed {cfg.seed})")
-    warmup = round(o.warmup_ratio * total)
     return "\n".join([
         f"train: {what}",
         f"  data: {cfg.data}: {examples} examples; {steps}; {rows} a step{accum}",
-        f"  optimizer: AdamW, lr {o.lr:g} ({o.schedule}, {warmup} warm-up steps), seed {cfg.seed}",
+        f"  optimizer: AdamW, lr {o.lr:g} ({o.schedule}, {warmup_steps(o, total)} warm-up steps), seed {cfg.seed}",
         f"  mesh: {shape} over {len(devices)} {devices[0].platform} device{'s' * (len(devices) > 1)}; {weights}"])
 
 
