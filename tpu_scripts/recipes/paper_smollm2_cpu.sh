@@ -22,11 +22,12 @@
 #   BASE_MODEL    the model's Hugging Face folder (default models/smollm2-135m-instruct, imported if missing)
 #   EVAL_DATA     folder laid out like the project's shared data (default ../shared/data beside the project)
 #   MDQA_DATA     MDQA folder (default $EVAL_DATA/mdqa_200: 200 questions, each gold position, oracle)
+#   MDQA_POSITIONS  1-based gold positions to score (default: all of MDQA_DATA's, 1 5 10 15 20)
 #   WORK, CKPT_ROOT, SEEDS ("0"), VARIANTS ("template"), NUM_DICTS (20), NUM_TRAIN (350), NUM_EVAL (150),
 #   EPOCHS (2), GLOBAL_BATCH (16), GRAD_ACCUM (1; LoRA: GLOBAL_BATCH, one row per micro-batch),
 #   LR (1e-4; LoRA: 1e-3), LORA_RANK (0), BASE_DTYPE, BASE_EVAL_DTYPE (LoRA: float32),
-#   TASKS ("mdqa synthetic hellaswag mmlu gsm8k triviaqa nq_open"), LIMIT, TRAIN_ARGS, EVAL_ARGS (default
-#   "--compute-dtype float32 --batch-size 8": the float32 model, as transformers measured it),
+#   TASKS ("mdqa synthetic hellaswag mmlu gsm8k triviaqa nq_open"), LIMIT, TRAIN_ARGS (default "--dtype float32 --remat full"), EVAL_ARGS
+#   (default "--compute-dtype float32 --batch-size 8": the float32 model, as transformers measured it),
 #   PYTHON (python3), DRY_RUN=1 / --dry-run (print the commands)
 
 set -euo pipefail
@@ -44,14 +45,16 @@ if [[ ${LORA_RANK:-0} != 0 ]]; then
   : "${TRAIN_ARGS:=}" "${EVAL_ARGS:=--compute-dtype float32 --batch-size 8}"
 fi
 : "${LR:=1e-4}"
-recipe_settings "" "--compute-dtype float32 --batch-size 8"
+# float32 compute with full remat: on a CPU the fastest train step (bf16 has no fast matmuls there, and keeping
+# every activation is slower than recomputing it; docs/real_model.md has the measurement) and no bf16 rounding.
+recipe_settings "--dtype float32 --remat full" "--compute-dtype float32 --batch-size 8"
 DATA_ARGS="--num-dicts $NUM_DICTS --num-train $NUM_TRAIN --num-eval $NUM_EVAL --tokenizer $BASE_MODEL"
 [[ -d $EVAL_DATA || $DRY_RUN == 1 ]] || die "EVAL_DATA=$EVAL_DATA is not a folder (the shared evaluation data)"
 
 # task_data_flags KEY: a task's data; MDQA from MDQA_DATA, with its closed-book setting too.
 task_data_flags() {
   case $1 in
-    mdqa) DATA_FLAGS=(--data-dir "$MDQA_DATA" --closed-book) ;;
+    mdqa) DATA_FLAGS=(--data-dir "$MDQA_DATA" --closed-book ${MDQA_POSITIONS:+--positions $MDQA_POSITIONS}) ;;
     *) DATA_FLAGS=(--data-dir "$EVAL_DATA/$1") ;;
   esac
 }
