@@ -20,22 +20,25 @@ lm_eval = pytest.importorskip("lm_eval")
 from bench import lmeval_compare as C  # noqa: E402
 
 LIMIT = 8
+SMOLLM2_LIMIT = 4
+"""rows per task (per subject for MMLU) of the slow SmolLM2 comparison, which runs every task twice (plain, chat)"""
 MAX_GEN_TOKS = 32
 CHAT_TASKS = ("mmlu_5shot", "gsm8k", "nq_open")
 """the tiny model's chat checks: a system message (the task description) with answered turns, scored and
 generated, and a description alone"""
 
 
-def run_harness(model, shared_data, out, tasks, *, chat: bool):
+def run_harness(model, shared_data, out, tasks, *, chat: bool, limit: int = LIMIT):
     """One harness run over `tasks` (`hf` backend, float32, CPU), samples logged."""
     names = C.write_tasks(shared_data, out / "tasks")
     results = C.run_harness("hf", {"pretrained": str(model), "dtype": "float32", "device": "cpu"}, out / "tasks",
-                            [t for task in tasks for t in names[task]], limit=LIMIT,
+                            [t for task in tasks for t in names[task]], limit=limit,
                             gen_kwargs={"max_gen_toks": MAX_GEN_TOKS}, chat=chat)
     return names, results
 
 
-def check_against_harness(task, model, shared_data, harness, tmp_path, *, chat: bool, template_start: str):
+def check_against_harness(task, model, shared_data, harness, tmp_path, *, chat: bool, template_start: str,
+                          limit: int = LIMIT):
     """`python -m eval <task>` on the harness's rows: same prompts and ids, choices or answers, metrics and
     log-likelihoods. `template_start`: how the model's chat template begins a rendered conversation, which the
     harness's contexts must (chat) or must not (plain) begin with."""
@@ -45,11 +48,11 @@ def check_against_harness(task, model, shared_data, harness, tmp_path, *, chat: 
     names, results = harness
     contexts = [s["arguments"][0][0] for t in names[task] for s in results["samples"][t]]
     assert contexts and all(c.startswith(template_start) == chat for c in contexts)
-    ours = C.run_ours(task, model, shared_data, tmp_path, limit=LIMIT, max_gen_toks=MAX_GEN_TOKS,
+    ours = C.run_ours(task, model, shared_data, tmp_path, limit=limit, max_gen_toks=MAX_GEN_TOKS,
                       flags=["--chat-template"] if chat else [])
     c = C.compare(task, results, names[task], ours, C.hf_token_ids(model),
                   functools.partial(harness_ids, get_tokenizer(model)))
-    expected_rows = LIMIT * (len(C.SUBJECTS) if task.startswith("mmlu") else 1)
+    expected_rows = limit * (len(C.SUBJECTS) if task.startswith("mmlu") else 1)
     assert c.rows == expected_rows
     assert c.same_prompt == c.rows and c.same_ids == c.rows
     assert c.agreement >= 0.99
@@ -89,7 +92,8 @@ def test_chat_template_as_the_harness_applies_it(task, decisive_tiny_model, shar
 @pytest.fixture(scope="module", params=[False, True], ids=["plain", "chat"])
 def smollm2_harness(request, smollm2_dir, shared_data, tmp_path_factory):
     chat = request.param
-    return chat, run_harness(smollm2_dir, shared_data, tmp_path_factory.mktemp("harness_smollm2"), C.TASKS, chat=chat)
+    return chat, run_harness(smollm2_dir, shared_data, tmp_path_factory.mktemp("harness_smollm2"), C.TASKS, chat=chat,
+                             limit=SMOLLM2_LIMIT)
 
 
 @pytest.mark.slow
@@ -100,4 +104,4 @@ def test_smollm2_per_example_agreement_with_the_harness(task, smollm2_dir, share
     the harness moves it into the continuation)."""
     chat, harness = smollm2_harness
     check_against_harness(task, smollm2_dir, shared_data, harness, tmp_path, chat=chat,
-                          template_start="<|im_start|>")
+                          template_start="<|im_start|>", limit=SMOLLM2_LIMIT)
