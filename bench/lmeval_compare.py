@@ -1,6 +1,6 @@
 """`python -m eval` against lm-evaluation-harness 0.4.13 on the same rows, example by example.
 
-    python -m bench.lmeval_compare --model HF_DIR [--limit 50] [--max-gen-toks 256] [--out DIR]
+    python -m bench.lmeval_compare --model HF_DIR [--limit 50] [--max-gen-toks 256] [--chat-template] [--out DIR]
 
 The reference is the harness itself: its own task configs, included from the installed package by absolute
 path (so its prompts, few-shot samplers, filters and metrics are the ones that run), pointed at the shared
@@ -11,8 +11,10 @@ HellaSwag's 6-lines-an-example text (ctx_a / ctx_b split at the last sentence en
 own `ctx_b.capitalize()`), MMLU's CSV slices (a `choices` list, as `cais/mmlu`), TriviaQA's llm-foundry rows
 (the question from `context`, `answer.aliases` as `mandarjoshi/trivia_qa`).
 
-For each task it reports, over the rows both scored: identical prompt text (sha256) and token ids (the
-harness's tokenizer, i.e. `transformers.AutoTokenizer` of the model folder, against ours), identical raw
+`--chat-template` runs the harness with `--apply_chat_template` (and `--fewshot_as_multiturn`, its default then)
+and ours with `--chat-template`. For each task it reports, over the rows both scored: identical prompt text
+(sha256) and token ids (the harness's tokenizer, i.e. `transformers.AutoTokenizer` of the model folder, as its
+`hf` backend applies it, against ours), identical raw
 generations, the share of rows with the same choice / extracted answer, both metrics, and the largest
 log-likelihood gap; plus each side's wall time (the harness's includes loading its model). The default
 suite runs it on a tiny model (tests/test_eval_lmeval.py); docs/eval.md has the table.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -130,9 +133,10 @@ def write_tasks(shared_data: Path, out: Path, *, subjects=SUBJECTS) -> dict[str,
 
 
 def run_harness(model: str, model_args: dict, tasks_dir: Path, tasks: list[str], *, limit: int | None,
-                batch_size: int = 8, gen_kwargs: dict | None = None) -> dict:
+                batch_size: int = 8, gen_kwargs: dict | None = None, chat: bool = False) -> dict:
     """`lm_eval.simple_evaluate` offline over the YAMLs of `write_tasks`, samples logged: `results[task]`
-    holds the metrics and `samples[task]` each document's arguments, raw and filtered responses. Only the
+    holds the metrics and `samples[task]` each document's arguments, raw and filtered responses. `chat`:
+    `apply_chat_template` with `fewshot_as_multiturn` (the command line's default with a chat template). Only the
     few-shot sampler is seeded (the harness's default 1234); the global `random`, numpy and torch generators,
     which the harness would reseed, are left alone so that running it in-process changes nothing else."""
     import lm_eval
@@ -141,8 +145,8 @@ def run_harness(model: str, model_args: dict, tasks_dir: Path, tasks: list[str],
     manager = TaskManager(include_path=str(tasks_dir), include_defaults=False)
     return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=tasks, task_manager=manager,
                                    limit=limit, batch_size=batch_size, log_samples=True, bootstrap_iters=0,
-                                   gen_kwargs=gen_kwargs, random_seed=None, numpy_random_seed=None,
-                                   torch_random_seed=None)
+                                   gen_kwargs=gen_kwargs, apply_chat_template=chat, fewshot_as_multiturn=chat,
+                                   random_seed=None, numpy_random_seed=None, torch_random_seed=None)
 
 
 # --- our side -------------------------------------------------------------------------------------------
@@ -223,7 +227,7 @@ def compare(task: str, harness: dict, tasks: list[str], ours: tuple[dict, list[d
         for sample, p in pairs:
             context = sample["arguments"][0][0]
             contexts.append(context)
-            same_prompt += (context == p["query"]) if task == "hellaswag" else (_sha(context) == p["prompt_sha256"])
+            same_prompt += _sha(context) == p["prompt_sha256"]
             lls = [r[0] for r in sample["filtered_resps"]]
             ll_gap = max(ll_gap, *(abs(a - b) for a, b in zip(lls, p["loglikelihoods"], strict=True)))
             choice = max(range(len(lls)), key=lambda j: lls[j])
@@ -325,12 +329,15 @@ def compare_runs(a: dict, b: dict, task: str) -> BackendComparison:
 
 
 def hf_token_ids(model_dir: Path) -> Callable[[str], list[int]]:
-    """What the harness's `hf` backend feeds the model for a plain-text prompt: the folder's tokenizer,
-    special tokens added (BOS)."""
+    """What the harness's `hf` backend feeds the model for a prompt (its `tok_encode`): the folder's tokenizer,
+    with the special tokens it adds (BOS) unless the text already starts with the prefix token (BOS, else EOS)
+    as a rendered chat template does."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return lambda text: tokenizer(text)["input_ids"]
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    return lambda text: tokenizer.encode(text, **({"add_special_tokens": False}
+                                                  if text.startswith(tokenizer.decode(prefix)) else {}))
 
 
 # --- the table ------------------------------------------------------------------------------------------
@@ -361,27 +368,30 @@ def main(argv=None) -> str:
     parser.add_argument("--data", type=Path, default=SHARED_DATA)
     parser.add_argument("--out", type=Path, default=Path("lmeval_compare_out"))
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--chat-template", action="store_true",
+                        help="the harness's --apply_chat_template --fewshot_as_multiturn against our --chat-template")
     args = parser.parse_args(argv)
     from data_gen.tokenizer import get_tokenizer
+    from jaxtrain.generate import harness_ids
 
-    encode_text = get_tokenizer(args.model).encode_text   # ours: the model folder's tokenizer, as eval uses it
+    our_ids = functools.partial(harness_ids, get_tokenizer(args.model))   # the folder's tokenizer, as eval uses it
     subjects = args.subjects or sorted(p.name.removesuffix("_test.csv")
                                        for p in (args.data / "mmlu" / "test").glob("*_test.csv"))
     names = write_tasks(args.data, args.out / "tasks", subjects=subjects)
     gen_kwargs = None if args.max_gen_toks is None else {"max_gen_toks": args.max_gen_toks}
-    harness_ids = hf_token_ids(args.model)
+    reference_ids = hf_token_ids(args.model)
     rows = []
     for task in args.tasks:
         t0 = time.perf_counter()
+        flags = ["--batch-size", str(args.batch_size), *(["--chat-template"] if args.chat_template else [])]
         ours = run_ours(task, args.model, args.data, args.out / "needles" / task, limit=args.limit,
-                        max_gen_toks=args.max_gen_toks, flags=["--batch-size", str(args.batch_size)],
-                        subjects=subjects)
+                        max_gen_toks=args.max_gen_toks, flags=flags, subjects=subjects)
         t1 = time.perf_counter()
         harness = run_harness("hf", {"pretrained": str(args.model), "dtype": "float32", "device": "cpu"},
                               args.out / "tasks", names[task], limit=args.limit, batch_size=args.batch_size,
-                              gen_kwargs=gen_kwargs)
+                              gen_kwargs=gen_kwargs, chat=args.chat_template)
         t2 = time.perf_counter()
-        rows.append((compare(task, harness, names[task], ours, harness_ids, encode_text), t1 - t0, t2 - t1))
+        rows.append((compare(task, harness, names[task], ours, reference_ids, our_ids), t1 - t0, t2 - t1))
         print(table(rows[-1:], header=len(rows) == 1), flush=True)
     return table(rows)
 

@@ -192,12 +192,17 @@ class Tokenizer(abc.ABC):
     """One model's tokenizer and chat format: what data_gen needs to count, encode and mask its chats.
 
     `name`, `vocab_size` (token ids lie in [0, vocab_size)) and `stop_ids` (the end-of-turn / end-of-sequence
-    ids that end generation; the loss mask ends each answer at the first of them) are plain attributes.
+    ids that end generation; the loss mask ends each answer at the first of them) are plain attributes, and so
+    are `bos_id` and `eos_id`: the tokenizer's own BOS and EOS tokens (None if it has none), which it need not
+    add to a text (SmolLM2's BOS is `<|im_start|>`, never added); lm-evaluation-harness's `hf` backend takes
+    its prefix and end-of-text tokens from them.
     """
 
     name: str
     vocab_size: int
     stop_ids: tuple[int, ...]
+    bos_id: int | None
+    eos_id: int | None
 
     @abc.abstractmethod
     def encode(self, text: str) -> list[int]:
@@ -300,6 +305,8 @@ class MistralTokenizer(Tokenizer):
     name = MISTRAL
     vocab_size = MISTRAL_VOCAB_SIZE
     stop_ids = (EOS_ID,)
+    bos_id = BOS_ID
+    eos_id = EOS_ID
 
     def encode(self, text: str) -> list[int]:
         return encode(text)
@@ -431,6 +438,7 @@ class HFTokenizer(Tokenizer):
         self.name = self.folder.resolve().name
         self.vocab_size = len(self._tok)
         self.stop_ids = self._read_stop_ids()
+        self.bos_id, self.eos_id = self._tok.bos_token_id, self._tok.eos_token_id
         self._sha256 = _folder_sha256(self.folder)
 
     def _read_stop_ids(self) -> tuple[int, ...]:

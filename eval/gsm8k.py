@@ -21,7 +21,7 @@ from eval import metrics as M
 from eval.common import CommonArgs, Evaluation, LoadedData, Task, check_source_args, limited
 from eval.datafiles import DataError, find_file, get_str, iter_jsonl
 from eval.results import file_source
-from jaxtrain.generate import encode_generation_prompt
+from jaxtrain.generate import FewShotPrompt, harness_ids
 
 STOP_STRINGS = ("Question:", "</s>", "<|im_end|>")
 TEST_FILES = ["test.jsonl", "gsm8k_test.jsonl"]
@@ -52,9 +52,13 @@ def format_question(question: str) -> str:
     return f"Question: {question}\nAnswer:"
 
 
+def fewshot_prompt(question: str, shots: list[Gsm8kExample]) -> FewShotPrompt:
+    return FewShotPrompt(format_question(question), tuple((format_question(s.question), s.answer) for s in shots))
+
+
 def build_prompt(question: str, shots: list[Gsm8kExample]) -> str:
-    examples = "".join(f"{format_question(s.question)} {s.answer}\n\n" for s in shots)
-    return examples + format_question(question)
+    """The plain-text prompt."""
+    return fewshot_prompt(question, shots).text()
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -74,7 +78,8 @@ class Gsm8kArgs(CommonArgs):
     max_new_tokens: int = 256
     """Generation budget (the harness's default); decoding stops earlier at "Question:"."""
     chat_template: bool = False
-    """Send the whole few-shot prompt as one user turn of the model's chat template."""
+    """The model's chat template as lm-evaluation-harness's `--apply_chat_template --fewshot_as_multiturn`: each
+    worked example a user and an assistant turn, the question the last user turn, then the generation prompt."""
 
 
 @dataclasses.dataclass
@@ -134,8 +139,9 @@ def load(args: Gsm8kArgs) -> LoadedData:
 
 def evaluate(args: Gsm8kArgs, data: LoadedData, generator) -> Evaluation:
     gsm: Gsm8kData = data.examples
-    texts = [build_prompt(ex.question, shots) for ex, shots in zip(gsm.test, gsm.shots, strict=True)]
-    prompts = [encode_generation_prompt(generator.tokenizer, text, chat=args.chat_template) for text in texts]
+    texts = [fewshot_prompt(ex.question, shots).render(generator.tokenizer, chat=args.chat_template)
+             for ex, shots in zip(gsm.test, gsm.shots, strict=True)]
+    prompts = [harness_ids(generator.tokenizer, text) for text in texts]
     generations = generator.generate(prompts, max_new_tokens=args.max_new_tokens, stop_strings=STOP_STRINGS,
                                      progress=args.progress)
     strict, flexible, predictions = [], [], []

@@ -8,6 +8,7 @@ drops other [bracketed] WikiHow markers and collapses double spaces.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from eval import metrics as M
 from eval.common import CommonArgs, Evaluation, LoadedData, Task, check_source_args, limited
 from eval.datafiles import DataError, find_file, get_int, get_str, get_str_list, iter_jsonl, open_text
 from eval.results import file_source
-from jaxtrain.generate import encode_chat_pair, encode_pair
+from jaxtrain.generate import FewShotPrompt, encode_pair
 
 _SENTENCE_END = re.compile(r"[.!?]\s+")
 
@@ -109,7 +110,8 @@ class HellaswagArgs(CommonArgs):
     6-lines-an-example text file."""
 
     chat_template: bool = False
-    """Score each ending as the answer to a user turn (the model's chat template) holding the context."""
+    """The model's chat template as lm-evaluation-harness's `--apply_chat_template`: the context as the user
+    turn, each ending scored after the generation prompt."""
 
 
 def load(args: HellaswagArgs) -> LoadedData:
@@ -128,19 +130,24 @@ def load(args: HellaswagArgs) -> LoadedData:
 
 
 def evaluate(args: HellaswagArgs, data: LoadedData, generator) -> Evaluation:
-    encode = encode_chat_pair if args.chat_template else encode_pair
-    requests = [encode(generator.tokenizer, ex.query, f" {c}") for ex in data.examples for c in ex.choices]
+    chat, tokenizer = args.chat_template, generator.tokenizer
+    prompts = [FewShotPrompt(ex.query) for ex in data.examples]
+    contexts = [prompt.render(tokenizer, chat=chat) for prompt in prompts]
+    requests = [encode_pair(tokenizer, context, prompt.continuation(c, chat=chat))
+                for ex, prompt, context in zip(data.examples, prompts, contexts, strict=True) for c in ex.choices]
     lls = generator.loglikelihood(requests, progress=args.progress)
     acc, acc_norm, predictions = [], [], []
     pos = 0
-    for ex in data.examples:
+    for ex, context in zip(data.examples, contexts, strict=True):
         scores = [ll for ll, _ in lls[pos: pos + len(ex.choices)]]
         pos += len(ex.choices)
         pred = max(range(len(scores)), key=lambda j: scores[j])
         pred_norm = max(range(len(scores)), key=lambda j: scores[j] / len(ex.choices[j]))
         acc.append(float(pred == ex.label))
         acc_norm.append(float(pred_norm == ex.label))
-        predictions.append({"index": ex.index, "query": ex.query, "choices": list(ex.choices), "label": ex.label,
+        predictions.append({"index": ex.index, "query": ex.query,
+                            "prompt_sha256": hashlib.sha256(context.encode()).hexdigest(),
+                            "choices": list(ex.choices), "label": ex.label,
                             "prediction": pred, "prediction_norm": pred_norm, "loglikelihoods": scores,
                             "acc": acc[-1], "acc_norm": acc_norm[-1]})
     settings = {"num_fewshot": 0, "chat_template": args.chat_template,

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from eval.datafiles import DataError
 from eval.model_io import load_model
-from jaxtrain.generate import Generator
+from jaxtrain.generate import Generator, harness_ids, harness_prefix_id
 from jaxtrain.sharding import MeshConfig, make_mesh, maybe_initialize_distributed
 
 log = logging.getLogger(__name__)
@@ -100,13 +100,15 @@ class NeedlesLM(TemplateLM):
     # --- what the harness asks of a TemplateLM ---------------------------------------------------------
     @property
     def eot_token_id(self) -> int:
-        return self.tokenizer.stop_ids[0]
+        """The tokenizer's EOS, as the `hf` backend's (else the first stop id)."""
+        return self.tokenizer.stop_ids[0] if self.tokenizer.eos_id is None else self.tokenizer.eos_id
 
     @property
     def prefix_token_id(self) -> int:
-        """What the tokenizer puts before a text (BOS), else EOS, as the `hf` backend chooses."""
-        added = self.tokenizer.encode_text("")
-        return added[0] if added else self.eot_token_id
+        """The tokenizer's BOS, else EOS, as the `hf` backend chooses, whether or not the tokenizer adds it to
+        a text (SmolLM2's `<|im_start|>` it does not): the context of an empty-context request and of the first
+        rolling window."""
+        return harness_prefix_id(self.tokenizer)
 
     @property
     def max_length(self) -> int:
@@ -125,7 +127,7 @@ class NeedlesLM(TemplateLM):
         ids; what the tokenizer adds by default (BOS) is added unless `add_special_tokens` is False or (None)
         the text already starts with the prefix token."""
         if add_special_tokens is None:
-            add_special_tokens = not string.startswith(self.tokenizer.token_string(self.prefix_token_id))
+            return harness_ids(self.tokenizer, string)
         return self.tokenizer.encode_marked(string, add_special_tokens=add_special_tokens)
 
     def tok_decode(self, tokens) -> str:

@@ -18,7 +18,7 @@ from eval.common import CommonArgs, Evaluation, LoadedData, Task, check_source_a
 from eval.datafiles import DataError
 from eval.readers import LETTERS, MmluQuestion, SUBJECT_FILE, find_subject_files, read_mmlu_csv
 from eval.results import file_source
-from jaxtrain.generate import encode_chat_pair, encode_pair
+from jaxtrain.generate import FewShotPrompt, encode_pair
 
 def format_question(q: MmluQuestion) -> str:
     options = "".join(f"\n{letter}. {choice}" for letter, choice in zip(LETTERS, q.choices, strict=True))
@@ -29,10 +29,15 @@ def description(subject: str) -> str:
     return f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
 
 
+def fewshot_prompt(q: MmluQuestion, shots: list[MmluQuestion]) -> FewShotPrompt:
+    """`q` with `shots` as answered examples; the choices are the letters."""
+    return FewShotPrompt(format_question(q), tuple((format_question(s), LETTERS[s.answer]) for s in shots),
+                         description(q.subject))
+
+
 def build_context(q: MmluQuestion, shots: list[MmluQuestion]) -> str:
-    """The full prompt text for `q` with `shots` as answered examples; the choices are " A" ... " D"."""
-    examples = "".join(f"{format_question(s)} {LETTERS[s.answer]}\n\n" for s in shots)
-    return description(q.subject) + examples + format_question(q)
+    """The full plain-text prompt for `q` with `shots` as answered examples; the choices are " A" ... " D"."""
+    return fewshot_prompt(q, shots).text()
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -46,7 +51,9 @@ class MmluArgs(CommonArgs):
     subjects: tuple[str, ...] | None = None
     """Evaluate only these subjects (default: every subject with a test file)."""
     chat_template: bool = False
-    """Score the letter as the answer to a user turn (the model's chat template) holding the whole prompt."""
+    """The model's chat template as lm-evaluation-harness's `--apply_chat_template --fewshot_as_multiturn`: the
+    description as the system message, each dev example a user and an assistant turn, the letter scored after
+    the generation prompt."""
 
 
 @dataclasses.dataclass
@@ -108,13 +115,14 @@ def load(args: MmluArgs) -> LoadedData:
 
 
 def evaluate(args: MmluArgs, data: LoadedData, generator) -> Evaluation:
-    encode = encode_chat_pair if args.chat_template else encode_pair
+    chat, tokenizer = args.chat_template, generator.tokenizer
     mmlu: MmluData = data.examples
     questions = [q for qs in mmlu.test.values() for q in qs]
     requests, contexts = [], []
     for q in questions:
-        contexts.append(build_context(q, mmlu.dev[q.subject][: args.num_fewshot]))
-        requests += [encode(generator.tokenizer, contexts[-1], f" {letter}") for letter in LETTERS]
+        prompt = fewshot_prompt(q, mmlu.dev[q.subject][: args.num_fewshot])
+        contexts.append(prompt.render(tokenizer, chat=chat))
+        requests += [encode_pair(tokenizer, contexts[-1], prompt.continuation(letter, chat=chat)) for letter in LETTERS]
     lls = generator.loglikelihood(requests, progress=args.progress)
     per_subject: dict[str, list[float]] = defaultdict(list)
     predictions = []
@@ -133,7 +141,8 @@ def evaluate(args: MmluArgs, data: LoadedData, generator) -> Evaluation:
                "acc_macro": sum(v["acc"] for v in by_subject.values()) / len(by_subject),
                "by_subject": by_subject}
     settings = {"num_fewshot": args.num_fewshot, "chat_template": args.chat_template,
-                "fewshot": "first k rows of the subject's dev file", "choices": [f" {x}" for x in LETTERS]}
+                "fewshot": "first k rows of the subject's dev file",
+                "choices": [x if args.chat_template else f" {x}" for x in LETTERS]}
     return Evaluation(metrics, predictions, settings, len(questions))
 
 

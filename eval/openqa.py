@@ -17,7 +17,7 @@ from eval import metrics as M
 from eval.common import CommonArgs, Evaluation, LoadedData, Task, check_source_args, limited
 from eval.datafiles import DataError, find_file, get_str, get_str_list, iter_jsonl
 from eval.results import file_source
-from jaxtrain.generate import encode_generation_prompt
+from jaxtrain.generate import FewShotPrompt, harness_ids
 
 STOP_STRINGS = ("\n", ".", ",")
 
@@ -41,8 +41,12 @@ class OpenQASpec:
     answer_prefix: str
     em_regexes: tuple[str, ...]
 
+    def fewshot_prompt(self, question: str) -> FewShotPrompt:
+        return FewShotPrompt(f"{self.question_prefix}{question}?\n{self.answer_prefix}", description=self.description)
+
     def prompt(self, question: str) -> str:
-        return f"{self.description}{self.question_prefix}{question}?\n{self.answer_prefix}"
+        """The plain-text prompt."""
+        return self.fewshot_prompt(question).text()
 
 
 TRIVIAQA = OpenQASpec("triviaqa", "trivia_qa/rc.nocontext", ("triviaqa_sm_sub.jsonl", "triviaqa.jsonl"),
@@ -100,7 +104,8 @@ class OpenQAArgs(CommonArgs):
     max_new_tokens: int = 256
     """Generation budget (the harness's default, 256); answers end earlier at the first newline, "." or ","."""
     chat_template: bool = False
-    """Send the prompt as a user turn of the model's chat template."""
+    """The model's chat template as lm-evaluation-harness's `--apply_chat_template`: the description (NQ-Open's
+    "Answer these questions:") as the system message, the question as the user turn, then the generation prompt."""
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -131,8 +136,9 @@ def make_task(spec: OpenQASpec, args_type: type) -> Task:
         return LoadedData(examples, sources, len(examples))
 
     def evaluate(args: OpenQAArgs, data: LoadedData, generator) -> Evaluation:
-        texts = [spec.prompt(ex.question) for ex in data.examples]
-        prompts = [encode_generation_prompt(generator.tokenizer, text, chat=args.chat_template) for text in texts]
+        texts = [spec.fewshot_prompt(ex.question).render(generator.tokenizer, chat=args.chat_template)
+                 for ex in data.examples]
+        prompts = [harness_ids(generator.tokenizer, text) for text in texts]
         generations = generator.generate(prompts, max_new_tokens=args.max_new_tokens, stop_strings=STOP_STRINGS,
                                          progress=args.progress)
         em, em_squad, predictions = [], [], []

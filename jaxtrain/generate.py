@@ -403,28 +403,78 @@ class Generator:
 
 # --- Prompts: text to token ids, the way the reference evaluations do --------------------------------
 # Two conventions, with the model's own tokenizer:
-# - plain text (lm-evaluation-harness with a Hugging Face tokenizer): the tokenizer's default encoding of the
-#   text (`Tokenizer.encode_text`: Mistral's adds BOS); a (context, continuation) pair is encoded whole and split
-#   after the context's tokens, with the context's trailing whitespace moved to the continuation (the
-#   harness's `_encode_pair`), so the continuation gets the tokens it has inside the full text;
-# - chat (`Tokenizer.encode_prompt`: the model's chat template, Mistral-Instruct for Mistral 7B): the prompt is
-#   one user turn and the answer is encoded on its own, as an assistant turn is in training data.
+# - lm-evaluation-harness (the general benchmarks, plain or with `--chat-template`): a `FewShotPrompt` rendered
+#   as the harness renders it, then read into ids as its `hf` backend reads text (`harness_ids`); a (context,
+#   continuation) pair is encoded whole and split after the context's tokens, with the context's trailing
+#   whitespace moved to the continuation (the harness's `_encode_pair`), so the continuation gets the tokens it
+#   has inside the full text;
+# - the paper's chat prompts (MDQA, synthetic: `encode_generation_prompt`, `Tokenizer.encode_prompt`): the prompt
+#   is one user turn of the model's chat template (Mistral-Instruct for Mistral 7B, as mistral_common encodes it).
+
+
+@dataclasses.dataclass(frozen=True)
+class FewShotPrompt:
+    """A benchmark prompt in lm-evaluation-harness 0.4.13's parts (`Task.fewshot_context`): the task description,
+    answered examples (question, answer) and the question, so that plain text and chat are built from the same
+    pieces as the harness builds them."""
+
+    question: str
+    shots: tuple[tuple[str, str], ...] = ()
+    description: str = ""
+    target_delimiter: str = " "
+    fewshot_delimiter: str = "\n\n"
+
+    def text(self) -> str:
+        """Plain text: description, each example as question + target delimiter + answer + few-shot delimiter,
+        then the question."""
+        shots = "".join(f"{q}{self.target_delimiter}{a}{self.fewshot_delimiter}" for q, a in self.shots)
+        return self.description + shots + self.question
+
+    def messages(self) -> list[dict[str, str]]:
+        """As `--apply_chat_template --fewshot_as_multiturn` (the harness's default once a chat template is
+        applied): the description as the system message (none when empty: the template's default applies),
+        each example as a user and an assistant turn, the question as the last user turn; no delimiters."""
+        system = [{"role": "system", "content": self.description}] if self.description else []
+        turns = [{"role": role, "content": c} for q, a in self.shots for role, c in (("user", q), ("assistant", a))]
+        return [*system, *turns, {"role": "user", "content": self.question}]
+
+    def render(self, tokenizer: Tokenizer, *, chat: bool) -> str:
+        """The context string the harness hands its model: the plain text, or the conversation rendered by the
+        model's chat template with its generation prompt."""
+        return tokenizer.render_chat(self.messages(), add_generation_prompt=True) if chat else self.text()
+
+    def continuation(self, choice: str, *, chat: bool) -> str:
+        """A choice as the harness scores it: behind the target delimiter in plain text, bare after a chat
+        template's generation prompt (the harness drops the delimiter there)."""
+        return choice if chat else f"{self.target_delimiter}{choice}"
+
+
+def harness_ids(tokenizer: Tokenizer, text: str) -> list[int]:
+    """`text` as the harness's `hf` backend encodes it (`tok_encode`): special-token strings (a rendered chat
+    template's `<s>`, `<|im_start|>`) become their ids, and what the tokenizer adds by default (BOS) is added
+    unless the text already starts with the prefix token (BOS, else EOS) as a rendered template does."""
+    prefix = tokenizer.token_string(harness_prefix_id(tokenizer))
+    return tokenizer.encode_marked(text, add_special_tokens=not text.startswith(prefix))
+
+
+def harness_prefix_id(tokenizer: Tokenizer) -> int:
+    """The harness's `prefix_token_id`: the tokenizer's BOS, else its EOS (else the first stop id)."""
+    for token in (tokenizer.bos_id, tokenizer.eos_id):
+        if token is not None:
+            return token
+    return tokenizer.stop_ids[0]
+
 
 def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids) for log-likelihood scoring of plain-text prompts."""
+    """(context ids, continuation ids) for log-likelihood scoring, as the harness's `_encode_pair`."""
     stripped = context.rstrip()
     continuation = context[len(stripped):] + continuation
-    whole = tokenizer.encode_text(stripped + continuation)
-    context_ids = tokenizer.encode_text(stripped)
+    whole = harness_ids(tokenizer, stripped + continuation)
+    context_ids = harness_ids(tokenizer, stripped)
     return context_ids, whole[len(context_ids):]
 
 
-def encode_chat_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(the chat prompt of a user turn holding the context, ids of the stripped continuation) for
-    chat-formatted scoring."""
-    return tokenizer.encode_prompt(context.strip()), tokenizer.encode(continuation.strip())
-
-
 def encode_generation_prompt(tokenizer: Tokenizer, text: str, *, chat: bool) -> list[int]:
-    """A generation prompt in either convention (the chat form strips the text: it is a user message)."""
+    """A generation prompt of the paper's tasks: one user turn of the chat template (the text stripped: it
+    is a user message), or plain text with what the tokenizer adds (BOS)."""
     return tokenizer.encode_prompt(text.strip()) if chat else tokenizer.encode_text(text)
