@@ -159,8 +159,8 @@ def run(cfg: DemoConfig) -> dict:
     before = evaluate(cfg, model_dir, eval_file, out / "results" / "before", "before")
 
     stage("finetune", f"full finetune: {cfg.steps} steps of {cfg.batch} prompts, lr {cfg.lr}, loss on the answer")
-    # float32 compute with full remat: a CPU's fastest train step (no fast bf16 matmuls; recomputing the
-    # activations beats keeping them), ~3x faster than bf16 without remat (docs/demo.md).
+    # float32 compute with full remat: the fastest train step on CPU (XLA:CPU's bf16 matmuls are slower than
+    # its float32 ones, and recomputing activations beats keeping them); docs/demo.md has the measurement.
     train(TrainConfig(data=str(out / "shards"), out=str(out / "run"), init_from=str(model_dir), epochs=10**6,
                       max_steps=cfg.steps, global_batch=cfg.batch, seed=cfg.seed, dtype="float32", remat="full",
                       progress=cfg.progress,

@@ -26,8 +26,9 @@
 #   WORK, CKPT_ROOT, SEEDS ("0"), VARIANTS ("template"), NUM_DICTS (20), NUM_TRAIN (350), NUM_EVAL (150),
 #   EPOCHS (2), GLOBAL_BATCH (16), GRAD_ACCUM (1; LoRA: GLOBAL_BATCH, one row per micro-batch),
 #   LR (1e-4; LoRA: 1e-3), LORA_RANK (0), BASE_DTYPE, BASE_EVAL_DTYPE (LoRA: float32),
-#   TASKS ("mdqa synthetic hellaswag mmlu gsm8k triviaqa nq_open"), LIMIT, TRAIN_ARGS (default "--dtype float32 --remat full"), EVAL_ARGS
-#   (default "--compute-dtype float32 --batch-size 8": the float32 model, as transformers measured it),
+#   TASKS ("mdqa synthetic hellaswag mmlu gsm8k triviaqa nq_open"), LIMIT,
+#   TRAIN_ARGS (default "--dtype float32 --remat full"), EVAL_ARGS (default
+#   "--compute-dtype float32 --batch-size 8": the float32 model, as transformers measured it),
 #   PYTHON (python3), DRY_RUN=1 / --dry-run (print the commands)
 
 set -euo pipefail
@@ -45,8 +46,9 @@ if [[ ${LORA_RANK:-0} != 0 ]]; then
   : "${TRAIN_ARGS:=}" "${EVAL_ARGS:=--compute-dtype float32 --batch-size 8}"
 fi
 : "${LR:=1e-4}"
-# float32 compute with full remat: on a CPU the fastest train step (bf16 has no fast matmuls there, and keeping
-# every activation is slower than recomputing it; docs/real_model.md has the measurement) and no bf16 rounding.
+# float32 compute with full remat: on a CPU the fastest train step (XLA:CPU's bf16 matmuls are slower than its
+# float32 ones, and keeping every activation is slower than recomputing it; docs/demo.md has the measurement),
+# and no bf16 rounding.
 recipe_settings "--dtype float32 --remat full" "--compute-dtype float32 --batch-size 8"
 DATA_ARGS="--num-dicts $NUM_DICTS --num-train $NUM_TRAIN --num-eval $NUM_EVAL --tokenizer $BASE_MODEL"
 [[ -d $EVAL_DATA || $DRY_RUN == 1 ]] || die "EVAL_DATA=$EVAL_DATA is not a folder (the shared evaluation data)"
