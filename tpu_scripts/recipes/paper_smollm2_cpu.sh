@@ -55,8 +55,15 @@ DATA_ARGS="--num-dicts $NUM_DICTS --num-train $NUM_TRAIN --num-eval $NUM_EVAL --
 
 # task_data_flags KEY: a task's data; MDQA from MDQA_DATA, with its closed-book setting too.
 task_data_flags() {
+  local positions
   case $1 in
-    mdqa) DATA_FLAGS=(--data-dir "$MDQA_DATA" --closed-book ${MDQA_POSITIONS:+--positions $MDQA_POSITIONS}) ;;
+    mdqa)
+      DATA_FLAGS=(--data-dir "$MDQA_DATA" --closed-book)
+      if [[ -n ${MDQA_POSITIONS:-} ]]; then
+        read -ra positions <<<"$MDQA_POSITIONS"
+        DATA_FLAGS+=(--positions "${positions[@]}")
+      fi
+      ;;
     *) DATA_FLAGS=(--data-dir "$EVAL_DATA/$1") ;;
   esac
 }
