@@ -12,7 +12,6 @@ reference number.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import random
 from pathlib import Path
 from typing import Literal
@@ -20,7 +19,7 @@ from typing import Literal
 from eval import metrics as M
 from eval.common import CommonArgs, Evaluation, LoadedData, Task, check_source_args, limited
 from eval.datafiles import DataError, find_file, get_str, iter_jsonl
-from eval.results import file_source
+from eval.results import file_source, prompt_sha256
 from jaxtrain.generate import FewShotPrompt, harness_ids
 
 STOP_STRINGS = ("Question:", "</s>", "<|im_end|>")
@@ -151,7 +150,7 @@ def evaluate(args: Gsm8kArgs, data: LoadedData, generator) -> Evaluation:
         flexible.append(M.gsm8k_exact_match(f, ex.answer))
         predictions.append({"index": ex.index, "question": ex.question, "target": M.gsm8k_gold_number(ex.answer),
                             "fewshot_rows": [shot.index for shot in shots],
-                            "prompt_sha256": hashlib.sha256(text.encode()).hexdigest(),
+                            "prompt_sha256": prompt_sha256(text),
                             "output": gen.text, "strict": s, "flexible": f,
                             "exact_match_strict": strict[-1], "exact_match_flexible": flexible[-1]})
     fewshot = ("first k rows of the training file" if args.fewshot_sampler == "first" else

@@ -8,14 +8,13 @@ drops other [bracketed] WikiHow markers and collapses double spaces.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import re
 from pathlib import Path
 
 from eval import metrics as M
 from eval.common import CommonArgs, Evaluation, LoadedData, Task, check_source_args, limited
 from eval.datafiles import DataError, find_file, get_int, get_str, get_str_list, iter_jsonl, open_text
-from eval.results import file_source
+from eval.results import file_source, prompt_sha256
 from jaxtrain.generate import FewShotPrompt, encode_pair
 
 _SENTENCE_END = re.compile(r"[.!?]\s+")
@@ -146,7 +145,7 @@ def evaluate(args: HellaswagArgs, data: LoadedData, generator) -> Evaluation:
         acc.append(float(pred == ex.label))
         acc_norm.append(float(pred_norm == ex.label))
         predictions.append({"index": ex.index, "query": ex.query,
-                            "prompt_sha256": hashlib.sha256(context.encode()).hexdigest(),
+                            "prompt_sha256": prompt_sha256(context),
                             "choices": list(ex.choices), "label": ex.label,
                             "prediction": pred, "prediction_norm": pred_norm, "loglikelihoods": scores,
                             "acc": acc[-1], "acc_norm": acc_norm[-1]})

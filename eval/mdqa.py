@@ -10,7 +10,6 @@ the stripped output.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import random
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from eval.flenqa import token_stats
 from eval.plots import plot_mdqa
 from eval.readers import (ORACLE_FILES, Document, MdqaExample, expected_files, find_oracle_file, find_position_files,
                           parse_passages, parse_position_file_name, read_mdqa_file, release_positions)
-from eval.results import file_source
+from eval.results import file_source, prompt_sha256
 from jaxtrain.generate import encode_generation_prompt
 
 INSTRUCTION = ("Write a high-quality answer for the given question using only the provided search results "
@@ -386,7 +385,7 @@ def evaluate(args: MdqaArgs, data: LoadedData, generator) -> Evaluation:
                             "num_documents": len(ex.documents), "index": ex.index, "question": ex.question,
                             "answers": list(ex.answers), "output": gen.text, "answer": answer,
                             "best_subspan_em": score, "prompt_tokens": len(prompt),
-                            "prompt_sha256": hashlib.sha256(text.encode()).hexdigest()})
+                            "prompt_sha256": prompt_sha256(text)})
     special = (ORACLE, CLOSED_BOOK)
     by_position = {s: {**M.summarize("best_subspan_em", v), "n": len(v), "prompt_tokens": token_stats(lengths[s])}
                    for s, v in scores.items() if s not in special}

@@ -9,7 +9,6 @@ then the first k dev questions with their answers (the harness's `first_n` sampl
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections import defaultdict
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from eval import metrics as M
 from eval.common import CommonArgs, Evaluation, LoadedData, Task, check_source_args, limited
 from eval.datafiles import DataError
 from eval.readers import LETTERS, MmluQuestion, SUBJECT_FILE, find_subject_files, read_mmlu_csv
-from eval.results import file_source
+from eval.results import file_source, prompt_sha256
 from jaxtrain.generate import FewShotPrompt, encode_pair
 
 def format_question(q: MmluQuestion) -> str:
@@ -132,7 +131,7 @@ def evaluate(args: MmluArgs, data: LoadedData, generator) -> Evaluation:
         correct = float(pred == q.answer)
         per_subject[q.subject].append(correct)
         predictions.append({"subject": q.subject, "row": q.row, "question": q.question, "choices": list(q.choices),
-                            "prompt_sha256": hashlib.sha256(contexts[i].encode()).hexdigest(),
+                            "prompt_sha256": prompt_sha256(contexts[i]),
                             "answer": LETTERS[q.answer], "prediction": LETTERS[pred], "loglikelihoods": scores,
                             "acc": correct})
     all_scores = [x for v in per_subject.values() for x in v]

@@ -10,13 +10,12 @@ match is reported beside it as `exact_match_squad`.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from pathlib import Path
 
 from eval import metrics as M
 from eval.common import CommonArgs, Evaluation, LoadedData, Task, check_source_args, limited
 from eval.datafiles import DataError, find_file, get_str, get_str_list, iter_jsonl
-from eval.results import file_source
+from eval.results import file_source, prompt_sha256
 from jaxtrain.generate import FewShotPrompt, harness_ids
 
 STOP_STRINGS = ("\n", ".", ",")
@@ -148,8 +147,8 @@ def make_task(spec: OpenQASpec, args_type: type) -> Task:
                                             regexes_to_ignore=spec.em_regexes))
             em_squad.append(M.squad_exact_match(answer, ex.answers))
             predictions.append({"index": ex.index, "question": ex.question, "answers": list(ex.answers),
-                                "prompt_sha256": hashlib.sha256(text.encode()).hexdigest(), "output": gen.text, "answer": answer, "exact_match": em[-1],
-                                "exact_match_squad": em_squad[-1]})
+                                "prompt_sha256": prompt_sha256(text), "output": gen.text, "answer": answer,
+                                "exact_match": em[-1], "exact_match_squad": em_squad[-1]})
         settings = {"num_fewshot": 0, "prompt": spec.prompt("{question}"), "chat_template": args.chat_template,
                     "max_new_tokens": args.max_new_tokens, "stop_strings": list(STOP_STRINGS)}
         metrics = {**M.summarize("exact_match", em), **M.summarize("exact_match_squad", em_squad)}

@@ -20,6 +20,7 @@ Schema (version 1):
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -30,6 +31,12 @@ SCHEMA_VERSION = 1
 RESULTS_FILE = "results.json"
 PREDICTIONS_FILE = "predictions.jsonl"
 REQUIRED_KEYS = ("schema_version", "task", "label", "model", "data", "settings", "num_examples", "metrics", "timing")
+
+
+def prompt_sha256(text: str) -> str:
+    """A prediction row's `prompt_sha256`: the prompt text as the model got it, so two runs (or ours and
+    lm-evaluation-harness's) can be matched prompt by prompt without storing ~3K-token prompts."""
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def file_source(path: Path) -> dict:
