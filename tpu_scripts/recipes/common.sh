@@ -57,7 +57,7 @@ recipe_settings() {
   RUNS=()
   for seed in $SEEDS; do
     for variant in $VARIANTS; do
-      [[ $variant == template || $variant == notemplate ]] || die "VARIANTS takes template and notemplate, not '$variant'"
+      [[ $variant =~ ^(template|notemplate|niah)$ ]] || die "VARIANTS takes template, notemplate and niah, not '$variant'"
       RUNS+=("$variant-seed$seed")
     done
   done
@@ -97,19 +97,27 @@ fresh_step() {
   step "$1" "${@:3}"
 }
 
-# make_data PRESET [SHARDS FLAGS...]: synthetic data ($WORK/data/RUN) and its shards ($WORK/shards/RUN)
-# for every data set of the grid; with --template for the template variant, and DATA_ARGS (extra
-# `data_gen generate` flags, e.g. "--num-dicts 20 --tokenizer DIR") when the recipe sets them.
+# make_data PRESET [SHARDS FLAGS...]: the finetuning data ($WORK/data/RUN) and its shards ($WORK/shards/RUN)
+# for every data set of the grid: the synthetic KV task (with --template for the template variant, and
+# DATA_ARGS, extra `data_gen generate` flags such as "--num-dicts 20 --tokenizer DIR", when the recipe sets
+# them), or for the niah variant the paper's needle-in-a-haystack baseline (`data_gen niah` with NIAH_ARGS,
+# which a recipe offering it sets: the haystack, its length, the tokenizer).
 make_data() {
-  local preset=$1 r template extra
+  local preset=$1 r template extra niah
   shift
   read -ra extra <<<"${DATA_ARGS:-}"
+  read -ra niah <<<"${NIAH_ARGS:-}"
   info "== data ($preset)"
   for r in "${RUNS[@]}"; do
-    template=()
-    if [[ $r == template-* ]]; then template=(--template); fi
-    step "data-$r" "$PYTHON" -m data_gen generate --preset "$preset" --seed "${r##*-seed}" "${template[@]}" \
-      "${extra[@]}" --overwrite --out "$WORK/data/$r"
+    if [[ $r == niah-* ]]; then
+      ((${#niah[@]})) || die "VARIANTS=niah needs NIAH_ARGS, the \`data_gen niah\` flags (--haystack mdqa:DIR or txt:DIR, ...)"
+      step "data-$r" "$PYTHON" -m data_gen niah --seed "${r##*-seed}" "${niah[@]}" --overwrite --out "$WORK/data/$r"
+    else
+      template=()
+      if [[ $r == template-* ]]; then template=(--template); fi
+      step "data-$r" "$PYTHON" -m data_gen generate --preset "$preset" --seed "${r##*-seed}" "${template[@]}" \
+        "${extra[@]}" --overwrite --out "$WORK/data/$r"
+    fi
     fresh_step "shards-$r" "$WORK/shards/$r" "$PYTHON" -m data_gen shards --input "$WORK/data/$r/train.jsonl" \
       --out "$WORK/shards/$r" "$@"
   done
@@ -187,12 +195,28 @@ evaluate() {
     --label "$label" --out "$WORK/results/$label/$key" "${EVAL_FLAGS[@]}"
 }
 
-# eval_keys RUN...: the keys a model is evaluated on: every task of TASKS, "synthetic" on the data sets given.
+# kv_sets RUN...: the synthetic KV data sets the models of RUN... are evaluated on, each once: a KV run's own;
+# for a needle run (niah-seed<S>) the grid's KV data sets of its seed, so that KV data, needle data and the
+# base model answer the same held-out KV prompts.
+kv_sets() {
+  local r v
+  for r in "$@"; do
+    if [[ $r == niah-* ]]; then
+      for v in template notemplate; do
+        if [[ " ${RUNS[*]} " == *" $v-${r#niah-} "* ]]; then echo "$v-${r#niah-}"; fi
+      done
+    else
+      echo "$r"
+    fi
+  done | awk '!seen[$0]++'
+}
+
+# eval_keys RUN...: the keys a model is evaluated on: every task of TASKS, "synthetic" on kv_sets RUN....
 eval_keys() {
   local t r
   for t in $TASKS; do
     if [[ $t == synthetic ]]; then
-      for r in "$@"; do echo "synthetic-$r"; done
+      for r in $(kv_sets "$@"); do echo "synthetic-$r"; done
     else
       echo "$t"
     fi
@@ -200,11 +224,12 @@ eval_keys() {
 }
 
 # evaluate_all: the base model on every key, then each run of the grid: finetuned (finetune MODEL RUN) and
-# evaluated on the same keys; then one comparison per key (the base model first) and, with several seeds, one
-# per variant of its synthetic samples over the seeds (the base model on each seed's data set, each run on its
-# own): $WORK/results/compare/synthetic-<variant>.
+# evaluated on its keys (eval_keys RUN); then one comparison per key (the base model first, then every run
+# evaluated on it) and, with several seeds, one per KV variant of its synthetic samples over the seeds (the base
+# model on each seed's data set, then the variant's runs and the needle runs on their seed's):
+# $WORK/results/compare/synthetic-<variant>.
 evaluate_all() {
-  local model=$1 r key files v s seeds
+  local model=$1 r key files v u s seeds sets
   info "== before finetuning"
   while read -r key; do evaluate base "$key"; done < <(eval_keys "${RUNS[@]}")
   for r in "${RUNS[@]}"; do
@@ -215,16 +240,23 @@ evaluate_all() {
   while read -r key; do
     files=("$WORK/results/base/$key/results.json")
     for r in "${RUNS[@]}"; do
-      [[ $key == synthetic-* && $key != "synthetic-$r" ]] || files+=("$WORK/results/$r/$key/results.json")
+      sets=" $(kv_sets "$r" | tr '\n' ' ') "
+      if [[ $key != synthetic-* || $sets == *" ${key#synthetic-} "* ]]; then
+        files+=("$WORK/results/$r/$key/results.json")
+      fi
     done
     compare_into "$WORK/results/compare/$key" "${files[@]}"
   done < <(eval_keys "${RUNS[@]}")
   read -ra seeds <<<"$SEEDS"
   if [[ " $TASKS " == *" synthetic "* ]] && ((${#seeds[@]} > 1)); then
     for v in $VARIANTS; do
+      [[ $v != niah ]] || continue
       files=()
       for s in "${seeds[@]}"; do files+=("$WORK/results/base/synthetic-$v-seed$s/results.json"); done
-      for s in "${seeds[@]}"; do files+=("$WORK/results/$v-seed$s/synthetic-$v-seed$s/results.json"); done
+      for u in $v niah; do
+        [[ " $VARIANTS " == *" $u "* ]] || continue
+        for s in "${seeds[@]}"; do files+=("$WORK/results/$u-seed$s/synthetic-$v-seed$s/results.json"); done
+      done
       compare_into "$WORK/results/compare/synthetic-$v" "${files[@]}"
     done
   fi

@@ -23,7 +23,9 @@
 #   EVAL_DATA     folder laid out like the project's shared data (default ../shared/data beside the project)
 #   MDQA_DATA     MDQA folder (default $EVAL_DATA/mdqa_200: 200 questions, each gold position, oracle)
 #   MDQA_POSITIONS  1-based gold positions to score (default: all of MDQA_DATA's, 1 5 10 15 20)
-#   WORK, CKPT_ROOT, SEEDS ("0"), VARIANTS ("template"), NUM_DICTS (20), NUM_TRAIN (350), NUM_EVAL (150),
+#   WORK, CKPT_ROOT, SEEDS ("0"), VARIANTS ("template"; "template niah" adds the paper's needle-in-a-haystack
+#   baseline: NIAH_ARGS, default ~1K-token haystacks of the distractor passages of $EVAL_DATA/mdqa, never
+#   its questions, at a random depth), NUM_DICTS (20), NUM_TRAIN (350), NUM_EVAL (150),
 #   EPOCHS (2), GLOBAL_BATCH (16), GRAD_ACCUM (1; LoRA: GLOBAL_BATCH, one row per micro-batch),
 #   LR (1e-4; LoRA: 1e-3), LORA_RANK (0), BASE_DTYPE, BASE_EVAL_DTYPE (LoRA: float32),
 #   TASKS ("mdqa synthetic hellaswag mmlu gsm8k triviaqa nq_open"), LIMIT,
@@ -51,6 +53,8 @@ fi
 # and no bf16 rounding.
 recipe_settings "--dtype float32 --remat full" "--compute-dtype float32 --batch-size 8"
 DATA_ARGS="--num-dicts $NUM_DICTS --num-train $NUM_TRAIN --num-eval $NUM_EVAL --tokenizer $BASE_MODEL"
+# The needle baseline as long as the KV prompts (20 dictionaries: ~1K tokens).
+: "${NIAH_ARGS:=--haystack mdqa:$EVAL_DATA/mdqa --context-tokens 1000 --num-train $NUM_TRAIN --num-eval $NUM_EVAL --tokenizer $BASE_MODEL}"
 [[ -d $EVAL_DATA || $DRY_RUN == 1 ]] || die "EVAL_DATA=$EVAL_DATA is not a folder (the shared evaluation data)"
 
 # task_data_flags KEY: a task's data; MDQA from MDQA_DATA, with its closed-book setting too.
