@@ -454,12 +454,52 @@ def test_long_context_recipe_shares_the_steps(tmp_path):
     assert sum(c[:3] == [*py, "eval"] for c in cmds) == 2 * 4 + 1
 
 
+def test_smollm2_recipe_compares_kv_needle_and_base_on_the_same_prompts(tmp_path):
+    """VARIANTS="template niah" over two seeds (the paper's comparison with its needle-in-a-haystack baseline):
+    the needle data comes from `data_gen niah` on the MDQA distractor passages at the KV prompts' length with the
+    model's tokenizer; each needle run is trained on its seed, answers its seed's held-out KV prompts (not its own
+    needle questions) and sits beside the KV run of that seed in every table; the seeds' KV table holds the base
+    model, the KV runs and the needle runs, labelled by variant so that the seeds average."""
+    smollm2 = SCRIPTS / "recipes" / "paper_smollm2_cpu.sh"
+    work, base, data = "/w", "/m/smol", "/d"
+    cmds = [shlex.split(line) for line in sh(smollm2, "--dry-run", env=clean_env(
+        tmp_path, WORK=work, BASE_MODEL=base, EVAL_DATA=data, SEEDS="0 1", VARIANTS="template niah",
+        TASKS="synthetic mdqa")).stdout.splitlines()]
+    py = ["python3", "-m"]
+    niah = [c for c in cmds if c[:4] == [*py, "data_gen", "niah"]]
+    assert niah == [[*py, "data_gen", "niah", "--seed", s, "--haystack", "mdqa:/d/mdqa", "--context-tokens", "1000",
+                     "--num-train", "350", "--num-eval", "150", "--tokenizer", base, "--overwrite", "--out",
+                     f"/w/data/niah-seed{s}"] for s in "01"]
+    trains = [c for c in cmds if c[:4] == [*py, "jaxtrain", "train"]]
+    assert [(c[c.index("--data") + 1], c[c.index("--seed") + 1]) for c in trains] == [
+        (f"/w/shards/{v}-seed{s}", s) for s in "01" for v in ("template", "niah")]
+    synthetic = [(c[c.index("--label") + 1], c[c.index("--data-file") + 1]) for c in cmds
+                 if c[:4] == [*py, "eval", "synthetic"]]
+    assert synthetic == [("base", "/w/data/template-seed0/eval.jsonl"), ("base", "/w/data/template-seed1/eval.jsonl"),
+                         ("template-seed0", "/w/data/template-seed0/eval.jsonl"),
+                         ("niah-seed0", "/w/data/template-seed0/eval.jsonl"),
+                         ("template-seed1", "/w/data/template-seed1/eval.jsonl"),
+                         ("niah-seed1", "/w/data/template-seed1/eval.jsonl")]
+    compares = {c[c.index("--out") + 1]: (c[4:c.index("--labels")], c[c.index("--labels") + 1:c.index("--out")])
+                for c in cmds if c[:4] == [*py, "eval", "compare"]}
+    assert compares["/w/results/compare/synthetic-template-seed1"] == (
+        [f"/w/results/{m}/synthetic-template-seed1/results.json" for m in ("base", "template-seed1", "niah-seed1")],
+        ["base", "template", "niah"])
+    assert compares["/w/results/compare/mdqa"][1] == ["base", "template", "niah", "template", "niah"]
+    assert compares["/w/results/compare/synthetic-template"] == (
+        [f"/w/results/base/synthetic-template-seed{s}/results.json" for s in "01"]
+        + [f"/w/results/{m}-seed{s}/synthetic-template-seed{s}/results.json" for m in ("template", "niah") for s in "01"],
+        ["base"] * 2 + ["template"] * 2 + ["niah"] * 2)
+    assert len(compares) == 4 and not any("niah-seed0/eval.jsonl" in " ".join(c) for c in cmds)
+
+
 @pytest.mark.parametrize("env, message", [
     ({}, "set BASE_MODEL"),
     ({"BASE_MODEL": "/nonexistent"}, "no config.json"),
     ({"TINY": "1", "EVAL_DATA": ""}, "MDQA needs EVAL_DATA"),
     ({"TINY": "1", "EVAL_DATA": "/nonexistent"}, "EVAL_DATA=/nonexistent is not a folder"),
-    ({"TINY": "1", "VARIANTS": "templat"}, "VARIANTS takes template and notemplate"),
+    ({"TINY": "1", "VARIANTS": "templat"}, "VARIANTS takes template, notemplate and niah"),
+    ({"TINY": "1", "VARIANTS": "niah"}, "VARIANTS=niah needs NIAH_ARGS"),
     ({"TINY": "1", "LORA_RANK": "r16"}, "LORA_RANK must be a whole number"),
     ({"TINY": "1", "LORA_RANK": "16", "EVAL_ARGS": "--dtype bfloat16"}, "drop --dtype"),
     ({"TINY": "1", "LORA_RANK": "16", "BASE_EVAL_DTYPE": "fp8"}, "BASE_EVAL_DTYPE takes int8, bfloat16 or float32"),
