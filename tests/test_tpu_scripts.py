@@ -493,13 +493,25 @@ def test_smollm2_recipe_compares_kv_needle_and_base_on_the_same_prompts(tmp_path
     assert len(compares) == 4 and not any("niah-seed0/eval.jsonl" in " ".join(c) for c in cmds)
 
 
+def test_mistral_recipe_needle_baseline_is_the_papers_length(tmp_path):
+    """The 7B recipe's needle data: 4K-token haystacks (data_gen niah's default, the KV prompts' length) of the
+    MDQA distractor passages under EVAL_DATA, counted with Mistral's tokenizer (the default)."""
+    cmds = recipe_commands(tmp_path, WORK="/w", BASE_MODEL="/m", EVAL_DATA="/d", SEEDS="2", VARIANTS="niah",
+                           TASKS="synthetic mmlu")
+    assert [c for c in cmds if c[2:4] == ["data_gen", "niah"]] == [
+        ["python3", "-m", "data_gen", "niah", "--seed", "2", "--haystack", "mdqa:/d/mdqa", "--overwrite", "--out",
+         "/w/data/niah-seed2"]]
+    # no KV data set in the grid: the needle run has no held-out KV prompts to answer, only the tasks
+    assert [c[3] for c in cmds if c[2] == "eval"] == ["mmlu", "mmlu", "compare"]
+
+
 @pytest.mark.parametrize("env, message", [
     ({}, "set BASE_MODEL"),
     ({"BASE_MODEL": "/nonexistent"}, "no config.json"),
     ({"TINY": "1", "EVAL_DATA": ""}, "MDQA needs EVAL_DATA"),
     ({"TINY": "1", "EVAL_DATA": "/nonexistent"}, "EVAL_DATA=/nonexistent is not a folder"),
     ({"TINY": "1", "VARIANTS": "templat"}, "VARIANTS takes template, notemplate and niah"),
-    ({"TINY": "1", "VARIANTS": "niah"}, "VARIANTS=niah needs NIAH_ARGS"),
+    ({"TINY": "1", "VARIANTS": "niah", "EVAL_DATA": "", "TASKS": "synthetic"}, "VARIANTS=niah needs NIAH_ARGS"),
     ({"TINY": "1", "LORA_RANK": "r16"}, "LORA_RANK must be a whole number"),
     ({"TINY": "1", "LORA_RANK": "16", "EVAL_ARGS": "--dtype bfloat16"}, "drop --dtype"),
     ({"TINY": "1", "LORA_RANK": "16", "BASE_EVAL_DTYPE": "fp8"}, "BASE_EVAL_DTYPE takes int8, bfloat16 or float32"),

@@ -24,7 +24,9 @@
 #                 triviaqa/, nq_open/), one --data-dir per task; needed for MDQA. Unset: tfds for the rest
 #   WORK          working folder (default ./needles_work)
 #   CKPT_ROOT     where the training runs go (default $WORK/runs); gs://... on a multi-host pod
-#   SEEDS ("0 1 2")  VARIANTS ("template notemplate")  DATA_PRESET (paper-simple)
+#   SEEDS ("0 1 2")  VARIANTS ("template notemplate"; niah adds the paper's needle-in-a-haystack baseline,
+#                 NIAH_ARGS: by default 4K-token haystacks of the distractor passages of $EVAL_DATA/mdqa)
+#   DATA_PRESET (paper-simple)
 #   MODEL_PRESET (mistral-7b-instruct-v0.1)  EPOCHS (2)  LR (5e-6)  GLOBAL_BATCH (16)  GRAD_ACCUM (1; LoRA:
 #                 GLOBAL_BATCH)
 #   TASKS ("mdqa synthetic mmlu hellaswag gsm8k triviaqa nq_open")  LIMIT (first N examples per task)
@@ -76,6 +78,7 @@ task_data_flags() {
   if [[ -n $EVAL_DATA ]]; then DATA_FLAGS=(--data-dir "$EVAL_DATA/$1"); fi
 }
 
+if [[ -n $EVAL_DATA ]]; then : "${NIAH_ARGS:=--haystack mdqa:$EVAL_DATA/mdqa}"; fi
 make_data "$DATA_PRESET"
 make_tiny_base "$MODEL_PRESET"
 evaluate_all "$MODEL_PRESET"
