@@ -493,6 +493,26 @@ def test_smollm2_recipe_compares_kv_needle_and_base_on_the_same_prompts(tmp_path
     assert len(compares) == 4 and not any("niah-seed0/eval.jsonl" in " ".join(c) for c in cmds)
 
 
+def test_smollm2_recipe_lora_trains_and_evaluates_like_its_full_finetune(tmp_path):
+    """LORA_RANK=16 on the CPU recipe: the adapters train on the float32 base in float32 compute with full remat
+    (the full finetune's settings: the fastest CPU step, no bf16 rounding), at LoRA's lr 1e-3, one row per
+    micro-batch; the base model and the run are evaluated in float32, eight prompts a batch, the run straight
+    from its adapters; no merged export."""
+    smollm2 = SCRIPTS / "recipes" / "paper_smollm2_cpu.sh"
+    cmds = [shlex.split(line) for line in sh(smollm2, "--dry-run", env=clean_env(
+        tmp_path, WORK="/w", BASE_MODEL="/m/smol", EVAL_DATA="/d", LORA_RANK="16", TASKS="synthetic")).stdout.splitlines()]
+    py = ["python3", "-m"]
+    (train,) = [c for c in cmds if c[:4] == [*py, "jaxtrain", "train"]]
+    assert train[train.index("--lr"):] == ["--lr", "1e-3", "--global-batch", "16", "--grad-accum", "16", "--seed", "0",
+                                           "--resume", "--lora-rank", "16", "--base-dtype", "float32",
+                                           "--dtype", "float32", "--remat", "full"]
+    evals = [c for c in cmds if c[:4] == [*py, "eval", "synthetic"]]
+    assert [c[4:6] + c[c.index("--base-dtype"):c.index("--base-dtype") + 2] + c[-4:] for c in evals] == [
+        ["--model", m, "--base-dtype", "float32", "--compute-dtype", "float32", "--batch-size", "8"]
+        for m in ("/m/smol", "/w/runs/template-seed0")]
+    assert not any("export" in c for c in cmds)
+
+
 def test_mistral_recipe_needle_baseline_is_the_papers_length(tmp_path):
     """The 7B recipe's needle data: 4K-token haystacks (data_gen niah's default, the KV prompts' length) of the
     MDQA distractor passages under EVAL_DATA, counted with Mistral's tokenizer (the default)."""

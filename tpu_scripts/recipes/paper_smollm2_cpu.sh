@@ -43,9 +43,10 @@ recipe_init needles_work_smollm2 "$@"
 : "${SEEDS:=0}" "${VARIANTS:=template}" "${TASKS:=mdqa synthetic hellaswag mmlu gsm8k triviaqa nq_open}"
 if [[ ${LORA_RANK:-0} != 0 ]]; then
   # LoRA r16 on a 135M model: the adapters' step is ten times the full finetune's (docs/real_model.md);
-  # the base stays float32 (a CPU has no memory to save, and bf16 rounding would mix into the comparison).
+  # the base stays float32 and the adapters train in float32 compute with full remat, as the full finetune
+  # (a CPU has no memory to save, its bf16 matmuls are slower, and bf16 rounding would mix into the comparison).
   : "${LR:=1e-3}" "${BASE_DTYPE:=float32}" "${BASE_EVAL_DTYPE:=float32}" "${EXPORT_MERGED:=0}"
-  : "${TRAIN_ARGS:=}" "${EVAL_ARGS:=--compute-dtype float32 --batch-size 8}"
+  : "${TRAIN_ARGS:=--dtype float32 --remat full}" "${EVAL_ARGS:=--compute-dtype float32 --batch-size 8}"
 fi
 : "${LR:=1e-4}"
 # float32 compute with full remat: on a CPU the fastest train step (XLA:CPU's bf16 matmuls are slower than its
