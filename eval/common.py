@@ -120,7 +120,6 @@ def run_task(task: Task, args: CommonArgs) -> dict:
     if data.num_examples == 0:
         raise DataError(f"{task.name}: no examples to evaluate (check --data-file/--data-dir/--limit)")
 
-
     maybe_initialize_distributed()  # every host of a pod runs the same command; JAX must know them all
     t0 = time.perf_counter()
     mesh = None
