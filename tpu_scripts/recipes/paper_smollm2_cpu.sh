@@ -41,18 +41,18 @@ recipe_init needles_work_smollm2 "$@"
 : "${BASE_MODEL:=$PROJECT_DIR/models/smollm2-135m-instruct}" "${EVAL_DATA:=$PROJECT_DIR/../shared/data}"
 : "${MDQA_DATA:=$EVAL_DATA/mdqa_200}" "${NUM_DICTS:=20}" "${NUM_TRAIN:=350}" "${NUM_EVAL:=150}"
 : "${SEEDS:=0}" "${VARIANTS:=template}" "${TASKS:=mdqa synthetic hellaswag mmlu gsm8k triviaqa nq_open}"
+# float32 compute with full remat, for the full finetune and LoRA alike: on a CPU the fastest train step
+# (XLA:CPU's bf16 matmuls are slower than its float32 ones, and keeping every activation is slower than
+# recomputing it; docs/demo.md has the measurement), and no bf16 rounding in the comparison with the float32 base.
+CPU_TRAIN_ARGS="--dtype float32 --remat full" CPU_EVAL_ARGS="--compute-dtype float32 --batch-size 8"
 if [[ ${LORA_RANK:-0} != 0 ]]; then
-  # LoRA r16 on a 135M model: the adapters' step is ten times the full finetune's (docs/real_model.md);
-  # the base stays float32 and the adapters train in float32 compute with full remat, as the full finetune
-  # (a CPU has no memory to save, its bf16 matmuls are slower, and bf16 rounding would mix into the comparison).
+  # LoRA r16 on a 135M model: the adapters' step is ten times the full finetune's (docs/real_model.md); the
+  # base stays float32 (a CPU has no memory to save).
   : "${LR:=1e-3}" "${BASE_DTYPE:=float32}" "${BASE_EVAL_DTYPE:=float32}" "${EXPORT_MERGED:=0}"
-  : "${TRAIN_ARGS:=--dtype float32 --remat full}" "${EVAL_ARGS:=--compute-dtype float32 --batch-size 8}"
+  : "${TRAIN_ARGS=$CPU_TRAIN_ARGS}" "${EVAL_ARGS=$CPU_EVAL_ARGS}"
 fi
 : "${LR:=1e-4}"
-# float32 compute with full remat: on a CPU the fastest train step (XLA:CPU's bf16 matmuls are slower than its
-# float32 ones, and keeping every activation is slower than recomputing it; docs/demo.md has the measurement),
-# and no bf16 rounding.
-recipe_settings "--dtype float32 --remat full" "--compute-dtype float32 --batch-size 8"
+recipe_settings "$CPU_TRAIN_ARGS" "$CPU_EVAL_ARGS"
 DATA_ARGS="--num-dicts $NUM_DICTS --num-train $NUM_TRAIN --num-eval $NUM_EVAL --tokenizer $BASE_MODEL"
 # The needle baseline as long as the KV prompts (20 dictionaries: ~1K tokens).
 : "${NIAH_ARGS:=--haystack mdqa:$EVAL_DATA/mdqa --context-tokens 1000 --num-train $NUM_TRAIN --num-eval $NUM_EVAL --tokenizer $BASE_MODEL}"
