@@ -21,6 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "tpu_scripts"
 RECIPE = SCRIPTS / "recipes" / "paper_mistral7b.sh"
+SMOLLM2_RECIPE = SCRIPTS / "recipes" / "paper_smollm2_cpu.sh"
 NOTEBOOK = SCRIPTS / "colab_tpu.ipynb"
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SHELL_FILES = sorted(SCRIPTS.rglob("*.sh"))
@@ -287,8 +288,8 @@ def test_status_ssh_copy_out(tmp_path, config):
 # ---------------------------------------------------------------- the paper recipe
 
 
-def recipe_commands(tmp_path: Path, **env: str) -> list[list[str]]:
-    proc = sh(RECIPE, "--dry-run", env=clean_env(tmp_path, **env))
+def recipe_commands(tmp_path: Path, recipe: Path = RECIPE, **env: str) -> list[list[str]]:
+    proc = sh(recipe, "--dry-run", env=clean_env(tmp_path, **env))
     return [shlex.split(line) for line in proc.stdout.splitlines()]
 
 
@@ -460,11 +461,9 @@ def test_smollm2_recipe_compares_kv_needle_and_base_on_the_same_prompts(tmp_path
     model's tokenizer; each needle run is trained on its seed, answers its seed's held-out KV prompts (not its own
     needle questions) and sits beside the KV run of that seed in every table; the seeds' KV table holds the base
     model, the KV runs and the needle runs, labelled by variant so that the seeds average."""
-    smollm2 = SCRIPTS / "recipes" / "paper_smollm2_cpu.sh"
     work, base, data = "/w", "/m/smol", "/d"
-    cmds = [shlex.split(line) for line in sh(smollm2, "--dry-run", env=clean_env(
-        tmp_path, WORK=work, BASE_MODEL=base, EVAL_DATA=data, SEEDS="0 1", VARIANTS="template niah",
-        TASKS="synthetic mdqa")).stdout.splitlines()]
+    cmds = recipe_commands(tmp_path, SMOLLM2_RECIPE, WORK=work, BASE_MODEL=base, EVAL_DATA=data, SEEDS="0 1",
+                           VARIANTS="template niah", TASKS="synthetic mdqa")
     py = ["python3", "-m"]
     niah = [c for c in cmds if c[:4] == [*py, "data_gen", "niah"]]
     assert niah == [[*py, "data_gen", "niah", "--seed", s, "--haystack", "mdqa:/d/mdqa", "--context-tokens", "1000",
@@ -498,9 +497,8 @@ def test_smollm2_recipe_lora_trains_and_evaluates_like_its_full_finetune(tmp_pat
     (the full finetune's settings: the fastest CPU step, no bf16 rounding), at LoRA's lr 1e-3, one row per
     micro-batch; the base model and the run are evaluated in float32, eight prompts a batch, the run straight
     from its adapters; no merged export."""
-    smollm2 = SCRIPTS / "recipes" / "paper_smollm2_cpu.sh"
-    cmds = [shlex.split(line) for line in sh(smollm2, "--dry-run", env=clean_env(
-        tmp_path, WORK="/w", BASE_MODEL="/m/smol", EVAL_DATA="/d", LORA_RANK="16", TASKS="synthetic")).stdout.splitlines()]
+    cmds = recipe_commands(tmp_path, SMOLLM2_RECIPE, WORK="/w", BASE_MODEL="/m/smol", EVAL_DATA="/d", LORA_RANK="16",
+                           TASKS="synthetic")
     py = ["python3", "-m"]
     (train,) = [c for c in cmds if c[:4] == [*py, "jaxtrain", "train"]]
     assert train[train.index("--lr"):] == ["--lr", "1e-3", "--global-batch", "16", "--grad-accum", "16", "--seed", "0",
