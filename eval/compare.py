@@ -101,12 +101,15 @@ def format_table(runs: list[dict], labels: list[str]) -> str:
     percent, then for each label after the first its difference of means to the first (`ft - base`, in
     points). Runs sharing a label fill one column: its runs of a task are repeats (seeds), shown as mean ±
     standard deviation, a single run as value ± standard error; the header counts the repeats (`n=3`) and marks
-    runs that scored only their first examples (`limit N`)."""
+    runs that scored only their first examples (`limit N`). MDQA's overall score is the mean over the gold
+    positions a run scored, so it gets no difference where two labels' runs scored different positions (say,
+    one model at all five, another at two): only the per-position rows compare."""
     columns: list[str] = []
     cells: dict[tuple[str, str, str], list[tuple[float, float | None]]] = {}
     counts: dict[tuple[str, str], int] = {}
     examples: dict[str, int] = {}
     members: dict[str, list[dict]] = {}
+    positions: dict[tuple[str, str], set[tuple[str, ...]]] = {}
     keys: list[tuple[str, str]] = []
     for run, label in zip(runs, labels, strict=True):
         key = task_key(run)
@@ -119,6 +122,8 @@ def format_table(runs: list[dict], labels: list[str]) -> str:
             if (key, metric) not in keys:
                 keys.append((key, metric))
         examples[label] = examples.get(label, 0) + run["num_examples"]
+        if run["task"] == "mdqa":
+            positions.setdefault((label, key), set()).add(tuple(sorted(run["metrics"]["by_gold_position"], key=int)))
 
     def order(k: tuple[str, str]) -> tuple[int, int, str, tuple[int, int]]:
         base = k[0].split("/")[0]
@@ -136,11 +141,20 @@ def format_table(runs: list[dict], labels: list[str]) -> str:
     others = columns[1:]
     header = ["task", "metric (%)", *map(heading, columns), *(f"{c} - {first}" for c in others)]
     body = []
+    unmatched = False
     for key, metric in keys:
         entries = [cells.get((c, key, metric), []) for c in columns]
         means = [_mean(e) for e in entries]
-        diffs = [f"{100 * (m - means[0]):+.1f}" if m is not None and means[0] is not None else "-"
-                 for m in means[1:]]
+        diffs = []
+        for c, m in zip(others, means[1:], strict=True):
+            if m is None or means[0] is None:
+                diffs.append("-")
+            elif metric == "best_subspan_em" and len(positions.get((first, key), set())
+                                                      | positions.get((c, key), set())) > 1:
+                diffs.append("-")  # averages over different gold positions: not comparable
+                unmatched = True
+            else:
+                diffs.append(f"{100 * (m - means[0]):+.1f}")
         body.append([key, metric, *map(_cell, entries), *diffs])
     totals = ["", "examples", *(str(examples[c]) for c in columns)] + [""] * len(others)
     table = [header, *body, totals]
@@ -151,6 +165,9 @@ def format_table(runs: list[dict], labels: list[str]) -> str:
     if any(n > 1 for n in counts.values()):
         lines.append("± is the standard error over a run's examples, or for n runs of one label (n=...) the "
                      "standard deviation over them (n - 1 in the denominator); differences are of the means")
+    if unmatched:
+        lines.append("best_subspan_em averages the gold positions a run scored: no difference where the runs scored "
+                     "different ones (compare the `gold at` rows)")
     if any(plots.limit_note([r]) for r in runs):
         lines.append("limit N: that run scored only its first N examples (per gold position for MDQA, per "
                      "subject for MMLU): --limit")

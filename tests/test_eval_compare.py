@@ -52,6 +52,27 @@ def test_compare_table_and_plot(files, tmp_path, capsys):
     assert table in capsys.readouterr().out
 
 
+def test_compare_gives_no_overall_difference_over_different_gold_positions(files, tmp_path):
+    # ft scored at document 10 only: its overall 50% is not comparable with base's mean over 1, 10 and 20 (45%)
+    only10 = _mdqa("ft", [0.65, 0.5, 0.55], 0.85)
+    only10["metrics"]["by_gold_position"] = {"10": only10["metrics"]["by_gold_position"]["10"]}
+    only10["metrics"]["best_subspan_em"] = 0.5
+    (tmp_path / "only10").mkdir()
+    (tmp_path / "only10" / "results.json").write_text(json.dumps(only10))
+    table = main(["compare", str(files["base"]), str(tmp_path / "only10"), "--out", str(tmp_path / "cmp")])
+    lines = table.splitlines()
+    overall = next(line for line in lines if "best_subspan_em" in line and "±" in line)
+    assert overall.split()[2:] == ["45.0", "±", "3.0", "50.0", "±", "3.0", "-"]
+    gold10 = next(line for line in lines if "gold at 10" in line)
+    assert gold10.split()[-1] == "+20.0"
+    gold1 = next(line for line in lines if "gold at 1 " in f"{line} ")
+    assert gold1.split()[-2:] == ["-", "-"]
+    assert "no difference where the runs scored different ones" in table
+    # the same positions again: the difference is back
+    table = main(["compare", str(files["base"]), str(files["ft"]), "--out", str(tmp_path / "cmp")])
+    assert "different ones" not in table
+
+
 def test_compare_mixed_tasks(files, tmp_path):
     table = main(["compare", str(files["base"]), str(files["hs"]), "--labels", "a", "b", "--out", str(tmp_path)])
     acc = next(line for line in table.splitlines() if line.startswith("hellaswag") and " acc " in f"{line} ")
@@ -194,7 +215,8 @@ EXPECTED_TABLE = [
     ("mdqa/20", "gold at 20", "60.0 ± 7.8", "67.5 ± 7.5", "+7.5"),
     ("mdqa/20", "oracle", "80.0 ± 6.4", "82.5 ± 6.1", "+2.5"),
     ("mdqa/20", "closed-book", "35.0 ± 7.6", "32.5 ± 7.5", "-2.5"),
-    ("mdqa/120", "best_subspan_em", "35.4 ± 3.0", "43.4 ± 3.0", "+8.0"),      # 2.125/6 and 3.475/8
+    # 2.125/6 and 3.475/8: means over different gold positions (ft adds 60 and 120), so no difference
+    ("mdqa/120", "best_subspan_em", "35.4 ± 3.0", "43.4 ± 3.0", "-"),
     ("mdqa/120", "gold at 1", "45.0 ± 8.0", "50.0 ± 8.0", "+5.0"),
     ("mdqa/120", "gold at 2", "40.0 ± 7.8", "47.5 ± 8.0", "+7.5"),
     ("mdqa/120", "gold at 5", "35.0 ± 7.6", "45.0 ± 8.0", "+10.0"),
@@ -276,8 +298,9 @@ def test_one_table_of_every_task(tmp_path, monkeypatch, capsys):
     lines = table.splitlines()
     widths = [len(dashes) for dashes in lines[1].split("  ")]
     assert _split_row(lines[0], widths) == ["task", "metric (%)", "base", "ft", "ft - base"]
-    assert [tuple(_split_row(line, widths)) for line in lines[2:-1]] == EXPECTED_TABLE
-    assert _split_row(lines[-1], widths) == ["", "examples", *EXPECTED_EXAMPLES, ""]
+    assert [tuple(_split_row(line, widths)) for line in lines[2:-2]] == EXPECTED_TABLE
+    assert _split_row(lines[-2], widths) == ["", "examples", *EXPECTED_EXAMPLES, ""]
+    assert lines[-1].startswith("best_subspan_em averages the gold positions a run scored: no difference")
 
     assert sorted(plotted) == [("mdqa_compare_120docs.png", [("base", 120), ("ft", 120)]),
                                ("mdqa_compare_20docs.png", [("base", 20), ("ft", 20)])]
