@@ -101,15 +101,15 @@ def format_table(runs: list[dict], labels: list[str]) -> str:
     percent, then for each label after the first its difference of means to the first (`ft - base`, in
     points). Runs sharing a label fill one column: its runs of a task are repeats (seeds), shown as mean ±
     standard deviation, a single run as value ± standard error; the header counts the repeats (`n=3`) and marks
-    runs that scored only their first examples (`limit N`). MDQA's overall score is the mean over the gold
-    positions a run scored, so it gets no difference where two labels' runs scored different positions (say,
-    one model at all five, another at two): only the per-position rows compare."""
+    runs that scored only their first examples (`limit N`). The overall rows of MDQA and FLenQA pool the gold
+    positions / context sizes a run scored (`POOLED`), so they get no difference where two labels' runs scored
+    different ones (say, one model at all five positions, another at two): only the per-subset rows compare."""
     columns: list[str] = []
     cells: dict[tuple[str, str, str], list[tuple[float, float | None]]] = {}
     counts: dict[tuple[str, str], int] = {}
     examples: dict[str, int] = {}
     members: dict[str, list[dict]] = {}
-    positions: dict[tuple[str, str], set[tuple[str, ...]]] = {}
+    pooled: dict[tuple[str, str], set[tuple[str, ...]]] = {}
     keys: list[tuple[str, str]] = []
     for run, label in zip(runs, labels, strict=True):
         key = task_key(run)
@@ -122,8 +122,9 @@ def format_table(runs: list[dict], labels: list[str]) -> str:
             if (key, metric) not in keys:
                 keys.append((key, metric))
         examples[label] = examples.get(label, 0) + run["num_examples"]
-        if run["task"] == "mdqa":
-            positions.setdefault((label, key), set()).add(tuple(sorted(run["metrics"]["by_gold_position"], key=int)))
+        if run["task"] in POOLED:
+            subsets = run["metrics"][_GROUPS[run["task"]][0]]
+            pooled.setdefault((label, key), set()).add(tuple(sorted(subsets, key=int)))
 
     def order(k: tuple[str, str]) -> tuple[int, int, str, tuple[int, int]]:
         base = k[0].split("/")[0]
@@ -149,9 +150,9 @@ def format_table(runs: list[dict], labels: list[str]) -> str:
         for c, m in zip(others, means[1:], strict=True):
             if m is None or means[0] is None:
                 diffs.append("-")
-            elif metric == "best_subspan_em" and len(positions.get((first, key), set())
-                                                      | positions.get((c, key), set())) > 1:
-                diffs.append("-")  # averages over different gold positions: not comparable
+            elif _metric_rank(metric) == (0, 0) and len(pooled.get((first, key), set())
+                                                         | pooled.get((c, key), set())) > 1:
+                diffs.append("-")  # pools different gold positions / context sizes: not comparable
                 unmatched = True
             else:
                 diffs.append(f"{100 * (m - means[0]):+.1f}")
@@ -166,8 +167,8 @@ def format_table(runs: list[dict], labels: list[str]) -> str:
         lines.append("± is the standard error over a run's examples, or for n runs of one label (n=...) the "
                      "standard deviation over them (n - 1 in the denominator); differences are of the means")
     if unmatched:
-        lines.append("best_subspan_em averages the gold positions a run scored: no difference where the runs scored "
-                     "different ones (compare the `gold at` rows)")
+        lines.append("an overall MDQA / FLenQA metric pools the gold positions / context sizes a run scored: no "
+                     "difference where the runs scored different ones (compare the `gold at` / `tokens` rows)")
     if any(plots.limit_note([r]) for r in runs):
         lines.append("limit N: that run scored only its first N examples (per gold position for MDQA, per "
                      "subject for MMLU): --limit")
@@ -189,6 +190,10 @@ def _doc_count(key: str) -> int:
     tail = key.split("/")[-1]
     return int(tail) if tail.isdigit() else 0
 
+
+POOLED = ("mdqa", "flenqa")
+"""Tasks whose overall metrics pool subsets the user picks (MDQA's --positions, FLenQA's --ctx-sizes), unlike
+synthetic retrieval, whose position ranges are the data's."""
 
 _GROUPS = {"mdqa": ("by_gold_position", "best_subspan_em", "a number", str.isdigit),
            "flenqa": ("by_ctx_size", "accuracy", "a number", str.isdigit),

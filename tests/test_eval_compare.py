@@ -73,6 +73,29 @@ def test_compare_gives_no_overall_difference_over_different_gold_positions(files
     assert "different ones" not in table
 
 
+def test_compare_gives_no_overall_flenqa_difference_over_different_context_sizes(tmp_path):
+    # base at 250 and 3000 tokens (accuracy 75% and 45%: 60% pooled), ft at 250 only (80%): the pooled rows
+    # compare different context sizes, the 250-token row compares like with like
+    base = _flenqa_run("base", False, (0.6, 0.05), 0.04, 0.55, {250: (0.75, 0.1), 3000: (0.45, 0.11)})
+    ft = _flenqa_run("ft", False, (0.8, 0.09), 0.01, 0.5, {250: (0.8, 0.09)})
+    paths = []
+    for task, label, metrics, settings, n in (base, ft):
+        (tmp_path / label).mkdir()
+        (tmp_path / label / "results.json").write_text(
+            json.dumps(_results(task, label, metrics, n=n, settings=settings)))
+        paths.append(str(tmp_path / label))
+    lines = main(["compare", *paths, "--out", str(tmp_path / "cmp")]).splitlines()
+    row = {line.split()[1]: line.split()[2:] for line in lines[2:] if line.startswith("flenqa")
+           and not line.split()[1].isdigit()}
+    assert row["accuracy"] == ["60.0", "±", "5.0", "80.0", "±", "9.0", "-"]
+    assert row["refusal_rate"] == ["4.0", "1.0", "-"]
+    assert row["true_rate"] == ["55.0", "50.0", "-"]
+    by_ctx = {line.split()[1]: line.split()[-1] for line in lines if line.startswith("flenqa")
+              and line.split()[1].isdigit()}
+    assert by_ctx == {"250": "+5.0", "3000": "-"}
+    assert lines[-1].startswith("an overall MDQA / FLenQA metric pools")
+
+
 def test_compare_mixed_tasks(files, tmp_path):
     table = main(["compare", str(files["base"]), str(files["hs"]), "--labels", "a", "b", "--out", str(tmp_path)])
     acc = next(line for line in table.splitlines() if line.startswith("hellaswag") and " acc " in f"{line} ")
@@ -300,7 +323,7 @@ def test_one_table_of_every_task(tmp_path, monkeypatch, capsys):
     assert _split_row(lines[0], widths) == ["task", "metric (%)", "base", "ft", "ft - base"]
     assert [tuple(_split_row(line, widths)) for line in lines[2:-2]] == EXPECTED_TABLE
     assert _split_row(lines[-2], widths) == ["", "examples", *EXPECTED_EXAMPLES, ""]
-    assert lines[-1].startswith("best_subspan_em averages the gold positions a run scored: no difference")
+    assert lines[-1].startswith("an overall MDQA / FLenQA metric pools the gold positions / context sizes a run")
 
     assert sorted(plotted) == [("mdqa_compare_120docs.png", [("base", 120), ("ft", 120)]),
                                ("mdqa_compare_20docs.png", [("base", 20), ("ft", 20)])]
