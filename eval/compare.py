@@ -100,8 +100,9 @@ def format_table(runs: list[dict], labels: list[str]) -> str:
     """One table for any mix of tasks: a column per label (a model), a row per task and metric, values in
     percent, then for each label after the first its difference of means to the first (`ft - base`, in
     points). Runs sharing a label fill one column: its runs of a task are repeats (seeds), shown as mean ±
-    standard deviation, a single run as value ± standard error; the header counts the repeats (`n=3`) and marks
-    runs that scored only their first examples (`limit N`). The overall rows of MDQA and FLenQA pool the gold
+    standard deviation, a single run as value ± standard error; the header counts the repeats (`n=3`), a cell
+    scored by fewer of them says so (`(n=1)`: one seed scored that gold position), and the header marks runs
+    that scored only their first examples (`limit N`). The overall rows of MDQA and FLenQA pool the gold
     positions / context sizes a run scored (`POOLED`), so they get no difference where two labels' runs scored
     different ones (say, one model at all five positions, another at two): only the per-subset rows compare."""
     columns: list[str] = []
@@ -156,7 +157,9 @@ def format_table(runs: list[dict], labels: list[str]) -> str:
                 unmatched = True
             else:
                 diffs.append(f"{100 * (m - means[0]):+.1f}")
-        body.append([key, metric, *map(_cell, entries), *diffs])
+        cells_text = [_cell(e) + (f" (n={len(e)})" if 0 < len(e) < counts.get((c, key), 0) else "")
+                      for c, e in zip(columns, entries, strict=True)]
+        body.append([key, metric, *cells_text, *diffs])
     totals = ["", "examples", *(str(examples[c]) for c in columns)] + [""] * len(others)
     table = [header, *body, totals]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]

@@ -481,3 +481,20 @@ def test_eval_summary_prints_oracle_closed_book_and_limit():
         "  gold at 20: best_subspan_em 0.5500 (n=40)",
         "  oracle (the gold document alone): best_subspan_em 0.8500 (n=40)",
         "  closed book (no documents): best_subspan_em 0.2500 (n=40)"]
+
+
+def test_compare_marks_a_cell_fewer_seeds_scored(tmp_path):
+    """Two seeds of `ft`, only the first scored at document 1 (65% ± 5): that cell is one run's value ± its
+    standard error, not a mean of the header's n=2, and says so; document 20, scored by both (55%, 45%), is
+    their mean ± standard deviation (sqrt(50 + 50) = 7.07)."""
+    seed0 = _seeded_mdqa("ft", 0.65, 0.55, 0.8)
+    seed1 = _seeded_mdqa("ft", 0.0, 0.45, 0.9)
+    del seed1["metrics"]["by_gold_position"]["1"]
+    base = _seeded_mdqa("base", 0.5, 0.4, 0.8)
+    paths = [_write(tmp_path / name, run) for name, run in (("b", base), ("s0", seed0), ("s1", seed1))]
+    lines = main(["compare", *map(str, paths), "--out", str(tmp_path / "cmp")]).splitlines()
+    widths = [len(dashes) for dashes in lines[1].split("  ")]
+    rows = {tuple(_split_row(line, widths)[:2]): _split_row(line, widths)[2:] for line in lines[2:]}
+    assert lines[0].split()[3:6] == ["base", "ft", "(n=2)"]
+    assert rows[("mdqa/20", "gold at 1")] == ["50.0 ± 5.0", "65.0 ± 5.0 (n=1)", "+15.0"]
+    assert rows[("mdqa/20", "gold at 20")] == ["40.0 ± 5.0", "50.0 ± 7.1", "+10.0"]
