@@ -81,15 +81,17 @@ def headline_metrics(results: dict) -> dict[str, tuple[float, float | None]]:
     return rows
 
 
-def _cell(entries: list[tuple[float, float | None]]) -> str:
-    """One run: value ± its standard error; several (one label): mean ± standard deviation over them."""
+def _cell(entries: list[tuple[float, float | None]], runs: int) -> str:
+    """One run: value ± its standard error; several (one label): mean ± standard deviation over them. `runs`
+    is how many of the label's runs scored the task: a cell fewer of them filled says how many (`(n=1)`)."""
     if not entries:
         return "-"
     if len(entries) == 1:
         value, spread = entries[0]
     else:
         value, spread = M.mean_sd([v for v, _ in entries])
-    return f"{100 * value:.1f}" + (f" ± {100 * spread:.1f}" if spread is not None else "")
+    return (f"{100 * value:.1f}" + (f" ± {100 * spread:.1f}" if spread is not None else "")
+            + (f" (n={len(entries)})" if len(entries) < runs else ""))
 
 
 def _mean(entries: list[tuple[float, float | None]]) -> float | None:
@@ -157,9 +159,8 @@ def format_table(runs: list[dict], labels: list[str]) -> str:
                 unmatched = True
             else:
                 diffs.append(f"{100 * (m - means[0]):+.1f}")
-        cells_text = [_cell(e) + (f" (n={len(e)})" if 0 < len(e) < counts.get((c, key), 0) else "")
-                      for c, e in zip(columns, entries, strict=True)]
-        body.append([key, metric, *cells_text, *diffs])
+        texts = [_cell(e, counts.get((c, key), 0)) for c, e in zip(columns, entries, strict=True)]
+        body.append([key, metric, *texts, *diffs])
     totals = ["", "examples", *(str(examples[c]) for c in columns)] + [""] * len(others)
     table = [header, *body, totals]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
