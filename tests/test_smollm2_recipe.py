@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
 
 from data_gen.tokenizer import get_tokenizer
 
@@ -40,3 +41,8 @@ def test_the_experiment_command_runs_end_to_end_on_a_handful_of_examples(smollm2
     header = (work / "results" / "compare" / "mdqa" / "table.txt").read_text().splitlines()[0]
     assert "base (limit 1)" in header and "template (limit 1)" in header  # the run's column is its variant
     assert (work / "hf" / run / "chat_template.jinja").is_file()
+    # the export keeps the base's float32 (safetensors' own header says so): no bf16 rounding between the two
+    with safe_open(work / "hf" / run / "model.safetensors", "np") as exported, \
+            safe_open(smollm2_dir / "model.safetensors", "np") as base:
+        assert {exported.get_slice(k).get_dtype() for k in exported.keys()} == {"F32"}
+        assert {base.get_slice(k).get_dtype() for k in base.keys()} == {"F32"}

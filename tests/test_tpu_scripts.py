@@ -310,8 +310,8 @@ def test_recipe_is_the_paper_experiment(tmp_path):
                        "offload_input", "--offload-state"]
                       for r in runs]
     exports = [c for c in cmds if c[:4] == [*py, "jaxtrain", "export"]]
-    assert exports == [[*py, "jaxtrain", "export", "--checkpoint", f"{CKPT}/{r}", "--out", f"{work}/hf/{r}"]
-                       for r in runs]
+    assert exports == [[*py, "jaxtrain", "export", "--checkpoint", f"{CKPT}/{r}", "--out", f"{work}/hf/{r}",
+                        "--dtype", "bfloat16"] for r in runs]
     evals = [c for c in cmds if c[:3] == [*py, "eval"] and c[3] != "compare"]
     general = ["mdqa", "mmlu", "hellaswag", "gsm8k", "triviaqa", "nq_open"]
     # before: 6 tasks + the synthetic eval of each of the 6 data sets; after: 6 tasks + its own data set
@@ -472,6 +472,10 @@ def test_smollm2_recipe_compares_kv_needle_and_base_on_the_same_prompts(tmp_path
     trains = [c for c in cmds if c[:4] == [*py, "jaxtrain", "train"]]
     assert [(c[c.index("--data") + 1], c[c.index("--seed") + 1]) for c in trains] == [
         (f"/w/shards/{v}-seed{s}", s) for s in "01" for v in ("template", "niah")]
+    # exported in the float32 of the imported base: base and finetuned are evaluated at the same precision
+    exports = [c for c in cmds if c[:4] == [*py, "jaxtrain", "export"]]
+    assert [c[c.index("--out") + 1:] for c in exports] == [
+        [f"/w/hf/{v}-seed{s}", "--dtype", "float32"] for s in "01" for v in ("template", "niah")]
     synthetic = [(c[c.index("--label") + 1], c[c.index("--data-file") + 1]) for c in cmds
                  if c[:4] == [*py, "eval", "synthetic"]]
     assert synthetic == [("base", "/w/data/template-seed0/eval.jsonl"), ("base", "/w/data/template-seed1/eval.jsonl"),
@@ -534,6 +538,7 @@ def test_mistral_recipe_needle_baseline_is_the_papers_length(tmp_path):
     ({"TINY": "1", "LORA_RANK": "16", "EVAL_ARGS": "--dtype bfloat16"}, "drop --dtype"),
     ({"TINY": "1", "LORA_RANK": "16", "BASE_EVAL_DTYPE": "fp8"}, "BASE_EVAL_DTYPE takes int8, bfloat16 or float32"),
     ({"TINY": "1", "LORA_RANK": "16", "EXPORT_MERGED": "yes"}, "EXPORT_MERGED takes 1"),
+    ({"TINY": "1", "EXPORT_DTYPE": "bf16"}, "EXPORT_DTYPE takes bfloat16, float32 or float16, not 'bf16'"),
 ])
 def test_recipe_refuses_bad_settings(tmp_path, env, message):
     env = {"EVAL_DATA": str(tmp_path), **env}

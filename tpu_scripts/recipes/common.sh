@@ -37,8 +37,9 @@ recipe_settings() {
   local seed variant extra
   : "${BASE_MODEL:=}" "${EVAL_DATA:=}" "${CKPT_ROOT:=$WORK/runs}" "${LIMIT:=}" "${PYTHON:=python3}"
   : "${EPOCHS:=2}" "${GLOBAL_BATCH:=16}" "${LORA_RANK:=0}" "${BASE_DTYPE:=int8}"
-  : "${BASE_EVAL_DTYPE:=$BASE_DTYPE}" "${EXPORT_MERGED:=1}"
+  : "${BASE_EVAL_DTYPE:=$BASE_DTYPE}" "${EXPORT_MERGED:=1}" "${EXPORT_DTYPE:=bfloat16}"
   CKPT_ROOT=${CKPT_ROOT%/}
+  [[ $EXPORT_DTYPE =~ ^(bfloat16|float32|float16)$ ]] || die "EXPORT_DTYPE takes bfloat16, float32 or float16, not '$EXPORT_DTYPE'"
   [[ $LORA_RANK =~ ^[0-9]+$ ]] || die "LORA_RANK must be a whole number (0: full finetune), not '$LORA_RANK'"
   if ((LORA_RANK > 0)); then
     : "${LR:=2e-4}" "${GRAD_ACCUM:=$GLOBAL_BATCH}" "${TRAIN_ARGS=--remat offload_input}" "${EVAL_ARGS=--batch-size 1}"
@@ -133,7 +134,8 @@ make_tiny_base() {
 # finetune PRESET RUN: train on data set RUN from BASE_MODEL ($CKPT_ROOT/RUN, resuming from its newest
 # checkpoint), with the data set's seed (<variant>-seed<S>) as the training seed too, so that the seeds of the grid
 # vary the batch order (and LoRA's initialisation) along with the data. PRESET must describe BASE_MODEL's
-# architecture (train checks it against its config.json). A full finetune is then exported as the Hugging Face folder $WORK/hf/RUN that is evaluated; a
+# architecture (train checks it against its config.json). A full finetune is then exported, in EXPORT_DTYPE
+# (bfloat16 unless the recipe says otherwise), as the Hugging Face folder $WORK/hf/RUN that is evaluated; a
 # LoRA run is evaluated itself (model_flags), from a local copy $WORK/runs/RUN when CKPT_ROOT is a bucket
 # (python -m eval reads local folders).
 finetune() {
@@ -143,7 +145,8 @@ finetune() {
     --out "$CKPT_ROOT/$r" --epochs "$EPOCHS" --lr "$LR" --global-batch "$GLOBAL_BATCH" --grad-accum "$GRAD_ACCUM" \
     --seed "${r##*-seed}" --resume "${TRAIN_FLAGS[@]}"
   if ((LORA_RANK == 0)); then
-    fresh_step "export-$r" "$WORK/hf/$r" "$PYTHON" -m jaxtrain export --checkpoint "$CKPT_ROOT/$r" --out "$WORK/hf/$r"
+    fresh_step "export-$r" "$WORK/hf/$r" "$PYTHON" -m jaxtrain export --checkpoint "$CKPT_ROOT/$r" --out "$WORK/hf/$r" \
+      --dtype "$EXPORT_DTYPE"
   elif [[ $CKPT_ROOT == gs://* ]]; then
     fresh_step "fetch-$r" "$WORK/runs/$r" gcloud storage rsync --recursive "$CKPT_ROOT/$r" "$WORK/runs/$r"
   fi

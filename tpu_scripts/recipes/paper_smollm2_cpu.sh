@@ -29,6 +29,7 @@
 #   EPOCHS (2), GLOBAL_BATCH (16), GRAD_ACCUM (1; LoRA: GLOBAL_BATCH, one row per micro-batch),
 #   LR (1e-4; LoRA: 1e-3), LORA_RANK (0), BASE_DTYPE, BASE_EVAL_DTYPE (LoRA: float32),
 #   TASKS ("mdqa synthetic hellaswag mmlu gsm8k triviaqa nq_open"), LIMIT,
+#   EXPORT_DTYPE (float32: the base's dtype, so that base and finetuned are evaluated at the same precision),
 #   TRAIN_ARGS (default "--dtype float32 --remat full"), EVAL_ARGS (default
 #   "--compute-dtype float32 --batch-size 8": the float32 model, as transformers measured it),
 #   PYTHON (python3), DRY_RUN=1 / --dry-run (print the commands)
@@ -51,7 +52,7 @@ if [[ ${LORA_RANK:-0} != 0 ]]; then
   : "${LR:=1e-3}" "${BASE_DTYPE:=float32}" "${BASE_EVAL_DTYPE:=float32}" "${EXPORT_MERGED:=0}"
   : "${TRAIN_ARGS=$CPU_TRAIN_ARGS}" "${EVAL_ARGS=$CPU_EVAL_ARGS}"
 fi
-: "${LR:=1e-4}"
+: "${LR:=1e-4}" "${EXPORT_DTYPE:=float32}"
 recipe_settings "$CPU_TRAIN_ARGS" "$CPU_EVAL_ARGS"
 DATA_ARGS="--num-dicts $NUM_DICTS --num-train $NUM_TRAIN --num-eval $NUM_EVAL --tokenizer $BASE_MODEL"
 # The needle baseline as long as the KV prompts (20 dictionaries: ~1K tokens).
