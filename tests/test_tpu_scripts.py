@@ -369,7 +369,8 @@ def test_recipe_lora_on_one_chip(tmp_path):
     """LORA_RANK > 0 (Colab's v5e-1): adapters on the frozen base, LoRA's learning rate, the base-model flags
     of docs/lora.md, the global batch of 16 as 16 micro-batches of one row (what fits one chip) unless
     GRAD_ACCUM says otherwise; the run itself evaluated (adapters unmerged on the recipe's base) with the base
-    in the dtype it trained in, the base model in that dtype too, one prompt at a time; the merged export last."""
+    in the dtype it trained in, the base model in that dtype too, one prompt at a time; the merged export last,
+    in EXPORT_DTYPE like a full finetune's."""
     work, base = "/w", "/m/Mistral-7B-Instruct-v0.1"
     run = f"{work}/runs/template-seed0"
     cmds = recipe_commands(tmp_path, WORK=work, BASE_MODEL=base, EVAL_DATA="/d", SEEDS="0", VARIANTS="template",
@@ -396,7 +397,7 @@ def test_recipe_lora_on_one_chip(tmp_path):
     assert cmds[-3][:4] == [*py, "eval", "compare"]
     assert cmds[-2:] == [["rm", "-rf", f"{work}/hf/template-seed0"],
                          ["env", "JAX_PLATFORMS=cpu", *py, "jaxtrain", "export", "--checkpoint", run,
-                          "--out", f"{work}/hf/template-seed0", "--merged"]]
+                          "--out", f"{work}/hf/template-seed0", "--merged", "--dtype", "bfloat16"]]
 
     bf16 = recipe_commands(tmp_path, WORK=work, BASE_MODEL=base, EVAL_DATA="/d", LORA_RANK="8", BASE_DTYPE="bfloat16",
                            LR="1e-4", TRAIN_ARGS="--lora-dropout 0.05", EXPORT_MERGED="0", CKPT_ROOT=CKPT,
@@ -500,7 +501,8 @@ def test_smollm2_recipe_lora_trains_and_evaluates_like_its_full_finetune(tmp_pat
     """LORA_RANK=16 on the CPU recipe: the adapters train on the float32 base in float32 compute with full remat
     (the full finetune's settings: the fastest CPU step, no bf16 rounding), at LoRA's lr 1e-3, one row per
     micro-batch; the base model and the run are evaluated in float32, eight prompts a batch, the run straight
-    from its adapters; no merged export."""
+    from its adapters; no merged export unless asked for, and then in the base's float32, like the full
+    finetune's export."""
     cmds = recipe_commands(tmp_path, SMOLLM2_RECIPE, WORK="/w", BASE_MODEL="/m/smol", EVAL_DATA="/d", LORA_RANK="16",
                            TASKS="synthetic")
     py = ["python3", "-m"]
@@ -513,6 +515,9 @@ def test_smollm2_recipe_lora_trains_and_evaluates_like_its_full_finetune(tmp_pat
         ["--model", m, "--base-dtype", "float32", "--compute-dtype", "float32", "--batch-size", "8"]
         for m in ("/m/smol", "/w/runs/template-seed0")]
     assert not any("export" in c for c in cmds)
+    merged = recipe_commands(tmp_path, SMOLLM2_RECIPE, WORK="/w", BASE_MODEL="/m/smol", EVAL_DATA="/d", LORA_RANK="16",
+                             TASKS="synthetic", EXPORT_MERGED="1")
+    assert merged[-1][-4:] == ["/w/hf/template-seed0", "--merged", "--dtype", "float32"]
 
 
 def test_mistral_recipe_needle_baseline_is_the_papers_length(tmp_path):

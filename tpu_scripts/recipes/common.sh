@@ -171,15 +171,16 @@ model_flags() {
 }
 
 # export_merged: the last, optional step of a LoRA recipe (EXPORT_MERGED=1): every run merged into its base
-# as a Hugging Face folder $WORK/hf/RUN (for serving elsewhere; the evaluations do not need it). On the
-# host: merging holds the base and the merged model at once, ~27 GiB of host memory for Mistral 7B.
+# as a Hugging Face folder $WORK/hf/RUN in EXPORT_DTYPE, like a full finetune's export (for serving elsewhere;
+# the evaluations do not need it). On the host: merging holds the base and the merged model at once, ~27 GiB
+# of host memory for Mistral 7B.
 export_merged() {
   local r
   if ((LORA_RANK == 0 || EXPORT_MERGED == 0)); then return; fi
   info "== merged export"
   for r in "${RUNS[@]}"; do
     fresh_step "export-$r" "$WORK/hf/$r" env JAX_PLATFORMS=cpu "$PYTHON" -m jaxtrain export \
-      --checkpoint "$CKPT_ROOT/$r" --out "$WORK/hf/$r" --merged
+      --checkpoint "$CKPT_ROOT/$r" --out "$WORK/hf/$r" --merged --dtype "$EXPORT_DTYPE"
   done
 }
 

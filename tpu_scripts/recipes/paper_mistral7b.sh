@@ -30,8 +30,8 @@
 #   MODEL_PRESET (mistral-7b-instruct-v0.1)  EPOCHS (2)  LR (5e-6)  GLOBAL_BATCH (16)  GRAD_ACCUM (1; LoRA:
 #                 GLOBAL_BATCH)
 #   TASKS ("mdqa synthetic mmlu hellaswag gsm8k triviaqa nq_open")  LIMIT (first N examples per task)
-#   EXPORT_DTYPE  dtype of a full finetune's Hugging Face export, the folder evaluated (default bfloat16,
-#                 Mistral's own)
+#   EXPORT_DTYPE  dtype of the Hugging Face export: a full finetune's, the folder evaluated, and LoRA's merged
+#                 one (default bfloat16, Mistral's own)
 #   TRAIN_ARGS, EVAL_ARGS  extra flags for every train / eval command (defaults: TRAIN_ARGS
 #                 "--remat offload_input --offload-state", EVAL_ARGS "--dtype bfloat16 --shard")
 #   LORA_RANK     > 0: LoRA adapters of this rank on the frozen base instead of a full finetune (one chip,

@@ -24,6 +24,7 @@
 #   LIMIT (first N examples per task)  TRAIN_ARGS, EVAL_ARGS (default --dtype bfloat16 --shard --batch-size 1)
 #   LORA_RANK, BASE_DTYPE, BASE_EVAL_DTYPE, EXPORT_MERGED (LoRA instead of a full finetune, as in
 #                  paper_mistral7b.sh; EVAL_ARGS then defaults to --batch-size 1)
+#   EXPORT_DTYPE (bfloat16: the dtype of the Hugging Face export, a full finetune's or LoRA's merged one)
 #   PYTHON (python3)  DRY_RUN=1 (as --dry-run)
 #   TINY=1         CPU smoke run: random `tiny` base model, demo-simple data, MDQA_DOCS=30, LIMIT=1
 

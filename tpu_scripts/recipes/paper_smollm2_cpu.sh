@@ -29,7 +29,8 @@
 #   EPOCHS (2), GLOBAL_BATCH (16), GRAD_ACCUM (1; LoRA: GLOBAL_BATCH, one row per micro-batch),
 #   LR (1e-4; LoRA: 1e-3), LORA_RANK (0), BASE_DTYPE, BASE_EVAL_DTYPE (LoRA: float32),
 #   TASKS ("mdqa synthetic hellaswag mmlu gsm8k triviaqa nq_open"), LIMIT,
-#   EXPORT_DTYPE (float32: the base's dtype, so that base and finetuned are evaluated at the same precision),
+#   EXPORT_DTYPE (float32: the base's dtype, so that base and finetuned are evaluated at the same precision;
+#   LoRA's merged export, EXPORT_MERGED=1, too),
 #   TRAIN_ARGS (default "--dtype float32 --remat full"), EVAL_ARGS (default
 #   "--compute-dtype float32 --batch-size 8": the float32 model, as transformers measured it),
 #   PYTHON (python3), DRY_RUN=1 / --dry-run (print the commands)
